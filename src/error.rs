@@ -1,0 +1,103 @@
+//! The library's error type.
+
+use std::path::PathBuf;
+
+/// Every error the isonn library returns.
+///
+/// Messages name the file or value that failed, what is wrong with it and,
+/// where one exists, the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor operation failed inside candle.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+
+    /// A data file is malformed (bad magic number, truncated, inconsistent).
+    #[error("{path}: {message}")]
+    Data {
+        /// The file that failed to parse.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+
+    /// A data set could not be found in any of the searched places.
+    #[error("{0}")]
+    DataNotFound(String),
+
+    /// A model directory or `model.json` is invalid.
+    #[error("{path}: {message}")]
+    Model {
+        /// The model file or directory.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+
+    /// A network cannot be transformed into a non-negative one.
+    #[error("cannot transform layer {layer}: {message}")]
+    Transform {
+        /// The index of the offending layer.
+        layer: usize,
+        /// Why, and what to change.
+        message: String,
+    },
+
+    /// A configuration value is out of its valid range.
+    #[error("invalid {name} {value}: {message}")]
+    Config {
+        /// The setting, as the user spells it (`--epochs`, `lr_out`).
+        name: String,
+        /// The offending value.
+        value: String,
+        /// What is valid.
+        message: String,
+    },
+
+    /// Shapes of a network and its inputs do not fit together.
+    #[error("{0}")]
+    Shape(String),
+}
+
+/// The library's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Builds a data-format error for `path`.
+    pub fn data(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Data {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Builds a configuration error.
+    pub fn config(
+        name: impl Into<String>,
+        value: impl std::fmt::Display,
+        message: impl Into<String>,
+    ) -> Self {
+        Error::Config {
+            name: name.into(),
+            value: value.to_string(),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! isonn: non-negative isomorphic neural networks.
+pub mod activation;
+pub mod data;
+pub mod error;
+pub mod experiment;
+pub mod fsio;
+pub mod model;
+pub mod nonneg;
+pub mod progress;
+pub mod store;
+pub mod train;
+pub mod verify;
+
+pub use error::{Error, Result};

@@ -1,0 +1,422 @@
+//! The `isonn` command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::MultiProgress;
+
+use isonn::activation::Activation;
+use isonn::data::{self, DatasetName};
+use isonn::experiment::{self, ReproduceConfig};
+use isonn::model::{Arch, Init, Network};
+use isonn::nonneg::{transform, ActivationRange, ShiftPolicy, TransformOptions};
+use isonn::progress::Progress;
+use isonn::store::{self, Model};
+use isonn::train::{fit, Sgd, TrainConfig};
+use isonn::verify::{self, Precision};
+
+/// Relative logit tolerance a model stored in f32 must meet.
+const TOLERANCE_F32: f64 = 1e-4;
+/// Relative logit tolerance a model stored in f64 must meet.
+const TOLERANCE_F64: f64 = 1e-9;
+
+/// Non-negative isomorphic neural networks for incoherent photonic hardware.
+#[derive(Parser)]
+#[command(name = "isonn", version, about)]
+struct Cli {
+    /// Log debug detail (decisions and timing breakdowns).
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the data comes from.
+#[derive(clap::Args, Clone)]
+struct DataArgs {
+    /// Data set: fashion-mnist (full set if installed, else the embedded
+    /// subset), fashion-mnist-subset (always the embedded subset) or mnist.
+    #[arg(long, default_value = "fashion-mnist")]
+    dataset: String,
+    /// Directory with the IDX files (train-images-idx3-ubyte[.gz] ...);
+    /// overrides the ISONN_DATA environment variable.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+}
+
+impl DataArgs {
+    fn load(&self) -> Result<data::Dataset> {
+        let name: DatasetName = self.dataset.parse()?;
+        Ok(data::load(name, self.data.as_deref())?)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a regular network and write it to a model directory.
+    Train {
+        /// Architecture.
+        #[arg(long, value_enum, default_value_t = Arch::Mlp)]
+        arch: Arch,
+        /// Activation: photonic-sigmoid, photonic-sinusoidal, relu-n:N or relu.
+        #[arg(long, default_value = "photonic-sigmoid")]
+        activation: String,
+        /// Hidden layer widths of the MLP, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "100,200")]
+        hidden: Vec<usize>,
+        /// Weight initialisation.
+        #[arg(long, value_enum, default_value_t = Init::Xavier)]
+        init: Init,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Passes over the training set.
+        #[arg(long, default_value_t = 50)]
+        epochs: usize,
+        /// SGD learning rate.
+        #[arg(long, default_value_t = 0.01)]
+        lr: f64,
+        /// SGD momentum, in [0, 1).
+        #[arg(long, default_value_t = 0.0)]
+        momentum: f64,
+        /// Samples per minibatch.
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+        /// Seed of initialisation and shuffling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output model directory.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Overwrite a model already in the output directory.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Transform a regular model into its non-negative isomorphic equivalent.
+    Transform {
+        /// The regular model directory.
+        model: PathBuf,
+        /// Output model directory for the non-negative network.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Verify on this data set's test images and write equivalence.json.
+        #[arg(long)]
+        dataset: Option<String>,
+        /// Directory with the IDX files.
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// Shift policy: minimal (smallest exact shift plus a 1% margin) or
+        /// published (max |c_i|).
+        #[arg(long, value_enum, default_value_t = ShiftPolicy::Minimal)]
+        shift: ShiftPolicy,
+        /// Range given to activation outputs: method ([0, max f]) or tight
+        /// ([min f, max f]).
+        #[arg(long, value_enum, default_value_t = ActivationRange::Method)]
+        activation_range: ActivationRange,
+        /// Precision of the verification.
+        #[arg(long, value_enum, default_value_t = Precision::Model)]
+        precision: Precision,
+        /// Overwrite a model already in the output directory.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Compare a regular model with its non-negative counterpart on a data set.
+    Verify {
+        /// The regular model directory.
+        regular: PathBuf,
+        /// The non-negative model directory.
+        nonneg: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Precision of the comparison: model (the models' own) or f64.
+        #[arg(long, value_enum, default_value_t = Precision::Model)]
+        precision: Precision,
+        /// Where to write the report; default NONNEG/equivalence.json.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+    },
+    /// Print the test accuracy of a model of either kind.
+    Eval {
+        /// The model directory.
+        model: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Run the method's experiments and tabulate them beside the published figures.
+    Reproduce {
+        /// Output directory for results.json, results.md and the models.
+        #[arg(long, value_name = "DIR", default_value = "reproduce")]
+        out: PathBuf,
+        /// A few epochs of the MLP only, to finish in minutes on two cores.
+        #[arg(long)]
+        quick: bool,
+        /// Epochs per network; default 50 (the protocol), 5 with --quick.
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Number of seeds, 0..N.
+        #[arg(long, default_value_t = 1)]
+        seeds: u64,
+        /// Architectures, comma-separated; default mlp.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "mlp")]
+        models: Vec<Arch>,
+        /// Initialisation of the regular networks.
+        #[arg(long, value_enum, default_value_t = Init::Xavier)]
+        init: Init,
+        /// Continue an interrupted run in --out, keeping its finished cells.
+        #[arg(long)]
+        resume: bool,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let multi = MultiProgress::new();
+    init_logging(cli.verbose, multi.clone());
+    let progress = Progress::terminal(multi);
+    match run(cli.command, &progress) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+/// Sends tracing output to standard error, above any progress bars.
+fn init_logging(verbose: bool, multi: MultiProgress) {
+    let level = if verbose { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("isonn={level},warn")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .without_time()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(move || SuspendingWriter(multi.clone()))
+        .init();
+}
+
+/// Writes log lines while the progress bars are hidden.
+struct SuspendingWriter(MultiProgress);
+
+impl Write for SuspendingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.suspend(|| std::io::stderr().write_all(buf))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// Refuses to overwrite a model directory unless `force` is set.
+fn check_output(dir: &Path, force: bool) -> Result<()> {
+    if dir.join(store::MODEL_JSON).exists() && !force {
+        bail!(
+            "{} already holds a model; choose another --out or pass --force to overwrite it",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn load_model(dir: &Path) -> Result<(Model, serde_json::Value)> {
+    store::load(dir).with_context(|| format!("cannot load model {}", dir.display()))
+}
+
+fn command_line() -> Vec<String> {
+    std::env::args().collect()
+}
+
+fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> {
+    match command {
+        Command::Train {
+            arch,
+            activation,
+            hidden,
+            init,
+            data,
+            epochs,
+            lr,
+            momentum,
+            batch_size,
+            seed,
+            out,
+            force,
+        } => {
+            let activation: Activation = activation.parse()?;
+            let config = TrainConfig {
+                epochs,
+                batch_size,
+                seed,
+                eval_every_epoch: true,
+            };
+            config.validate()?;
+            if hidden.iter().any(|&h| h == 0) {
+                bail!("invalid --hidden {hidden:?}: every hidden width must be at least 1");
+            }
+            let mut sgd = Sgd::new(lr, momentum, 0.0)?;
+            check_output(&out, force)?;
+            let dataset = data.load()?;
+            let shape = dataset.train.sample_shape();
+            let mut network =
+                Network::build(arch, &shape, &hidden, dataset.classes, activation, init, seed)?;
+            tracing::info!("training {arch} with {activation}, init {init}, lr {lr}, batch {batch_size}, seed {seed}");
+            let vars = network.make_trainable()?;
+            let metrics = {
+                let forward = |x: &candle_core::Tensor| network.forward(x);
+                fit(&forward, &shape, &vars, &mut sgd, &dataset, &config, progress, &mut || Ok(()))?
+            };
+            let provenance = serde_json::json!({
+                "isonn_version": env!("CARGO_PKG_VERSION"),
+                "command": command_line(),
+                "arch": arch, "activation": activation, "hidden": hidden, "init": init,
+                "training": config, "lr": lr, "momentum": momentum,
+                "dataset": dataset.name, "data_source": dataset.source,
+                "test_accuracy": metrics.test_accuracy,
+            });
+            store::save(&out, &Model::Regular(network.detached()), &provenance)?;
+            isonn::fsio::write_json_atomic(&out.join("metrics.json"), &metrics)?;
+            println!("test_accuracy {:.4}", metrics.test_accuracy);
+            println!("model written to {}", out.display());
+        }
+        Command::Transform {
+            model,
+            out,
+            dataset,
+            data,
+            shift,
+            activation_range,
+            precision,
+            force,
+        } => {
+            let (loaded, _) = load_model(&model)?;
+            let Model::Regular(network) = loaded else {
+                bail!("{} is already a non-negative model; transform takes a regular one", model.display());
+            };
+            check_output(&out, force)?;
+            let options = TransformOptions {
+                shift,
+                activation_range,
+            };
+            let nonneg = transform(&network, &options)?;
+            let provenance = serde_json::json!({
+                "isonn_version": env!("CARGO_PKG_VERSION"),
+                "command": command_line(),
+                "transform": options,
+                "source_model": model,
+            });
+            store::save(&out, &Model::Nonneg(nonneg.clone()), &provenance)?;
+            println!("non-negative model written to {}", out.display());
+            if let Some(name) = dataset {
+                let args = DataArgs { dataset: name, data };
+                let dataset = args.load()?;
+                let report = verify::verify(&network, &nonneg, &dataset.test, 1000, precision, progress)?;
+                isonn::fsio::write_json_atomic(&out.join("equivalence.json"), &report)?;
+                println!("{}", report.summary());
+                return Ok(verdict(&report, nonneg.dtype()));
+            }
+        }
+        Command::Verify {
+            regular,
+            nonneg,
+            data,
+            precision,
+            report,
+        } => {
+            let (a, _) = load_model(&regular)?;
+            let (b, _) = load_model(&nonneg)?;
+            let (Model::Regular(a), Model::Nonneg(b)) = (a, b) else {
+                bail!(
+                    "verify takes a regular model, then a non-negative one: {} is {} and {} is {}",
+                    regular.display(),
+                    store::load(&regular).map(|m| m.0.kind()).unwrap_or("?"),
+                    nonneg.display(),
+                    store::load(&nonneg).map(|m| m.0.kind()).unwrap_or("?")
+                );
+            };
+            let dataset = data.load()?;
+            let result = verify::verify(&a, &b, &dataset.test, 1000, precision, progress)?;
+            let path = report.unwrap_or_else(|| nonneg.join("equivalence.json"));
+            isonn::fsio::write_json_atomic(&path, &result)?;
+            println!("{}", result.summary());
+            println!("report written to {}", path.display());
+            return Ok(verdict(&result, b.dtype()));
+        }
+        Command::Eval { model, data } => {
+            let (loaded, _) = load_model(&model)?;
+            let dataset = data.load()?;
+            let forward = |x: &candle_core::Tensor| loaded.forward(x);
+            let accuracy = verify::accuracy(
+                &forward,
+                loaded.input_shape(),
+                &dataset.test,
+                1000,
+                loaded.dtype(),
+                progress,
+            )?;
+            println!("{} model, {} test images: accuracy {accuracy:.4}", loaded.kind(), dataset.test.len());
+        }
+        Command::Reproduce {
+            out,
+            quick,
+            epochs,
+            seeds,
+            models,
+            init,
+            resume,
+            data,
+        } => {
+            if seeds == 0 {
+                bail!("invalid --seeds 0: run at least one seed");
+            }
+            if epochs == Some(0) {
+                bail!("invalid --epochs 0: must be at least 1");
+            }
+            let models = if quick { vec![Arch::Mlp] } else { models };
+            let config = ReproduceConfig {
+                out: out.clone(),
+                models,
+                activations: vec![Activation::PhotonicSigmoid, Activation::PhotonicSinusoidal],
+                epochs: epochs.or(quick.then_some(5)),
+                seeds,
+                init,
+                transform: TransformOptions::default(),
+                resume,
+            };
+            let dataset = data.load()?;
+            let results = experiment::reproduce(&config, &dataset, progress)?;
+            print!("{}", experiment::markdown(&results));
+            println!("\nresults written to {}", out.display());
+            let failed = results.transformation.iter().any(|c| !c.equivalence.passes(TOLERANCE_F32));
+            if failed {
+                eprintln!("error: a transformed network failed verification; see {}", out.join("results.json").display());
+                return Ok(std::process::ExitCode::from(1));
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Exit code 0 when the report passes the tolerance of the stored
+/// parameters' type, 1 otherwise.
+///
+/// A model stored in f32 holds its biases `c + s` rounded to f32, so even
+/// an f64 comparison cannot beat f32 rounding; f64 models must agree to 1e-9.
+fn verdict(report: &verify::EquivalenceReport, stored: candle_core::DType) -> std::process::ExitCode {
+    let tolerance = match stored {
+        candle_core::DType::F64 => TOLERANCE_F64,
+        _ => TOLERANCE_F32,
+    };
+    if report.passes(tolerance) {
+        println!("verification passed (relative tolerance {tolerance:e})");
+        std::process::ExitCode::SUCCESS
+    } else {
+        println!("verification FAILED (relative tolerance {tolerance:e})");
+        std::process::ExitCode::from(1)
+    }
+}

@@ -1,0 +1,336 @@
+//! Non-negative isomorphic networks and their physical forward pass.
+//!
+//! Every signal edge carries a physical value `v >= 0` and a known offset
+//! `o`, so that the true value is `x = v + o`. An affine layer reads the
+//! signal `u` in `[0, alpha]` and its complement `alpha - u`, and computes
+//! `z' = P u + N (alpha - u) + bias` with `P`, `N` and `bias` all `>= 0`;
+//! the true pre-activation is `z = z' - s`. An activation device reading an
+//! edge with offset `o` computes `f(v + o)` and emits `f(...) - lo_out`.
+
+mod transform;
+
+pub use transform::{inverse, transform, ActivationRange, ShiftPolicy, TransformOptions, SHIFT_MARGIN};
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::activation::Activation;
+use crate::error::Result;
+use crate::model::{Pool, Range};
+
+/// The linear operation of a non-negative affine layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AffineOp {
+    /// Fully connected, weights `[out, in]`.
+    Linear,
+    /// 2-D convolution, weights `[out, in / groups, k, k]`.
+    Conv2d {
+        /// Step between output positions.
+        stride: usize,
+        /// Pixels added on every side (with the physical padding values).
+        padding: usize,
+        /// Spacing between kernel taps.
+        dilation: usize,
+        /// Channel groups.
+        groups: usize,
+    },
+}
+
+/// A non-negative affine layer `z' = P u + N (alpha - u) + bias`.
+///
+/// `lo` and `alpha` are the input range `[lo, lo + alpha]` of the true
+/// signal, one value for the layer or one per input channel. `shift` is the
+/// `s` that the next device subtracts: the true output is `z' - shift`.
+#[derive(Debug, Clone)]
+pub struct NonnegAffine {
+    /// The linear operation and its settings.
+    pub op: AffineOp,
+    /// `P = max(W, 0)`, applied to the signal.
+    pub positive: Tensor,
+    /// `N = max(-W, 0)`, applied to the complement.
+    pub negative: Tensor,
+    /// The shifted bias `c + s`, `[out]`.
+    pub bias: Tensor,
+    /// Lower bound of the true input, per input channel or one value.
+    pub lo: Vec<f64>,
+    /// Width of the input range, per input channel or one value.
+    pub alpha: Vec<f64>,
+    /// The activation shift `s >= 0`.
+    pub shift: f64,
+    /// Upper bound of `z'` over all units: the detector's full scale.
+    pub out_max: f64,
+}
+
+/// An activation device operated with its input shifted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NonnegActivation {
+    /// The response.
+    pub activation: Activation,
+    /// Offset `o` of the edge it reads: it computes `f(v + o)`.
+    pub input_offset: f64,
+    /// Offset of the edge it drives: it emits `f(v + o) - output_offset`.
+    pub output_offset: f64,
+}
+
+/// One step of a non-negative network.
+#[derive(Debug, Clone)]
+pub enum NonnegLayer {
+    /// Non-negative affine layer.
+    Affine(NonnegAffine),
+    /// Shifted activation.
+    Activation(NonnegActivation),
+    /// Average pooling (commutes with a constant offset).
+    AvgPool2d(Pool),
+    /// Max pooling (commutes with a constant offset).
+    MaxPool2d(Pool),
+    /// `[batch, c, h, w]` -> `[batch, c * h * w]`.
+    Flatten,
+}
+
+/// A non-negative isomorphic network.
+#[derive(Debug, Clone)]
+pub struct NonnegNetwork {
+    /// Shape of one input sample.
+    pub input_shape: Vec<usize>,
+    /// Range of the true input; the modulators emit `x - input_range.lo`.
+    pub input_range: Range,
+    /// The layers.
+    pub layers: Vec<NonnegLayer>,
+    /// Offset of the last edge: logits are the physical output plus this.
+    pub output_offset: f64,
+}
+
+impl NonnegAffine {
+    /// Broadcasts per-channel values to the shape of the layer's input.
+    fn channel_tensor(&self, values: &[f64], like: &Tensor) -> Result<Tensor> {
+        let t = Tensor::new(values, like.device())?.to_dtype(like.dtype())?;
+        Ok(match (self.op, values.len()) {
+            (_, 1) => t.reshape(())?,
+            (AffineOp::Linear, n) => t.reshape((1, n))?,
+            (AffineOp::Conv2d { .. }, n) => t.reshape((1, n, 1, 1))?,
+        })
+    }
+
+    /// Computes the physical output `z' = P u + N (alpha - u) + bias`,
+    /// passing each physical signal to `observe`.
+    ///
+    /// # Shapes
+    /// `u`: `[batch, in]` or `[batch, c, h, w]` -> `[batch, out]` or
+    /// `[batch, out, h', w']`.
+    pub fn forward(&self, u: &Tensor, observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<Tensor> {
+        let alpha = self.channel_tensor(&self.alpha, u)?;
+        // The complement port emits alpha - u. When u = alpha, rounding can
+        // make the difference -1 ulp; the relu removes exactly that, and an
+        // input above its range shows as a signal above alpha in the
+        // verification report.
+        let complement = alpha.broadcast_sub(u)?.relu()?;
+        let out_channels = self.bias.dims()[0];
+        let z = match self.op {
+            AffineOp::Linear => {
+                observe("signal", u)?;
+                observe("complement", &complement)?;
+                u.matmul(&self.positive.t()?)?
+                    .add(&complement.matmul(&self.negative.t()?)?)?
+                    .broadcast_add(&self.bias)?
+            }
+            AffineOp::Conv2d {
+                stride,
+                padding,
+                dilation,
+                groups,
+            } => {
+                // A true zero pad is u = -lo on the signal and alpha + lo = hi
+                // on the complement.
+                let hi: Vec<f64> = broadcast_pair(&self.lo, &self.alpha)
+                    .map(|(l, a)| l + a)
+                    .collect();
+                let neg_lo: Vec<f64> = self.lo.iter().map(|l| -l).collect();
+                let u = pad_constant(u, padding, &self.channel_tensor(&neg_lo, u)?)?;
+                let complement =
+                    pad_constant(&complement, padding, &self.channel_tensor(&hi, &complement)?)?;
+                observe("signal", &u)?;
+                observe("complement", &complement)?;
+                let p = u.conv2d(&self.positive, 0, stride, dilation, groups)?;
+                let n = complement.conv2d(&self.negative, 0, stride, dilation, groups)?;
+                p.add(&n)?
+                    .broadcast_add(&self.bias.reshape((1, out_channels, 1, 1))?)?
+            }
+        };
+        observe("output", &z)?;
+        Ok(z)
+    }
+
+    /// The three parameter tensors, mutably.
+    pub fn parameters_mut(&mut self) -> [&mut Tensor; 3] {
+        [&mut self.positive, &mut self.negative, &mut self.bias]
+    }
+
+    /// The three parameter tensors.
+    pub fn parameters(&self) -> [&Tensor; 3] {
+        [&self.positive, &self.negative, &self.bias]
+    }
+}
+
+/// Pairs per-channel `a` and `b`, repeating a single value to the other's length.
+fn broadcast_pair<'a>(a: &'a [f64], b: &'a [f64]) -> impl Iterator<Item = (f64, f64)> + 'a {
+    let n = a.len().max(b.len());
+    (0..n).map(move |i| (a[i.min(a.len() - 1)], b[i.min(b.len() - 1)]))
+}
+
+/// Pads the last two dimensions of `x` by `pad` on every side with `value`
+/// (a scalar or `[1, c, 1, 1]` per channel).
+fn pad_constant(x: &Tensor, pad: usize, value: &Tensor) -> Result<Tensor> {
+    if pad == 0 {
+        return Ok(x.clone());
+    }
+    let padded = x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
+    let (h, w) = (x.dims()[2], x.dims()[3]);
+    let inside = Tensor::ones((1, 1, h, w), x.dtype(), x.device())?
+        .pad_with_zeros(2, pad, pad)?
+        .pad_with_zeros(3, pad, pad)?;
+    let border = inside.affine(-1.0, 1.0)?; // 1 on the border, 0 inside
+    Ok(padded.broadcast_add(&border.broadcast_mul(value)?)?)
+}
+
+impl NonnegActivation {
+    /// Computes `f(v + input_offset) - output_offset`.
+    ///
+    /// The device output is clamped to the activation's bounds, which is
+    /// the identity in exact arithmetic and removes rounding above `max f`
+    /// (f32 evaluates the photonic sigmoid's plateau 1.005 a little high).
+    pub fn forward(&self, v: &Tensor) -> Result<Tensor> {
+        let mut y = self.activation.forward(&v.affine(1.0, self.input_offset)?)?;
+        if let Some((lo, hi)) = self.activation.output_bounds() {
+            y = y.clamp(lo, hi)?;
+        }
+        Ok(y.affine(1.0, -self.output_offset)?)
+    }
+}
+
+impl NonnegNetwork {
+    /// Computes the logits for a batch of true inputs `x`.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, channels, height, width]` -> `[batch, classes]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_observed(x, &mut |_, _, _| Ok(()))
+    }
+
+    /// Like [`forward`](Self::forward), passing every physical signal to
+    /// `observe(layer, name, tensor)`; `layer` is `None` for the modulators.
+    pub fn forward_observed(
+        &self,
+        x: &Tensor,
+        observe: &mut dyn FnMut(Option<usize>, &str, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        let v = self.physical_output(x, observe)?;
+        Ok(v.affine(1.0, self.output_offset)?)
+    }
+
+    /// Computes the physical output of the last layer (the logits minus
+    /// `output_offset`), observing every physical signal.
+    pub fn physical_output(
+        &self,
+        x: &Tensor,
+        observe: &mut dyn FnMut(Option<usize>, &str, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        let mut v = x.affine(1.0, -self.input_range.lo)?;
+        observe(None, "modulator", &v)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            v = match layer {
+                NonnegLayer::Affine(a) => a.forward(&v, &mut |name, t| observe(Some(i), name, t))?,
+                NonnegLayer::Activation(a) => {
+                    let y = a.forward(&v)?;
+                    observe(Some(i), "output", &y)?;
+                    y
+                }
+                NonnegLayer::AvgPool2d(p) => v.avg_pool2d_with_stride(p.kernel, p.stride)?,
+                NonnegLayer::MaxPool2d(p) => v.max_pool2d_with_stride(p.kernel, p.stride)?,
+                NonnegLayer::Flatten => v.flatten_from(1)?,
+            };
+        }
+        Ok(v)
+    }
+
+    /// The affine layers with their indices.
+    pub fn affine_layers(&self) -> impl Iterator<Item = (usize, &NonnegAffine)> {
+        self.layers.iter().enumerate().filter_map(|(i, l)| match l {
+            NonnegLayer::Affine(a) => Some((i, a)),
+            _ => None,
+        })
+    }
+
+    /// Named parameters: `layers.{i}.positive`, `.negative` and `.bias`.
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (i, a) in self.affine_layers() {
+            for (name, t) in ["positive", "negative", "bias"].iter().zip(a.parameters()) {
+                out.push((format!("layers.{i}.{name}"), t.clone()));
+            }
+        }
+        out
+    }
+
+    /// Turns every parameter into a candle [`Var`] in place and returns them,
+    /// `P`, `N`, bias for each affine layer in order.
+    pub fn make_trainable(&mut self) -> Result<Vec<Var>> {
+        let mut vars = Vec::new();
+        for layer in &mut self.layers {
+            if let NonnegLayer::Affine(a) = layer {
+                for t in a.parameters_mut() {
+                    let var = Var::from_tensor(t)?;
+                    *t = var.as_tensor().clone();
+                    vars.push(var);
+                }
+            }
+        }
+        Ok(vars)
+    }
+
+    /// Returns a copy with every parameter converted to `dtype` and detached
+    /// from autograd.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        let mut out = self.clone();
+        for layer in &mut out.layers {
+            if let NonnegLayer::Affine(a) = layer {
+                for t in a.parameters_mut() {
+                    *t = t.to_dtype(dtype)?.detach();
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The data type of the parameters.
+    pub fn dtype(&self) -> DType {
+        self.affine_layers()
+            .next()
+            .map(|(_, a)| a.positive.dtype())
+            .unwrap_or(DType::F32)
+    }
+
+    /// The device of the parameters.
+    pub fn device(&self) -> Device {
+        self.affine_layers()
+            .next()
+            .map(|(_, a)| a.positive.device().clone())
+            .unwrap_or(Device::Cpu)
+    }
+
+    /// Returns the number of negative entries in the weights (`P` and `N`)
+    /// and in the biases, counting non-finite entries as negative.
+    pub fn count_negative(&self) -> Result<(usize, usize)> {
+        let mut weights = 0;
+        let mut biases = 0;
+        for (_, a) in self.affine_layers() {
+            weights += count_negative(&a.positive)? + count_negative(&a.negative)?;
+            biases += count_negative(&a.bias)?;
+        }
+        Ok((weights, biases))
+    }
+}
+
+/// Counts entries that are `< 0` or not finite.
+pub fn count_negative(t: &Tensor) -> Result<usize> {
+    let values: Vec<f64> = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+    Ok(values.iter().filter(|v| !(**v >= 0.0) || !v.is_finite()).count())
+}

@@ -1,0 +1,488 @@
+//! Model directories: `model.json` (architecture, ranges, provenance) next
+//! to `model.safetensors` (the tensors). The schema is in `docs/MODEL_FORMAT.md`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::activation::Activation;
+use crate::error::{Error, Result};
+use crate::fsio;
+use crate::model::{Conv2d, Layer, Linear, Network, Pool, Range};
+use crate::nonneg::{AffineOp, NonnegActivation, NonnegAffine, NonnegLayer, NonnegNetwork};
+
+/// The `format` tag of every `model.json`.
+pub const FORMAT: &str = "isonn-model";
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+/// File name of the architecture description.
+pub const MODEL_JSON: &str = "model.json";
+/// File name of the tensors.
+pub const MODEL_TENSORS: &str = "model.safetensors";
+
+/// A model of either kind.
+#[derive(Debug, Clone)]
+pub enum Model {
+    /// A regular network with signed parameters.
+    Regular(Network),
+    /// A non-negative isomorphic network.
+    Nonneg(NonnegNetwork),
+}
+
+impl Model {
+    /// Computes logits for a batch of true inputs.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Model::Regular(n) => n.forward(x),
+            Model::Nonneg(n) => n.forward(x),
+        }
+    }
+
+    /// The shape of one input sample.
+    pub fn input_shape(&self) -> &[usize] {
+        match self {
+            Model::Regular(n) => &n.input_shape,
+            Model::Nonneg(n) => &n.input_shape,
+        }
+    }
+
+    /// `"regular"` or `"nonneg"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Model::Regular(_) => "regular",
+            Model::Nonneg(_) => "nonneg",
+        }
+    }
+
+    /// The parameters' data type.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Model::Regular(n) => n.dtype(),
+            Model::Nonneg(n) => n.dtype(),
+        }
+    }
+}
+
+/// The contents of `model.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ModelFile {
+    format: String,
+    schema_version: u32,
+    kind: String,
+    input: InputSpec,
+    layers: Vec<LayerSpec>,
+    #[serde(default)]
+    output_offset: f64,
+    #[serde(default)]
+    provenance: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct InputSpec {
+    shape: Vec<usize>,
+    range: Range,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ConvSpec {
+    in_channels: usize,
+    out_channels: usize,
+    kernel: [usize; 2],
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    groups: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NonnegSpec {
+    lo: Vec<f64>,
+    alpha: Vec<f64>,
+    shift: f64,
+    out_max: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+enum LayerSpec {
+    Linear {
+        in_features: usize,
+        out_features: usize,
+    },
+    Conv2d(ConvSpec),
+    Activation {
+        activation: Activation,
+    },
+    AvgPool2d(Pool),
+    MaxPool2d(Pool),
+    Flatten,
+    NonnegLinear {
+        in_features: usize,
+        out_features: usize,
+        #[serde(flatten)]
+        nonneg: NonnegSpec,
+    },
+    NonnegConv2d {
+        #[serde(flatten)]
+        conv: ConvSpec,
+        #[serde(flatten)]
+        nonneg: NonnegSpec,
+    },
+    NonnegActivation {
+        activation: Activation,
+        input_offset: f64,
+        output_offset: f64,
+    },
+}
+
+fn conv_spec(weight: &Tensor, stride: usize, padding: usize, dilation: usize, groups: usize) -> ConvSpec {
+    let d = weight.dims();
+    ConvSpec {
+        in_channels: d[1] * groups,
+        out_channels: d[0],
+        kernel: [d[2], d[3]],
+        stride,
+        padding,
+        dilation,
+        groups,
+    }
+}
+
+/// Writes `model` and `provenance` to `dir` (created if missing): the
+/// tensors first, then `model.json`, each atomically.
+pub fn save(dir: &Path, model: &Model, provenance: &serde_json::Value) -> Result<()> {
+    fsio::create_dir_all(dir)?;
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    let mut layers = Vec::new();
+    let (kind, input_shape, input_range, output_offset) = match model {
+        Model::Regular(n) => {
+            for (i, layer) in n.layers.iter().enumerate() {
+                layers.push(match layer {
+                    Layer::Linear(l) => LayerSpec::Linear {
+                        in_features: l.in_features(),
+                        out_features: l.out_features(),
+                    },
+                    Layer::Conv2d(c) => {
+                        LayerSpec::Conv2d(conv_spec(&c.weight, c.stride, c.padding, c.dilation, c.groups))
+                    }
+                    Layer::Activation(a) => LayerSpec::Activation { activation: *a },
+                    Layer::AvgPool2d(p) => LayerSpec::AvgPool2d(*p),
+                    Layer::MaxPool2d(p) => LayerSpec::MaxPool2d(*p),
+                    Layer::Flatten => LayerSpec::Flatten,
+                });
+                if let Some((w, b)) = layer.weight_and_bias() {
+                    tensors.push((format!("layers.{i}.weight"), w.clone()));
+                    tensors.push((format!("layers.{i}.bias"), b.clone()));
+                }
+            }
+            ("regular", &n.input_shape, n.input_range, 0.0)
+        }
+        Model::Nonneg(n) => {
+            for (i, layer) in n.layers.iter().enumerate() {
+                layers.push(match layer {
+                    NonnegLayer::Affine(a) => {
+                        let nonneg = NonnegSpec {
+                            lo: a.lo.clone(),
+                            alpha: a.alpha.clone(),
+                            shift: a.shift,
+                            out_max: a.out_max,
+                        };
+                        for (name, t) in ["positive", "negative", "bias"].iter().zip(a.parameters()) {
+                            tensors.push((format!("layers.{i}.{name}"), t.clone()));
+                        }
+                        match a.op {
+                            AffineOp::Linear => LayerSpec::NonnegLinear {
+                                in_features: a.positive.dims()[1],
+                                out_features: a.positive.dims()[0],
+                                nonneg,
+                            },
+                            AffineOp::Conv2d {
+                                stride,
+                                padding,
+                                dilation,
+                                groups,
+                            } => LayerSpec::NonnegConv2d {
+                                conv: conv_spec(&a.positive, stride, padding, dilation, groups),
+                                nonneg,
+                            },
+                        }
+                    }
+                    NonnegLayer::Activation(a) => LayerSpec::NonnegActivation {
+                        activation: a.activation,
+                        input_offset: a.input_offset,
+                        output_offset: a.output_offset,
+                    },
+                    NonnegLayer::AvgPool2d(p) => LayerSpec::AvgPool2d(*p),
+                    NonnegLayer::MaxPool2d(p) => LayerSpec::MaxPool2d(*p),
+                    NonnegLayer::Flatten => LayerSpec::Flatten,
+                });
+            }
+            ("nonneg", &n.input_shape, n.input_range, n.output_offset)
+        }
+    };
+    let file = ModelFile {
+        format: FORMAT.into(),
+        schema_version: SCHEMA_VERSION,
+        kind: kind.into(),
+        input: InputSpec {
+            shape: input_shape.clone(),
+            range: input_range,
+        },
+        layers,
+        output_offset,
+        provenance: provenance.clone(),
+    };
+
+    let tensor_path = dir.join(MODEL_TENSORS);
+    let temporary = fsio::temporary_path(&tensor_path);
+    let map: HashMap<String, Tensor> = tensors.into_iter().collect();
+    candle_core::safetensors::save(&map, &temporary).map_err(|e| {
+        let _ = std::fs::remove_file(&temporary);
+        Error::Model {
+            path: tensor_path.clone(),
+            message: format!("cannot write tensors: {e}"),
+        }
+    })?;
+    std::fs::rename(&temporary, &tensor_path).map_err(|e| Error::io(&tensor_path, e))?;
+    fsio::write_json_atomic(&dir.join(MODEL_JSON), &file)
+}
+
+/// Reads a model directory written by [`save`], validating the schema,
+/// every tensor's presence, shape and finiteness, and the layer shapes.
+pub fn load(dir: &Path) -> Result<(Model, serde_json::Value)> {
+    let json_path = dir.join(MODEL_JSON);
+    if !dir.is_dir() {
+        return Err(Error::Model {
+            path: dir.to_path_buf(),
+            message: "not a directory; pass a model directory written by `isonn train` or `isonn transform`".into(),
+        });
+    }
+    let bad = |message: String| Error::Model {
+        path: json_path.clone(),
+        message,
+    };
+    let text = fsio::read(&json_path)?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    if value.get("format").and_then(|v| v.as_str()) != Some(FORMAT) {
+        return Err(bad(format!("not an isonn model (the \"format\" field is not \"{FORMAT}\")")));
+    }
+    match value.get("schema_version").and_then(|v| v.as_u64()) {
+        Some(v) if v == SCHEMA_VERSION as u64 => {}
+        Some(v) => {
+            return Err(bad(format!(
+                "schema_version {v}, but this isonn {} reads schema_version {SCHEMA_VERSION}; \
+                 use the isonn version that wrote it, or re-create the model with this one",
+                env!("CARGO_PKG_VERSION")
+            )))
+        }
+        None => return Err(bad("missing integer field \"schema_version\"".into())),
+    }
+    let file: ModelFile =
+        serde_json::from_value(value).map_err(|e| bad(format!("invalid model description: {e}")))?;
+    if file.input.shape.len() != 3 || file.input.shape.iter().any(|&d| d == 0 || d > 1 << 16) {
+        return Err(bad(format!(
+            "input shape {:?} is not [channels, height, width] with sizes in 1..=65536",
+            file.input.shape
+        )));
+    }
+    Range::new(file.input.range.lo, file.input.range.hi).map_err(|e| bad(format!("input range: {e}")))?;
+
+    let tensor_path = dir.join(MODEL_TENSORS);
+    let bytes = fsio::read(&tensor_path)?;
+    let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| Error::Model {
+        path: tensor_path.clone(),
+        message: format!("cannot read tensors ({e}); the file is damaged or not safetensors"),
+    })?;
+    let mut take = |name: String, shape: &[usize]| -> Result<Tensor> {
+        let t = tensors.remove(&name).ok_or_else(|| Error::Model {
+            path: tensor_path.clone(),
+            message: format!("missing tensor {name}; model.json and model.safetensors do not belong together"),
+        })?;
+        if t.dims() != shape {
+            return Err(Error::Model {
+                path: tensor_path.clone(),
+                message: format!("tensor {name} has shape {:?}, model.json implies {shape:?}", t.dims()),
+            });
+        }
+        let t = match t.dtype() {
+            DType::F32 | DType::F64 => t,
+            other => {
+                return Err(Error::Model {
+                    path: tensor_path.clone(),
+                    message: format!("tensor {name} has type {other:?}; only f32 and f64 are supported"),
+                })
+            }
+        };
+        let finite = t
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?
+            .iter()
+            .all(|v| v.is_finite());
+        if !finite {
+            return Err(Error::Model {
+                path: tensor_path.clone(),
+                message: format!("tensor {name} contains NaN or infinite values"),
+            });
+        }
+        Ok(t)
+    };
+    let conv_shape = |c: &ConvSpec| -> Result<Vec<usize>> {
+        if c.groups == 0 || c.in_channels % c.groups != 0 || c.out_channels % c.groups != 0 {
+            return Err(bad(format!(
+                "conv2d with {} groups does not divide {} input and {} output channels",
+                c.groups, c.in_channels, c.out_channels
+            )));
+        }
+        Ok(vec![c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]])
+    };
+    let model = match file.kind.as_str() {
+        "regular" => {
+            let mut layers = Vec::new();
+            for (i, spec) in file.layers.iter().enumerate() {
+                let (w, b) = (format!("layers.{i}.weight"), format!("layers.{i}.bias"));
+                layers.push(match spec {
+                    LayerSpec::Linear {
+                        in_features,
+                        out_features,
+                    } => Layer::Linear(Linear {
+                        weight: take(w, &[*out_features, *in_features])?,
+                        bias: take(b, &[*out_features])?,
+                    }),
+                    LayerSpec::Conv2d(c) => Layer::Conv2d(Conv2d {
+                        weight: take(w, &conv_shape(c)?)?,
+                        bias: take(b, &[c.out_channels])?,
+                        stride: c.stride,
+                        padding: c.padding,
+                        dilation: c.dilation,
+                        groups: c.groups,
+                    }),
+                    LayerSpec::Activation { activation } => Layer::Activation(*activation),
+                    LayerSpec::AvgPool2d(p) => Layer::AvgPool2d(*p),
+                    LayerSpec::MaxPool2d(p) => Layer::MaxPool2d(*p),
+                    LayerSpec::Flatten => Layer::Flatten,
+                    other => {
+                        return Err(bad(format!(
+                            "layer {i} is {}, which a regular model cannot contain",
+                            layer_type(other)
+                        )))
+                    }
+                });
+            }
+            let network = Network {
+                input_shape: file.input.shape.clone(),
+                input_range: file.input.range,
+                layers,
+            };
+            network.output_shape().map_err(|e| bad(e.to_string()))?;
+            Model::Regular(network)
+        }
+        "nonneg" => {
+            let mut layers = Vec::new();
+            for (i, spec) in file.layers.iter().enumerate() {
+                let names = ["positive", "negative", "bias"].map(|n| format!("layers.{i}.{n}"));
+                let [p, n, b] = names;
+                let affine = |op, shape: Vec<usize>, spec: &NonnegSpec, take: &mut dyn FnMut(String, &[usize]) -> Result<Tensor>| -> Result<NonnegLayer> {
+                    check_nonneg_spec(i, spec, shape[1] * match op {
+                        AffineOp::Conv2d { groups, .. } => groups,
+                        AffineOp::Linear => 1,
+                    }).map_err(|m| bad(m))?;
+                    Ok(NonnegLayer::Affine(NonnegAffine {
+                        op,
+                        positive: take(p.clone(), &shape)?,
+                        negative: take(n.clone(), &shape)?,
+                        bias: take(b.clone(), &shape[..1])?,
+                        lo: spec.lo.clone(),
+                        alpha: spec.alpha.clone(),
+                        shift: spec.shift,
+                        out_max: spec.out_max,
+                    }))
+                };
+                layers.push(match spec {
+                    LayerSpec::NonnegLinear {
+                        in_features,
+                        out_features,
+                        nonneg,
+                    } => affine(AffineOp::Linear, vec![*out_features, *in_features], nonneg, &mut take)?,
+                    LayerSpec::NonnegConv2d { conv, nonneg } => {
+                        let op = AffineOp::Conv2d {
+                            stride: conv.stride,
+                            padding: conv.padding,
+                            dilation: conv.dilation,
+                            groups: conv.groups,
+                        };
+                        affine(op, conv_shape(conv)?, nonneg, &mut take)?
+                    }
+                    LayerSpec::NonnegActivation {
+                        activation,
+                        input_offset,
+                        output_offset,
+                    } => NonnegLayer::Activation(NonnegActivation {
+                        activation: *activation,
+                        input_offset: *input_offset,
+                        output_offset: *output_offset,
+                    }),
+                    LayerSpec::AvgPool2d(p) => NonnegLayer::AvgPool2d(*p),
+                    LayerSpec::MaxPool2d(p) => NonnegLayer::MaxPool2d(*p),
+                    LayerSpec::Flatten => NonnegLayer::Flatten,
+                    other => {
+                        return Err(bad(format!(
+                            "layer {i} is {}, which a non-negative model cannot contain",
+                            layer_type(other)
+                        )))
+                    }
+                });
+            }
+            let network = NonnegNetwork {
+                input_shape: file.input.shape.clone(),
+                input_range: file.input.range,
+                layers,
+                output_offset: file.output_offset,
+            };
+            crate::nonneg::inverse(&network)?
+                .output_shape()
+                .map_err(|e| bad(e.to_string()))?;
+            Model::Nonneg(network)
+        }
+        other => {
+            return Err(bad(format!(
+                "unknown kind \"{other}\"; expected \"regular\" or \"nonneg\""
+            )))
+        }
+    };
+    if let Some(extra) = tensors.keys().next() {
+        return Err(Error::Model {
+            path: tensor_path,
+            message: format!("unexpected tensor {extra} that model.json does not describe"),
+        });
+    }
+    Ok((model, file.provenance))
+}
+
+fn check_nonneg_spec(layer: usize, spec: &NonnegSpec, in_channels: usize) -> std::result::Result<(), String> {
+    let fits = |v: &[f64]| v.len() == 1 || v.len() == in_channels;
+    if !fits(&spec.lo) || !fits(&spec.alpha) {
+        return Err(format!(
+            "layer {layer}: lo and alpha need 1 or {in_channels} values, got {} and {}",
+            spec.lo.len(),
+            spec.alpha.len()
+        ));
+    }
+    let finite = spec.lo.iter().chain(&spec.alpha).chain([&spec.shift, &spec.out_max]).all(|v| v.is_finite());
+    if !finite || spec.alpha.iter().any(|&a| a < 0.0) || spec.shift < 0.0 {
+        return Err(format!(
+            "layer {layer}: lo, alpha, shift and out_max must be finite, alpha and shift >= 0"
+        ));
+    }
+    Ok(())
+}
+
+fn layer_type(spec: &LayerSpec) -> String {
+    serde_json::to_value(spec)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(String::from))
+        .unwrap_or_default()
+}

@@ -1,0 +1,246 @@
+//! Equivalence of a regular network and its non-negative counterpart,
+//! measured on every sample, and the non-negativity audit.
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::data::Images;
+use crate::error::{Error, Result};
+use crate::model::Network;
+use crate::nonneg::NonnegNetwork;
+use crate::progress::Progress;
+
+/// The precision both networks are run in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// The models' own data type (f32 after training).
+    #[default]
+    Model,
+    /// Both networks converted to f64.
+    F64,
+}
+
+/// The smallest and largest value of one physical signal.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LayerSignals {
+    /// Layer index, or `None` for the input modulators.
+    pub layer: Option<usize>,
+    /// `modulator`, `signal`, `complement` or `output`.
+    pub name: String,
+    /// Smallest value over every sample.
+    pub min: f64,
+    /// Largest value.
+    pub max: f64,
+}
+
+/// The result of running both networks on the same samples.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EquivalenceReport {
+    /// Largest `|logit_regular - logit_nonneg|` over every sample and class,
+    /// the non-negative logits taken with the output shift removed.
+    pub max_abs_diff: f64,
+    /// `max_abs_diff` divided by the largest `|logit_regular|` over the set.
+    pub max_rel_diff: f64,
+    /// Fraction of samples where both networks predict the same class.
+    pub argmax_agreement: f64,
+    /// Accuracy of the regular network.
+    pub accuracy_original: f64,
+    /// Accuracy of the non-negative network.
+    pub accuracy_isomorphic: f64,
+    /// Negative (or non-finite) entries in `P` and `N` of every layer.
+    pub negative_weights: usize,
+    /// Negative (or non-finite) entries in the stored biases.
+    pub negative_biases: usize,
+    /// Smallest physical signal (modulator levels, signals, complements,
+    /// detector outputs, activation outputs) over every sample.
+    pub min_signal: f64,
+    /// Number of samples compared.
+    pub samples: usize,
+    /// `"f32"` or `"f64"`: the precision the comparison ran in.
+    pub precision: String,
+    /// Affine layers whose input signal exceeded the range `[0, alpha]`
+    /// the transformation assumed (inputs outside the data range); the
+    /// complement of such a signal is clipped, so the layer is not exact.
+    pub range_violations: Vec<usize>,
+    /// Per-layer signal extremes.
+    pub layers: Vec<LayerSignals>,
+}
+
+impl EquivalenceReport {
+    /// Whether the report shows an exact, physical transformation: every
+    /// prediction agrees, the relative logit error is below `tolerance`,
+    /// and nothing is negative.
+    pub fn passes(&self, tolerance: f64) -> bool {
+        self.argmax_agreement == 1.0
+            && self.max_rel_diff <= tolerance
+            && self.negative_weights == 0
+            && self.negative_biases == 0
+            && self.min_signal >= 0.0
+            && self.range_violations.is_empty()
+    }
+
+    /// Formats the report as aligned lines for the terminal.
+    pub fn summary(&self) -> String {
+        format!(
+            "samples            {}\n\
+             precision          {}\n\
+             max_abs_diff       {:.3e}\n\
+             max_rel_diff       {:.3e}\n\
+             argmax_agreement   {:.6}\n\
+             accuracy_original  {:.4}\n\
+             accuracy_nonneg    {:.4}\n\
+             negative_weights   {}\n\
+             negative_biases    {}\n\
+             min_signal         {:.3e}",
+            self.samples,
+            self.precision,
+            self.max_abs_diff,
+            self.max_rel_diff,
+            self.argmax_agreement,
+            self.accuracy_original,
+            self.accuracy_isomorphic,
+            self.negative_weights,
+            self.negative_biases,
+            self.min_signal
+        )
+    }
+}
+
+/// Runs `regular` and `nonneg` on every sample of `images` and compares
+/// their logits, predictions and physical signals.
+pub fn verify(
+    regular: &Network,
+    nonneg: &NonnegNetwork,
+    images: &Images,
+    batch_size: usize,
+    precision: Precision,
+    progress: &Progress,
+) -> Result<EquivalenceReport> {
+    if regular.input_shape != nonneg.input_shape {
+        return Err(Error::Shape(format!(
+            "the regular model reads {:?} inputs but the non-negative one reads {:?}; \
+             pass the non-negative model made from this regular model",
+            regular.input_shape, nonneg.input_shape
+        )));
+    }
+    check_images(&regular.input_shape, images)?;
+    let dtype = match precision {
+        Precision::Model => regular.dtype(),
+        Precision::F64 => DType::F64,
+    };
+    let regular = regular.to_dtype(dtype)?;
+    let nonneg = nonneg.to_dtype(dtype)?;
+    let (negative_weights, negative_biases) = nonneg.count_negative()?;
+
+    let mut max_abs_diff = 0.0f64;
+    let mut max_abs_logit = 0.0f64;
+    let (mut agree, mut correct_regular, mut correct_nonneg) = (0usize, 0usize, 0usize);
+    let mut signals: Vec<LayerSignals> = Vec::new();
+    let bar = progress.bar(images.len() as u64, "verify");
+    let indices: Vec<usize> = (0..images.len()).collect();
+    for chunk in indices.chunks(batch_size.max(1)) {
+        let (x, y) = images.batch(chunk, &Device::Cpu)?;
+        let x = x.to_dtype(dtype)?;
+        let a = regular.forward(&x)?;
+        let b = nonneg.forward_observed(&x, &mut |layer, name, t| {
+            let min = t.min_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let max = t.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            match signals.iter_mut().find(|s| s.layer == layer && s.name == name) {
+                Some(s) => {
+                    s.min = s.min.min(min);
+                    s.max = s.max.max(max);
+                }
+                None => signals.push(LayerSignals {
+                    layer,
+                    name: name.to_string(),
+                    min,
+                    max,
+                }),
+            }
+            Ok(())
+        })?;
+        let diff = a.sub(&b)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let largest = a.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        max_abs_diff = max_abs_diff.max(if diff.is_nan() { f64::INFINITY } else { diff });
+        max_abs_logit = max_abs_logit.max(largest);
+        let pa: Vec<u32> = a.argmax(1)?.to_vec1()?;
+        let pb: Vec<u32> = b.argmax(1)?.to_vec1()?;
+        let labels: Vec<u32> = y.to_vec1()?;
+        for ((p, q), l) in pa.iter().zip(&pb).zip(&labels) {
+            agree += (p == q) as usize;
+            correct_regular += (p == l) as usize;
+            correct_nonneg += (q == l) as usize;
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let n = images.len().max(1) as f64;
+    let min_signal = signals.iter().map(|s| s.min).fold(f64::INFINITY, f64::min);
+    let range_violations = nonneg
+        .affine_layers()
+        .filter(|(i, a)| {
+            let alpha = a.alpha.iter().copied().fold(0.0f64, f64::max);
+            let largest = signals
+                .iter()
+                .find(|s| s.layer == Some(*i) && s.name == "signal")
+                .map_or(0.0, |s| s.max);
+            // Allow the rounding of the model's precision.
+            largest > alpha * (1.0 + 1e-5) + 1e-6
+        })
+        .map(|(i, _)| i)
+        .collect();
+    Ok(EquivalenceReport {
+        max_abs_diff,
+        max_rel_diff: if max_abs_logit > 0.0 { max_abs_diff / max_abs_logit } else { max_abs_diff },
+        argmax_agreement: agree as f64 / n,
+        accuracy_original: correct_regular as f64 / n,
+        accuracy_isomorphic: correct_nonneg as f64 / n,
+        negative_weights,
+        negative_biases,
+        min_signal,
+        samples: images.len(),
+        range_violations,
+        precision: format!("{dtype:?}").to_lowercase(),
+        layers: signals,
+    })
+}
+
+/// Checks that the images have the shape a model reads.
+pub fn check_images(input_shape: &[usize], images: &Images) -> Result<()> {
+    let shape = images.sample_shape();
+    if input_shape != shape.as_slice() {
+        return Err(Error::Shape(format!(
+            "the model reads samples of shape {input_shape:?} but the data set has {shape:?}; \
+             use the data set the model was trained on"
+        )));
+    }
+    if images.is_empty() {
+        return Err(Error::Shape("the data set has no samples to compare".into()));
+    }
+    Ok(())
+}
+
+/// Returns the fraction of `images` that `logits_of` classifies correctly.
+pub fn accuracy(
+    logits_of: &dyn Fn(&Tensor) -> Result<Tensor>,
+    input_shape: &[usize],
+    images: &Images,
+    batch_size: usize,
+    dtype: DType,
+    progress: &Progress,
+) -> Result<f64> {
+    check_images(input_shape, images)?;
+    let bar = progress.bar(images.len() as u64, "evaluate");
+    let indices: Vec<usize> = (0..images.len()).collect();
+    let mut correct = 0usize;
+    for chunk in indices.chunks(batch_size.max(1)) {
+        let (x, y) = images.batch(chunk, &Device::Cpu)?;
+        let predicted = logits_of(&x.to_dtype(dtype)?)?.argmax(1)?;
+        let hits = predicted.eq(&y)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        correct += hits as usize;
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(correct as f64 / images.len() as f64)
+}
