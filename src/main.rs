@@ -14,6 +14,8 @@ use isonn::model::{Arch, Init, Network};
 use isonn::nonneg::{transform, ActivationRange, ShiftPolicy, TransformOptions};
 use isonn::progress::Progress;
 use isonn::store::{self, Model};
+use isonn::optim::Momentum;
+use isonn::scenario::{self, NonnegOptimizer, NonnegOptimizerKind, Scenario};
 use isonn::train::{fit, Sgd, TrainConfig};
 use isonn::verify::{self, Precision};
 
@@ -143,23 +145,76 @@ enum Command {
         #[command(flatten)]
         data: DataArgs,
     },
+    /// Train a non-negative model directory with a sign-keeping optimizer.
+    TrainNonneg {
+        /// The non-negative model directory (from `isonn transform`).
+        model: PathBuf,
+        /// The update rule.
+        #[arg(long, value_enum, default_value_t = NonnegOptimizerKind::SignPreserving)]
+        optimizer: NonnegOptimizerKind,
+        /// Sign-preserving: scale of the gradient inside the tanh.
+        #[arg(long, default_value_t = 0.28)]
+        lr_in: f64,
+        /// Sign-preserving: largest relative change per step, in (0, 1].
+        #[arg(long, default_value_t = 0.3)]
+        lr_out: f64,
+        /// Projected SGD: learning rate.
+        #[arg(long, default_value_t = 0.0027)]
+        lr: f64,
+        /// Momentum coefficient in [0, 1); 0 switches momentum off.
+        #[arg(long, default_value_t = 0.0)]
+        momentum: f64,
+        /// Sign-preserving: apply momentum to the gradient (before the tanh)
+        /// or to the tanh term (as a bounded exponential average).
+        #[arg(long, value_enum, default_value_t = MomentumOn::Gradient)]
+        momentum_on: MomentumOn,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Passes over the training set.
+        #[arg(long, default_value_t = 5)]
+        epochs: usize,
+        /// Samples per minibatch.
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+        /// Seed of the shuffling order.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output model directory.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Overwrite a model already in the output directory.
+        #[arg(long)]
+        force: bool,
+    },
     /// Run the method's experiments and tabulate them beside the published figures.
     Reproduce {
-        /// Output directory for results.json, results.md and the models.
+        /// Output directory for results.json, results.md, plots and models.
         #[arg(long, value_name = "DIR", default_value = "reproduce")]
         out: PathBuf,
-        /// A few epochs of the MLP only, to finish in minutes on two cores.
+        /// The MLP only with 5 epochs (2 + 2 for post-training), to finish
+        /// in minutes on two cores.
         #[arg(long)]
         quick: bool,
-        /// Epochs per network; default 50 (the protocol), 5 with --quick.
+        /// Epochs of the long scenarios; default 50 (the protocol), 5 with --quick.
         #[arg(long)]
         epochs: Option<usize>,
+        /// Regular and non-negative epochs of post-training; default 5, 2 with --quick.
+        #[arg(long)]
+        post_epochs: Option<usize>,
         /// Number of seeds, 0..N.
         #[arg(long, default_value_t = 1)]
         seeds: u64,
-        /// Architectures, comma-separated; default mlp.
+        /// Architectures, comma-separated.
         #[arg(long, value_enum, value_delimiter = ',', default_value = "mlp")]
         models: Vec<Arch>,
+        /// Scenarios, comma-separated: all, transformation, regular-clip,
+        /// post-training[-projected|-sign-preserving], from-scratch[-...],
+        /// exp-init[-...].
+        #[arg(long, default_value = "all")]
+        scenarios: String,
+        /// Activations, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "photonic-sigmoid,photonic-sinusoidal")]
+        activations: Vec<String>,
         /// Initialisation of the regular networks.
         #[arg(long, value_enum, default_value_t = Init::Xavier)]
         init: Init,
@@ -169,6 +224,15 @@ enum Command {
         #[command(flatten)]
         data: DataArgs,
     },
+}
+
+/// Where the sign-preserving optimizer applies momentum.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MomentumOn {
+    /// `m <- beta m + g`, then `tanh(lr_in m)`.
+    Gradient,
+    /// `m <- beta m + (1 - beta) tanh(lr_in g)`.
+    Tanh,
 }
 
 fn main() -> std::process::ExitCode {
@@ -361,12 +425,76 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             )?;
             println!("{} model, {} test images: accuracy {accuracy:.4}", loaded.kind(), dataset.test.len());
         }
+        Command::TrainNonneg {
+            model,
+            optimizer,
+            lr_in,
+            lr_out,
+            lr,
+            momentum,
+            momentum_on,
+            data,
+            epochs,
+            batch_size,
+            seed,
+            out,
+            force,
+        } => {
+            let rule = match optimizer {
+                NonnegOptimizerKind::Projected => NonnegOptimizer::Projected { lr, momentum },
+                NonnegOptimizerKind::SignPreserving => NonnegOptimizer::SignPreserving {
+                    lr_in,
+                    lr_out,
+                    momentum: match (momentum, momentum_on) {
+                        (m, _) if m == 0.0 => Momentum::None,
+                        (m, MomentumOn::Gradient) => Momentum::Gradient(m),
+                        (m, MomentumOn::Tanh) => Momentum::Tanh(m),
+                    },
+                },
+            };
+            rule.build()?;
+            let config = TrainConfig {
+                epochs,
+                batch_size,
+                seed,
+                eval_every_epoch: true,
+            };
+            config.validate()?;
+            let (loaded, _) = load_model(&model)?;
+            let Model::Nonneg(mut network) = loaded else {
+                bail!(
+                    "{} is a regular model; run `isonn transform` on it first, then train the result",
+                    model.display()
+                );
+            };
+            check_output(&out, force)?;
+            let dataset = data.load()?;
+            let report = scenario::train_nonneg(&mut network, &dataset, &config, &rule, progress)?;
+            let provenance = serde_json::json!({
+                "isonn_version": env!("CARGO_PKG_VERSION"),
+                "command": command_line(),
+                "source_model": model, "optimizer": rule, "training": config,
+                "dataset": dataset.name, "data_source": dataset.source,
+                "test_accuracy": report.metrics.test_accuracy,
+                "zeroed": report.zeroed,
+            });
+            store::save(&out, &Model::Nonneg(network), &provenance)?;
+            isonn::fsio::write_json_atomic(&out.join("metrics.json"), &report)?;
+            if report.zeroed > 0 {
+                tracing::warn!("{} parameters became exactly 0 and can no longer change", report.zeroed);
+            }
+            println!("test_accuracy {:.4}", report.metrics.test_accuracy);
+            println!("model written to {}", out.display());
+        }
         Command::Reproduce {
             out,
             quick,
             epochs,
+            post_epochs,
             seeds,
             models,
+            scenarios,
+            activations,
             init,
             resume,
             data,
@@ -374,27 +502,46 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             if seeds == 0 {
                 bail!("invalid --seeds 0: run at least one seed");
             }
-            if epochs == Some(0) {
-                bail!("invalid --epochs 0: must be at least 1");
+            if epochs == Some(0) || post_epochs == Some(0) {
+                bail!("invalid --epochs 0 or --post-epochs 0: each must be at least 1");
             }
+            let activations = activations
+                .iter()
+                .map(|a| a.parse::<Activation>())
+                .collect::<std::result::Result<Vec<_>, _>>()?;
             let models = if quick { vec![Arch::Mlp] } else { models };
             let config = ReproduceConfig {
                 out: out.clone(),
                 models,
-                activations: vec![Activation::PhotonicSigmoid, Activation::PhotonicSinusoidal],
-                epochs: epochs.or(quick.then_some(5)),
+                activations,
+                scenarios: Scenario::parse_list(&scenarios)?,
+                budget: epochs.unwrap_or(if quick { 5 } else { 50 }),
+                post_epochs: post_epochs.unwrap_or(if quick { 2 } else { 5 }),
                 seeds,
                 init,
                 transform: TransformOptions::default(),
                 resume,
             };
+            let started = std::fs::read_dir(out.join("cells")).is_ok_and(|mut d| d.next().is_some());
+            if !resume && (started || out.join("results.json").exists()) {
+                bail!(
+                    "{} already holds results; pass --resume to continue that run, or choose another --out",
+                    out.display()
+                );
+            }
             let dataset = data.load()?;
             let results = experiment::reproduce(&config, &dataset, progress)?;
             print!("{}", experiment::markdown(&results));
             println!("\nresults written to {}", out.display());
-            let failed = results.transformation.iter().any(|c| !c.equivalence.passes(TOLERANCE_F32));
+            let failed = results.cells.iter().any(|c| {
+                c.result.equivalence.as_ref().is_some_and(|e| !e.passes(TOLERANCE_F32))
+                    || c.result.negative_after_steps > 0
+            });
             if failed {
-                eprintln!("error: a transformed network failed verification; see {}", out.join("results.json").display());
+                eprintln!(
+                    "error: a network failed verification or went negative; see {}",
+                    out.join("results.json").display()
+                );
                 return Ok(std::process::ExitCode::from(1));
             }
         }

@@ -2,7 +2,6 @@
 
 use std::time::Instant;
 
-use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -10,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+pub use crate::optim::{Optimizer, Sgd};
 use crate::progress::Progress;
 use crate::verify;
 
@@ -61,66 +61,6 @@ pub struct TrainMetrics {
     pub epochs: Vec<EpochMetrics>,
     /// Test accuracy after the last epoch, in [0, 1].
     pub test_accuracy: f64,
-}
-
-/// A rule that updates parameters from their gradients.
-pub trait Optimizer {
-    /// Applies one update to `vars` from `grads`.
-    fn step(&mut self, vars: &[Var], grads: &GradStore) -> Result<()>;
-}
-
-/// Plain stochastic gradient descent, with optional momentum and weight
-/// decay: `v <- mu v + (g + wd p)`, `p <- p - lr v`.
-#[derive(Debug, Clone)]
-pub struct Sgd {
-    lr: f64,
-    momentum: f64,
-    weight_decay: f64,
-    velocity: Vec<Option<Tensor>>,
-}
-
-impl Sgd {
-    /// Builds the optimizer, rejecting negative or non-finite settings and
-    /// momentum outside `[0, 1)`.
-    pub fn new(lr: f64, momentum: f64, weight_decay: f64) -> Result<Self> {
-        if !(lr.is_finite() && lr >= 0.0) {
-            return Err(Error::config("--lr", lr, "the learning rate must be finite and >= 0"));
-        }
-        if !(0.0..1.0).contains(&momentum) {
-            return Err(Error::config("--momentum", momentum, "must lie in [0, 1)"));
-        }
-        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
-            return Err(Error::config("--weight-decay", weight_decay, "must be finite and >= 0"));
-        }
-        Ok(Sgd {
-            lr,
-            momentum,
-            weight_decay,
-            velocity: Vec::new(),
-        })
-    }
-}
-
-impl Optimizer for Sgd {
-    fn step(&mut self, vars: &[Var], grads: &GradStore) -> Result<()> {
-        self.velocity.resize(vars.len(), None);
-        for (var, velocity) in vars.iter().zip(&mut self.velocity) {
-            let Some(g) = grads.get(var) else { continue };
-            let mut g = g.clone();
-            if self.weight_decay > 0.0 {
-                g = (g + var.as_tensor().affine(self.weight_decay, 0.0)?)?;
-            }
-            if self.momentum > 0.0 {
-                g = match velocity.take() {
-                    Some(v) => (v.affine(self.momentum, 0.0)? + g)?,
-                    None => g,
-                };
-                *velocity = Some(g.clone());
-            }
-            var.set(&(var.as_tensor() - g.affine(self.lr, 0.0)?)?)?;
-        }
-        Ok(())
-    }
 }
 
 /// Trains by minibatches: each epoch shuffles the training set from the

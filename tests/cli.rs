@@ -1,0 +1,269 @@
+//! The command line, end to end on the embedded Fashion-MNIST subset, and
+//! its answers to bad input.
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn isonn() -> Command {
+    let mut cmd = Command::cargo_bin("isonn").unwrap();
+    cmd.env_remove("ISONN_DATA");
+    cmd
+}
+
+/// Trains a one-epoch MLP on the embedded subset into `dir`.
+fn train_small(dir: &Path, activation: &str) {
+    isonn()
+        .args(["train", "--dataset", "fashion-mnist-subset", "--epochs", "1", "--lr", "0.16"])
+        .args(["--activation", activation, "--hidden", "32,16", "--out"])
+        .arg(dir)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("test_accuracy"));
+}
+
+fn subset_copy(dir: &Path) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist-subset");
+    let target = dir.join("idx");
+    std::fs::create_dir_all(&target).unwrap();
+    for entry in std::fs::read_dir(source).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), target.join(entry.file_name())).unwrap();
+    }
+    target
+}
+
+#[test]
+fn train_transform_verify_eval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let regular = tmp.path().join("regular");
+    let nonneg = tmp.path().join("nonneg");
+    train_small(&regular, "photonic-sinusoidal");
+    for file in ["model.json", "model.safetensors", "metrics.json"] {
+        assert!(regular.join(file).exists(), "{file} written");
+    }
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(regular.join("metrics.json")).unwrap()).unwrap();
+    let accuracy = metrics["test_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&accuracy), "test_accuracy {accuracy} is a fraction");
+    assert!(accuracy > 0.5, "one epoch on the subset learns something: {accuracy}");
+
+    isonn()
+        .args(["transform"])
+        .arg(&regular)
+        .arg("--out")
+        .arg(&nonneg)
+        .args(["--dataset", "fashion-mnist-subset"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("verification passed"));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(nonneg.join("equivalence.json")).unwrap()).unwrap();
+    for key in [
+        "max_abs_diff",
+        "max_rel_diff",
+        "argmax_agreement",
+        "accuracy_original",
+        "accuracy_isomorphic",
+        "negative_weights",
+        "negative_biases",
+        "min_signal",
+        "samples",
+    ] {
+        assert!(report.get(key).is_some(), "equivalence.json has {key}");
+    }
+    assert_eq!(report["argmax_agreement"].as_f64(), Some(1.0));
+    assert_eq!(report["negative_weights"].as_u64(), Some(0));
+    assert_eq!(report["negative_biases"].as_u64(), Some(0));
+    assert_eq!(report["samples"].as_u64(), Some(2000));
+    assert!(report["max_rel_diff"].as_f64().unwrap() < 1e-4);
+    assert!(report["min_signal"].as_f64().unwrap() >= 0.0);
+    assert_eq!(report["accuracy_original"], report["accuracy_isomorphic"]);
+
+    isonn()
+        .arg("verify")
+        .arg(&regular)
+        .arg(&nonneg)
+        .args(["--dataset", "fashion-mnist-subset", "--precision", "f64"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("precision          f64"));
+
+    for dir in [&regular, &nonneg] {
+        isonn()
+            .arg("eval")
+            .arg(dir)
+            .args(["--dataset", "fashion-mnist-subset"])
+            .assert()
+            .success()
+            .stdout(predicate::str::contains("accuracy"));
+    }
+}
+
+/// A non-negative model whose weights were tampered with fails verification.
+#[test]
+fn verify_detects_tampered_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let regular = tmp.path().join("regular");
+    let nonneg = tmp.path().join("nonneg");
+    train_small(&regular, "photonic-sigmoid");
+    isonn().arg("transform").arg(&regular).arg("--out").arg(&nonneg).assert().success();
+
+    // Flip the sign of one stored bias.
+    let path = nonneg.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    let bias = tensors.get("layers.1.bias").unwrap();
+    let mut values: Vec<f32> = bias.to_vec1().unwrap();
+    values[0] = -values[0] - 1.0;
+    let n = values.len();
+    tensors.insert(
+        "layers.1.bias".into(),
+        candle_core::Tensor::from_vec(values, n, &candle_core::Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+
+    isonn()
+        .arg("verify")
+        .arg(&regular)
+        .arg(&nonneg)
+        .args(["--dataset", "fashion-mnist-subset"])
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains("negative_biases    1"))
+        .stdout(predicate::str::contains("verification FAILED"));
+}
+
+#[test]
+fn unknown_activation_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    isonn()
+        .args(["train", "--activation", "sigmoid", "--out"])
+        .arg(tmp.path().join("m"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("invalid activation sigmoid"))
+        .stderr(predicate::str::contains("photonic-sigmoid"));
+}
+
+#[test]
+fn zero_epochs_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    isonn()
+        .args(["train", "--epochs", "0", "--dataset", "fashion-mnist-subset", "--out"])
+        .arg(tmp.path().join("m"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("invalid --epochs 0: must be at least 1"));
+}
+
+#[test]
+fn missing_idx_file_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let idx = subset_copy(tmp.path());
+    std::fs::remove_file(idx.join("t10k-labels-idx1-ubyte.gz")).unwrap();
+    isonn()
+        .args(["eval", "/nonexistent-model", "--data"])
+        .arg(&idx)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("/nonexistent-model"));
+    let regular = tmp.path().join("regular");
+    isonn()
+        .args(["train", "--epochs", "1", "--data"])
+        .arg(&idx)
+        .arg("--out")
+        .arg(&regular)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("t10k-labels-idx1-ubyte"));
+}
+
+#[test]
+fn truncated_idx_file_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let idx = subset_copy(tmp.path());
+    let raw = idx.join("t10k-images-idx3-ubyte");
+    let bytes = {
+        use std::io::Read;
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(idx.join("t10k-images-idx3-ubyte.gz")).unwrap())
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    };
+    std::fs::remove_file(idx.join("t10k-images-idx3-ubyte.gz")).unwrap();
+    std::fs::write(&raw, &bytes[..5000]).unwrap();
+    isonn()
+        .args(["train", "--epochs", "1", "--data"])
+        .arg(&idx)
+        .arg("--out")
+        .arg(tmp.path().join("m"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("t10k-images-idx3-ubyte"))
+        .stderr(predicate::str::contains("truncated"));
+}
+
+#[test]
+fn wrong_magic_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let idx = subset_copy(tmp.path());
+    std::fs::remove_file(idx.join("train-labels-idx1-ubyte.gz")).unwrap();
+    std::fs::write(idx.join("train-labels-idx1-ubyte"), [0u8, 0, 9, 9, 0, 0, 0, 1, 3]).unwrap();
+    isonn()
+        .args(["train", "--epochs", "1", "--data"])
+        .arg(&idx)
+        .arg("--out")
+        .arg(tmp.path().join("m"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("train-labels-idx1-ubyte"))
+        .stderr(predicate::str::contains("magic"));
+}
+
+#[test]
+fn model_from_other_version_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let regular = tmp.path().join("regular");
+    train_small(&regular, "relu-n:2");
+    let json_path = regular.join("model.json");
+    let text = std::fs::read_to_string(&json_path).unwrap();
+    std::fs::write(&json_path, text.replace("\"schema_version\": 1", "\"schema_version\": 7")).unwrap();
+    isonn()
+        .arg("eval")
+        .arg(&regular)
+        .args(["--dataset", "fashion-mnist-subset"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("schema_version 7"))
+        .stderr(predicate::str::contains("model.json"));
+}
+
+#[test]
+fn existing_output_needs_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let regular = tmp.path().join("regular");
+    train_small(&regular, "photonic-sinusoidal");
+    isonn()
+        .args(["train", "--epochs", "1", "--dataset", "fashion-mnist-subset", "--out"])
+        .arg(&regular)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--force"));
+}
+
+#[test]
+fn relu_model_cannot_be_transformed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let regular = tmp.path().join("regular");
+    train_small(&regular, "relu");
+    isonn()
+        .arg("transform")
+        .arg(&regular)
+        .arg("--out")
+        .arg(tmp.path().join("nonneg"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("unbounded"));
+}
