@@ -85,7 +85,7 @@ impl Activation {
         }
     }
 
-    /// The tight range `[min f, max f]` of the outputs, `None` when unbounded.
+    /// Returns the tight range `[min f, max f]` of the outputs, `None` when unbounded.
     pub fn output_bounds(&self) -> Option<(f64, f64)> {
         match self {
             Activation::PhotonicSigmoid => Some((sigmoid_fit::A1, sigmoid_fit::A2)),
@@ -95,8 +95,8 @@ impl Activation {
         }
     }
 
-    /// The input where the response is steepest: the bias the photonic
-    /// initialisation gives each unit, so pre-activations start where the
+    /// Returns the input where the response is steepest. The photonic
+    /// initialisation centres each unit's pre-activation there, where the
     /// gradient is large.
     pub fn steepest_input(&self) -> f64 {
         match self {
@@ -225,7 +225,8 @@ mod tests {
             for i in 0..2000 {
                 let x = -50.0 + i as f64 * 0.05;
                 let y = act.eval(x);
-                assert!(y >= lo - 1e-12 && y <= hi + 1e-12, "{act}({x}) = {y}");
+                assert!(y >= lo - 1e-12, "{act}({x}) = {y} below {lo}");
+                assert!(y <= hi + 1e-12, "{act}({x}) = {y} above {hi}");
             }
         }
     }

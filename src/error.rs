@@ -26,7 +26,7 @@ pub enum Error {
     Data {
         /// The file that failed to parse.
         path: PathBuf,
-        /// What is wrong and how to fix it.
+        /// Problem and fix.
         message: String,
     },
 
@@ -39,7 +39,7 @@ pub enum Error {
     Model {
         /// The model file or directory.
         path: PathBuf,
-        /// What is wrong and how to fix it.
+        /// Problem and fix.
         message: String,
     },
 
@@ -59,7 +59,7 @@ pub enum Error {
         name: String,
         /// The offending value.
         value: String,
-        /// What is valid.
+        /// Description of the valid values.
         message: String,
     },
 

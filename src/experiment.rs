@@ -55,7 +55,7 @@ pub struct Cell {
     pub seed: u64,
     /// Initialisation.
     pub init: Init,
-    /// What the scenario measured.
+    /// Figures the scenario measured.
     pub result: ScenarioResult,
     /// Wall time, in seconds.
     pub seconds: f64,
@@ -74,7 +74,7 @@ pub struct Results {
     pub isonn_version: String,
     /// The data set.
     pub dataset: String,
-    /// Where the data came from.
+    /// Origin of the data.
     pub data_source: String,
     /// Training set size.
     pub train_samples: usize,
@@ -260,7 +260,7 @@ fn plot_histograms(
 /// A published figure: mean test accuracy in percent and its spread.
 type Figure = (f64, Option<f64>);
 
-/// The authors' journal figures for Fashion-MNIST.
+/// Returns the authors' journal figure for a Fashion-MNIST cell.
 pub fn published(model: Arch, activation: Activation, scenario: Scenario) -> Option<Figure> {
     use Activation::{PhotonicSigmoid as Sig, PhotonicSinusoidal as Sin};
     let value = match (model, activation, scenario) {
@@ -295,7 +295,7 @@ pub fn published(model: Arch, activation: Activation, scenario: Scenario) -> Opt
     Some(value)
 }
 
-/// The method's public PyTorch code run with the same protocol on the full
+/// Returns the figure of the method's public PyTorch code run with the same protocol on the full
 /// Fashion-MNIST on a machine of this kind (seeds 0-2 for the
 /// non-negative scenarios, one seed for the transformation).
 pub fn pytorch_reference(model: Arch, activation: Activation, scenario: Scenario) -> Option<Figure> {
@@ -483,7 +483,7 @@ pub fn markdown(results: &Results) -> String {
     md
 }
 
-/// The (model, activation) pairs that have a cell of a scenario matching `filter`.
+/// Returns the (model, activation) pairs that have a cell of a scenario matching `filter`.
 fn keys(results: &Results, filter: impl Fn(Scenario) -> bool) -> Vec<(Arch, Activation)> {
     let mut out: BTreeMap<String, (Arch, Activation)> = BTreeMap::new();
     for c in &results.cells {

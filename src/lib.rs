@@ -1,5 +1,6 @@
 //! isonn: non-negative isomorphic neural networks.
 pub mod activation;
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod experiment;

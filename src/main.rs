@@ -35,7 +35,7 @@ struct Cli {
     command: Command,
 }
 
-/// Where the data comes from.
+/// Data set selection shared by the commands that read data.
 #[derive(clap::Args, Clone)]
 struct DataArgs {
     /// Data set: fashion-mnist (full set if installed, else the embedded
@@ -134,7 +134,7 @@ enum Command {
         /// Precision of the comparison: model (the models' own) or f64.
         #[arg(long, value_enum, default_value_t = Precision::Model)]
         precision: Precision,
-        /// Where to write the report; default NONNEG/equivalence.json.
+        /// Output file of the report; default NONNEG/equivalence.json.
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
     },
@@ -186,6 +186,21 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Measure training and inference throughput on synthetic batches.
+    Bench {
+        /// Architectures, comma-separated.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "mlp,cnn")]
+        models: Vec<Arch>,
+        /// Batches per repetition for the MLP (the CNN runs a tenth, at least 2).
+        #[arg(long, default_value_t = 100)]
+        batches: usize,
+        /// Samples per batch.
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+        /// Repetitions; min, median and max are reported.
+        #[arg(long, default_value_t = 5)]
+        repetitions: usize,
+    },
     /// Run the method's experiments and tabulate them beside the published figures.
     Reproduce {
         /// Output directory for results.json, results.md, plots and models.
@@ -226,7 +241,7 @@ enum Command {
     },
 }
 
-/// Where the sign-preserving optimizer applies momentum.
+/// Place where the sign-preserving optimizer applies momentum.
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum MomentumOn {
     /// `m <- beta m + g`, then `tanh(lr_in m)`.
@@ -281,7 +296,7 @@ impl Write for SuspendingWriter {
 fn check_output(dir: &Path, force: bool) -> Result<()> {
     if dir.join(store::MODEL_JSON).exists() && !force {
         bail!(
-            "{} already holds a model; choose another --out or pass --force to overwrite it",
+            "{} already contains a model; choose another --out or pass --force to overwrite it",
             dir.display()
         );
     }
@@ -486,6 +501,41 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             println!("test_accuracy {:.4}", report.metrics.test_accuracy);
             println!("model written to {}", out.display());
         }
+        Command::Bench {
+            models,
+            batches,
+            batch_size,
+            repetitions,
+        } => {
+            if batches == 0 || batch_size == 0 || repetitions == 0 {
+                bail!("invalid --batches, --batch-size or --repetitions 0: each must be at least 1");
+            }
+            println!(
+                "| model | workload | batches x size | min s | median s | max s | images/s | s per 60k epoch |\n\
+                 | --- | --- | --- | --- | --- | --- | --- | --- |"
+            );
+            for arch in models {
+                let count = match arch {
+                    Arch::Mlp => batches,
+                    Arch::Cnn => (batches / 10).max(2),
+                };
+                for workload in [
+                    isonn::bench::Workload::RegularTrain,
+                    isonn::bench::Workload::NonnegTrain,
+                    isonn::bench::Workload::RegularForward,
+                    isonn::bench::Workload::NonnegForward,
+                ] {
+                    let m = isonn::bench::measure(arch, workload, count, batch_size, repetitions)?;
+                    let (min, median, max) = m.spread();
+                    println!(
+                        "| {arch} | {} | {count} x {batch_size} | {min:.3} | {median:.3} | {max:.3} | {:.0} | {:.2} |",
+                        serde_json::to_value(workload)?.as_str().unwrap_or("?"),
+                        m.images_per_second(),
+                        m.seconds_per_epoch(60_000)
+                    );
+                }
+            }
+        }
         Command::Reproduce {
             out,
             quick,
@@ -525,7 +575,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             let started = std::fs::read_dir(out.join("cells")).is_ok_and(|mut d| d.next().is_some());
             if !resume && (started || out.join("results.json").exists()) {
                 bail!(
-                    "{} already holds results; pass --resume to continue that run, or choose another --out",
+                    "{} already contains results; pass --resume to continue that run, or choose another --out",
                     out.display()
                 );
             }
@@ -552,7 +602,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
 /// Exit code 0 when the report passes the tolerance of the stored
 /// parameters' type, 1 otherwise.
 ///
-/// A model stored in f32 holds its biases `c + s` rounded to f32, so even
+/// A model stored in f32 contains its biases `c + s` rounded to f32, so even
 /// an f64 comparison cannot beat f32 rounding; f64 models must agree to 1e-9.
 fn verdict(report: &verify::EquivalenceReport, stored: candle_core::DType) -> std::process::ExitCode {
     let tolerance = match stored {

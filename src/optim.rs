@@ -126,7 +126,7 @@ impl Optimizer for Projected {
     }
 }
 
-/// Where the sign-preserving optimizer applies momentum.
+/// Placement of the sign-preserving optimizer's momentum.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case", tag = "kind", content = "beta")]
 pub enum Momentum {

@@ -2,7 +2,7 @@
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-/// Where the library draws progress bars: nowhere (the default, for tests
+/// Destination of the library's progress bars: nowhere (the default, for tests
 /// and library users), or a terminal shared with the log output.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {

@@ -71,7 +71,7 @@ impl NonnegOptimizer {
         })
     }
 
-    /// Which of the two rules this is.
+    /// Returns which of the two rules this is.
     pub fn kind(&self) -> NonnegOptimizerKind {
         match self {
             NonnegOptimizer::Projected { .. } => NonnegOptimizerKind::Projected,
@@ -226,7 +226,7 @@ impl Scenario {
         Scenario::FromScratch(NonnegOptimizerKind::SignPreserving),
     ];
 
-    /// The scenario's name on the command line and in file names.
+    /// Returns the scenario's name on the command line and in file names.
     pub fn name(&self) -> String {
         match self {
             Scenario::Transformation => "transformation".into(),

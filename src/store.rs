@@ -40,7 +40,7 @@ impl Model {
         }
     }
 
-    /// The shape of one input sample.
+    /// Returns the shape of one input sample.
     pub fn input_shape(&self) -> &[usize] {
         match self {
             Model::Regular(n) => &n.input_shape,
@@ -56,7 +56,7 @@ impl Model {
         }
     }
 
-    /// The parameters' data type.
+    /// Returns the parameters' data type.
     pub fn dtype(&self) -> DType {
         match self {
             Model::Regular(n) => n.dtype(),

@@ -68,7 +68,7 @@ pub struct EquivalenceReport {
 }
 
 impl EquivalenceReport {
-    /// Whether the report shows an exact, physical transformation: every
+    /// Returns whether the report shows an exact, physical transformation: every
     /// prediction agrees, the relative logit error is below `tolerance`,
     /// and nothing is negative.
     pub fn passes(&self, tolerance: f64) -> bool {

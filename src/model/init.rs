@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::{Layer, Network};
 use crate::error::Result;
 
-/// How a new network's weights and biases are drawn.
+/// Distribution of a new network's weights and biases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Init {

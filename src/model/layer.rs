@@ -23,12 +23,12 @@ impl Linear {
         })
     }
 
-    /// The number of inputs.
+    /// Returns the number of inputs.
     pub fn in_features(&self) -> usize {
         self.weight.dims()[1]
     }
 
-    /// The number of outputs.
+    /// Returns the number of outputs.
     pub fn out_features(&self) -> usize {
         self.weight.dims()[0]
     }
@@ -165,7 +165,7 @@ pub enum Layer {
 }
 
 impl Layer {
-    /// The layer's type as written in `model.json`.
+    /// Returns the layer's type as written in `model.json`.
     pub fn kind(&self) -> &'static str {
         match self {
             Layer::Linear(_) => "linear",
@@ -213,7 +213,7 @@ impl Layer {
         }
     }
 
-    /// The weight and bias of an affine layer.
+    /// Returns the weight and bias of an affine layer.
     pub fn weight_and_bias(&self) -> Option<(&Tensor, &Tensor)> {
         match self {
             Layer::Linear(l) => Some((&l.weight, &l.bias)),
@@ -222,7 +222,7 @@ impl Layer {
         }
     }
 
-    /// The weight and bias of an affine layer, mutably.
+    /// Returns the weight and bias of an affine layer, mutably.
     pub fn weight_and_bias_mut(&mut self) -> Option<(&mut Tensor, &mut Tensor)> {
         match self {
             Layer::Linear(l) => Some((&mut l.weight, &mut l.bias)),

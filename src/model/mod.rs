@@ -240,7 +240,7 @@ impl Network {
         out
     }
 
-    /// The data type of the parameters (f32 unless converted).
+    /// Returns the data type of the parameters (f32 unless converted).
     pub fn dtype(&self) -> DType {
         self.parameters()
             .first()
@@ -248,7 +248,7 @@ impl Network {
             .unwrap_or(DType::F32)
     }
 
-    /// The device the parameters live on.
+    /// Returns the device the parameters live on.
     pub fn device(&self) -> Device {
         self.parameters()
             .first()

@@ -159,12 +159,12 @@ impl NonnegAffine {
         Ok(z)
     }
 
-    /// The three parameter tensors, mutably.
+    /// Returns the three parameter tensors, mutably.
     pub fn parameters_mut(&mut self) -> [&mut Tensor; 3] {
         [&mut self.positive, &mut self.negative, &mut self.bias]
     }
 
-    /// The three parameter tensors.
+    /// Returns the three parameter tensors.
     pub fn parameters(&self) -> [&Tensor; 3] {
         [&self.positive, &self.negative, &self.bias]
     }
@@ -251,7 +251,7 @@ impl NonnegNetwork {
         Ok(v)
     }
 
-    /// The affine layers with their indices.
+    /// Returns the affine layers with their indices.
     pub fn affine_layers(&self) -> impl Iterator<Item = (usize, &NonnegAffine)> {
         self.layers.iter().enumerate().filter_map(|(i, l)| match l {
             NonnegLayer::Affine(a) => Some((i, a)),
@@ -300,7 +300,7 @@ impl NonnegNetwork {
         Ok(out)
     }
 
-    /// The data type of the parameters.
+    /// Returns the data type of the parameters.
     pub fn dtype(&self) -> DType {
         self.affine_layers()
             .next()
@@ -308,7 +308,7 @@ impl NonnegNetwork {
             .unwrap_or(DType::F32)
     }
 
-    /// The device of the parameters.
+    /// Returns the device of the parameters.
     pub fn device(&self) -> Device {
         self.affine_layers()
             .next()

@@ -16,7 +16,7 @@ use crate::model::{Conv2d, Layer, Linear, Network, Range};
 /// every bias trainable. It raises the common-mode power by 1%.
 pub const SHIFT_MARGIN: f64 = 0.01;
 
-/// How the activation shift `s` of each layer is chosen.
+/// Rule that chooses the activation shift `s` of each layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum ShiftPolicy {
@@ -44,7 +44,7 @@ impl ShiftPolicy {
     }
 }
 
-/// Which range an activation's output is given.
+/// Range given to an activation's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum ActivationRange {
@@ -59,9 +59,9 @@ pub enum ActivationRange {
 /// Settings of the transformation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct TransformOptions {
-    /// How each layer's shift is chosen.
+    /// Rule for each layer's shift.
     pub shift: ShiftPolicy,
-    /// Which range activation outputs are given.
+    /// Range given to activation outputs.
     pub activation_range: ActivationRange,
 }
 
