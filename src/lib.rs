@@ -8,6 +8,7 @@ pub mod fsio;
 pub mod model;
 pub mod nonneg;
 pub mod optim;
+pub mod ops;
 pub mod progress;
 pub mod scenario;
 pub mod report;

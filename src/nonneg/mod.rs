@@ -149,8 +149,8 @@ impl NonnegAffine {
                     pad_constant(&complement, padding, &self.channel_tensor(&hi, &complement)?)?;
                 observe("signal", &u)?;
                 observe("complement", &complement)?;
-                let p = u.conv2d(&self.positive, 0, stride, dilation, groups)?;
-                let n = complement.conv2d(&self.negative, 0, stride, dilation, groups)?;
+                let p = crate::ops::conv2d(&u, &self.positive, 0, stride, dilation, groups)?;
+                let n = crate::ops::conv2d(&complement, &self.negative, 0, stride, dilation, groups)?;
                 p.add(&n)?
                     .broadcast_add(&self.bias.reshape((1, out_channels, 1, 1))?)?
             }
