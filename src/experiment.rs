@@ -34,6 +34,9 @@ pub struct ReproduceConfig {
     pub post_epochs: usize,
     /// Seeds `0..seeds`.
     pub seeds: u64,
+    /// Seeds of the baselines (regular + clip, exp init), at most `seeds`.
+    #[serde(default)]
+    pub baseline_seeds: Option<u64>,
     /// Initialisation of the regular networks.
     pub init: Init,
     /// Transformation settings.
@@ -96,12 +99,22 @@ pub struct Results {
 pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) -> Result<Results> {
     let start = Instant::now();
     fsio::create_dir_all(&config.out.join("cells"))?;
+    // The method's own scenarios first, the baselines after them.
     let mut grid = Vec::new();
-    for &model in &config.models {
-        for &activation in &config.activations {
-            for &scenario in &config.scenarios {
-                for seed in 0..config.seeds {
-                    grid.push((model, activation, scenario, seed));
+    for baselines in [false, true] {
+        for &model in &config.models {
+            for &activation in &config.activations {
+                for &scenario in &config.scenarios {
+                    if scenario.is_baseline() != baselines {
+                        continue;
+                    }
+                    let seeds = match baselines {
+                        true => config.baseline_seeds.unwrap_or(config.seeds).min(config.seeds),
+                        false => config.seeds,
+                    };
+                    for seed in 0..seeds {
+                        grid.push((model, activation, scenario, seed));
+                    }
                 }
             }
         }
@@ -455,6 +468,29 @@ pub fn markdown(results: &Results) -> String {
             }
             md.push('\n');
         }
+        md.push('\n');
+    }
+
+    let comparisons: Vec<String> = keys(results, |s| matches!(s, Scenario::FromScratch(_)))
+        .into_iter()
+        .filter_map(|(model, activation)| {
+            let mean = |kind| {
+                let cells = group(results, model, activation, Scenario::FromScratch(kind));
+                let values: Vec<f64> = cells.iter().map(|c| 100.0 * c.result.test_accuracy).collect();
+                (!values.is_empty()).then(|| mean_std(&values).0)
+            };
+            let (sign, projected) = (mean(Opt::SignPreserving)?, mean(Opt::Projected)?);
+            let verdict = if sign >= projected { "at or above" } else { "BELOW" };
+            Some(format!(
+                "- {model}, {activation}: sign-preserving {sign:.2} is {verdict} projected SGD {projected:.2} \
+                 (difference {:+.2} points; published: sign-preserving above).\n",
+                sign - projected
+            ))
+        })
+        .collect();
+    if !comparisons.is_empty() {
+        md.push_str("## Sign-preserving against projected SGD, from scratch\n\n");
+        md.extend(comparisons);
         md.push('\n');
     }
 

@@ -219,6 +219,9 @@ enum Command {
         /// Number of seeds, 0..N.
         #[arg(long, default_value_t = 1)]
         seeds: u64,
+        /// Seeds of the baselines (regular + clip, exp init); default --seeds.
+        #[arg(long)]
+        baseline_seeds: Option<u64>,
         /// Architectures, comma-separated.
         #[arg(long, value_enum, value_delimiter = ',', default_value = "mlp")]
         models: Vec<Arch>,
@@ -542,6 +545,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             epochs,
             post_epochs,
             seeds,
+            baseline_seeds,
             models,
             scenarios,
             activations,
@@ -549,8 +553,8 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             resume,
             data,
         } => {
-            if seeds == 0 {
-                bail!("invalid --seeds 0: run at least one seed");
+            if seeds == 0 || baseline_seeds == Some(0) {
+                bail!("invalid --seeds 0 or --baseline-seeds 0: run at least one seed");
             }
             if epochs == Some(0) || post_epochs == Some(0) {
                 bail!("invalid --epochs 0 or --post-epochs 0: each must be at least 1");
@@ -568,6 +572,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 budget: epochs.unwrap_or(if quick { 5 } else { 50 }),
                 post_epochs: post_epochs.unwrap_or(if quick { 2 } else { 5 }),
                 seeds,
+                baseline_seeds,
                 init,
                 transform: TransformOptions::default(),
                 resume,

@@ -226,6 +226,11 @@ impl Scenario {
         Scenario::FromScratch(NonnegOptimizerKind::SignPreserving),
     ];
 
+    /// Returns whether this is a baseline the method is compared against.
+    pub fn is_baseline(&self) -> bool {
+        matches!(self, Scenario::RegularClip | Scenario::ExpInit(_))
+    }
+
     /// Returns the scenario's name on the command line and in file names.
     pub fn name(&self) -> String {
         match self {

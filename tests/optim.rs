@@ -192,6 +192,17 @@ fn invalid_settings_are_rejected() {
     assert!(Sgd::new(f64::INFINITY, 0.0, 0.0).is_err());
 }
 
+/// A scalar that depends on every logit with a different weight.
+fn weighted_sum(logits: &Tensor) -> Tensor {
+    let weights = Tensor::arange(0.0f64, logits.elem_count() as f64, &Device::Cpu)
+        .unwrap()
+        .reshape(logits.dims())
+        .unwrap()
+        .affine(0.01, -0.3)
+        .unwrap();
+    logits.mul(&weights).unwrap().sum_all().unwrap()
+}
+
 /// Autograd through the physical forward pass of a non-negative network
 /// agrees with central finite differences, for P, N and the biases.
 #[test]
@@ -208,24 +219,10 @@ fn nonneg_gradients_match_finite_differences() {
         let mut nonneg = transform(&network, &TransformOptions::default()).unwrap();
         let x = common::random_inputs(seed, &network, 3, DType::F64);
         let probe = |n: &isonn::nonneg::NonnegNetwork| -> f64 {
-            let logits = n.forward(&x).unwrap();
-            let weights = Tensor::arange(0.0f64, logits.elem_count() as f64, &Device::Cpu)
-                .unwrap()
-                .reshape(logits.dims())
-                .unwrap()
-                .affine(0.01, -0.3)
-                .unwrap();
-            logits.mul(&weights).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            weighted_sum(&n.forward(&x).unwrap()).to_scalar::<f64>().unwrap()
         };
         let vars = nonneg.make_trainable().unwrap();
-        let logits = nonneg.forward(&x).unwrap();
-        let weights = Tensor::arange(0.0f64, logits.elem_count() as f64, &Device::Cpu)
-            .unwrap()
-            .reshape(logits.dims())
-            .unwrap()
-            .affine(0.01, -0.3)
-            .unwrap();
-        let grads = logits.mul(&weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = weighted_sum(&nonneg.forward(&x).unwrap()).backward().unwrap();
         let frozen = nonneg.to_dtype(DType::F64).unwrap();
         let h = 1e-6;
         let mut slot = 0;
