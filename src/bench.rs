@@ -13,7 +13,7 @@ use crate::model::{Arch, Init, Network};
 use crate::nonneg::{transform, TransformOptions};
 use crate::optim::{Momentum, Optimizer, Sgd, SignPreserving};
 
-/// What one benchmark measures.
+/// Operation that one benchmark times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Workload {
@@ -61,7 +61,7 @@ impl Measurement {
     }
 }
 
-/// Times `workload` on `arch` with the photonic sigmoid: `warmup` batches,
+/// Times `workload` on `arch` with the photonic sigmoid: three warm-up batches,
 /// then `repetitions` runs of `batches` batches of random images in [0, 1].
 pub fn measure(
     arch: Arch,

@@ -43,6 +43,9 @@ pub struct ReproduceConfig {
     pub transform: TransformOptions,
     /// Continue a run in `out`, keeping the cells it finished.
     pub resume: bool,
+    /// Tabulate the finished cells in `out` without running the missing ones.
+    #[serde(default)]
+    pub report_only: bool,
 }
 
 /// One finished (model, activation, scenario, seed).
@@ -124,7 +127,7 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
     for (model, activation, scenario, seed) in grid {
         let name = Cell::name(model, activation, scenario, seed);
         let cell_path = config.out.join("cells").join(format!("{name}.json"));
-        if config.resume && cell_path.exists() {
+        if (config.resume || config.report_only) && cell_path.exists() {
             let bytes = fsio::read(&cell_path)?;
             match serde_json::from_slice::<Cell>(&bytes) {
                 Ok(cell) => {
@@ -135,6 +138,11 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
                 }
                 Err(e) => tracing::warn!("{}: unreadable ({e}), running the cell again", cell_path.display()),
             }
+        }
+        if config.report_only {
+            tracing::warn!("{name}: not finished, left out of the table");
+            bar.inc(1);
+            continue;
         }
         let cell_start = Instant::now();
         let s = settings(model, activation, scenario, config.budget, config.post_epochs);

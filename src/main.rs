@@ -239,6 +239,10 @@ enum Command {
         /// Continue an interrupted run in --out, keeping its finished cells.
         #[arg(long)]
         resume: bool,
+        /// Write the tables and plots from the finished cells in --out
+        /// without running the missing ones.
+        #[arg(long)]
+        report_only: bool,
         #[command(flatten)]
         data: DataArgs,
     },
@@ -551,6 +555,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             activations,
             init,
             resume,
+            report_only,
             data,
         } => {
             if seeds == 0 || baseline_seeds == Some(0) {
@@ -576,9 +581,10 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 init,
                 transform: TransformOptions::default(),
                 resume,
+                report_only,
             };
             let started = std::fs::read_dir(out.join("cells")).is_ok_and(|mut d| d.next().is_some());
-            if !resume && (started || out.join("results.json").exists()) {
+            if !resume && !report_only && (started || out.join("results.json").exists()) {
                 bail!(
                     "{} already contains results; pass --resume to continue that run, or choose another --out",
                     out.display()

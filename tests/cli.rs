@@ -267,3 +267,47 @@ fn relu_model_cannot_be_transformed() {
         .code(2)
         .stderr(predicate::str::contains("unbounded"));
 }
+
+/// A small grid runs end to end, refuses to overwrite itself, resumes
+/// without rerunning finished cells, and tabulates an unfinished run.
+#[test]
+fn reproduce_resumes_and_reports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("grid");
+    let grid = |extra: &[&str], scenarios: &str| {
+        let mut cmd = isonn();
+        cmd.args(["reproduce", "--dataset", "fashion-mnist-subset", "--epochs", "1", "--post-epochs", "1"])
+            .args(["--activations", "photonic-sinusoidal", "--scenarios", scenarios, "--out"])
+            .arg(&out)
+            .args(extra);
+        cmd
+    };
+    grid(&[], "transformation,post-training-sign-preserving")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("Transformation of a regularly trained network"))
+        .stdout(predicate::str::contains("proposed + sign-preserving"));
+    for file in ["results.json", "results.md", "curves-mlp-photonic-sinusoidal.png", "histogram-mlp-photonic-sinusoidal.png"] {
+        assert!(out.join(file).exists(), "{file} written");
+    }
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let cells = results["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 2);
+    let transformation = &cells[0]["result"]["equivalence"];
+    assert_eq!(transformation["argmax_agreement"].as_f64(), Some(1.0));
+    assert_eq!(cells[1]["result"]["negative_after_steps"].as_u64(), Some(0));
+
+    grid(&[], "transformation")
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--resume"));
+    grid(&["--resume"], "transformation,post-training-sign-preserving")
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("kept from the earlier run"));
+    grid(&["--report-only"], "transformation,from-scratch-projected")
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("not finished, left out of the table"));
+}

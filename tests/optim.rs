@@ -192,7 +192,7 @@ fn invalid_settings_are_rejected() {
     assert!(Sgd::new(f64::INFINITY, 0.0, 0.0).is_err());
 }
 
-/// A scalar that depends on every logit with a different weight.
+/// Returns a scalar that depends on every logit with a different weight.
 fn weighted_sum(logits: &Tensor) -> Tensor {
     let weights = Tensor::arange(0.0f64, logits.elem_count() as f64, &Device::Cpu)
         .unwrap()
