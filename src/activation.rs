@@ -68,6 +68,16 @@ impl Activation {
         Ok(y)
     }
 
+    /// Checks the parameters of an activation read from a file.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        match self {
+            Activation::ReluN { n } if !(n.is_finite() && *n > 0.0) => {
+                Err(format!("relu-n bound {n} must be a finite number > 0"))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Evaluates the activation on one value in f64 (the reference for tests).
     pub fn eval(&self, x: f64) -> f64 {
         use sigmoid_fit::*;

@@ -47,7 +47,9 @@ impl Measurement {
     pub fn spread(&self) -> (f64, f64, f64) {
         let mut s = self.seconds.clone();
         s.sort_by(f64::total_cmp);
-        (s[0], s[s.len() / 2], s[s.len() - 1])
+        let n = s.len();
+        let median = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
+        (s[0], median, s[n - 1])
     }
 
     /// Returns the median images per second.

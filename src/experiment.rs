@@ -61,6 +61,10 @@ pub struct Cell {
     pub seed: u64,
     /// Initialisation.
     pub init: Init,
+    /// The data set and its source, as `name from source (train/test)`;
+    /// empty in cells written before isonn recorded it.
+    #[serde(default)]
+    pub data: String,
     /// Figures the scenario measured.
     pub result: ScenarioResult,
     /// Wall time, in seconds.
@@ -101,6 +105,20 @@ pub struct Results {
 /// found there is read back instead of being run again.
 pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) -> Result<Results> {
     let start = Instant::now();
+    if config.scenarios.is_empty() || config.models.is_empty() || config.activations.is_empty() {
+        return Err(crate::Error::config(
+            "--scenarios, --models or --activations",
+            "(empty)",
+            "name at least one scenario, model and activation",
+        ));
+    }
+    let data_label = format!(
+        "{} from {} ({}/{})",
+        data.name,
+        data.source,
+        data.train.len(),
+        data.test.len()
+    );
     fsio::create_dir_all(&config.out.join("cells"))?;
     // The method's own scenarios first, the baselines after them.
     let mut grid = Vec::new();
@@ -127,10 +145,27 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
     for (model, activation, scenario, seed) in grid {
         let name = Cell::name(model, activation, scenario, seed);
         let cell_path = config.out.join("cells").join(format!("{name}.json"));
+        let s = settings(model, activation, scenario, config.budget, config.post_epochs);
         if (config.resume || config.report_only) && cell_path.exists() {
             let bytes = fsio::read(&cell_path)?;
             match serde_json::from_slice::<Cell>(&bytes) {
                 Ok(cell) => {
+                    let same_data = cell.data.is_empty() || cell.data == data_label;
+                    if cell.result.settings != s || cell.init != config.init || !same_data {
+                        return Err(crate::Error::config(
+                            "--resume",
+                            cell_path.display(),
+                            format!(
+                                "this cell was run with other settings or data ({:?}, init {}, data \"{}\") \
+                                 than requested now ({s:?}, init {}, data \"{data_label}\"); use another \
+                                 --out, or remove the cell file to run it again",
+                                cell.result.settings, cell.init, cell.data, config.init
+                            ),
+                        ));
+                    }
+                    if cell.data.is_empty() {
+                        tracing::warn!("{name}: the cell records no data source; kept as it is");
+                    }
                     tracing::info!("{name}: kept from the earlier run");
                     cells.push(cell);
                     bar.inc(1);
@@ -145,7 +180,6 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
             continue;
         }
         let cell_start = Instant::now();
-        let s = settings(model, activation, scenario, config.budget, config.post_epochs);
         tracing::info!(
             "{name}: {} regular + {} non-negative epochs, regular lr {}, optimizer {:?}",
             s.regular_epochs,
@@ -164,7 +198,13 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
             "test_accuracy": result.test_accuracy,
         });
         if let Some(regular) = &models.regular {
-            store::save(&dir.join("regular"), &Model::Regular(regular.clone()), &provenance)?;
+            // After non-negative training the regular network is the one the
+            // training started from, not an equivalent of the result.
+            let folder = match scenario {
+                Scenario::PostTraining(_) | Scenario::FromScratch(_) => "regular-before-nonneg-training",
+                _ => "regular",
+            };
+            store::save(&dir.join(folder), &Model::Regular(regular.clone()), &provenance)?;
         }
         if let Some(nonneg) = &models.nonneg {
             store::save(&dir.join("nonneg"), &Model::Nonneg(nonneg.clone()), &provenance)?;
@@ -180,6 +220,7 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
             scenario,
             seed,
             init: config.init,
+            data: data_label.clone(),
             result,
             seconds: cell_start.elapsed().as_secs_f64(),
         };
@@ -391,9 +432,10 @@ pub fn markdown(results: &Results) -> String {
          Long scenarios: {} epochs; post-training and the clip baseline: {} regular + {} \
          non-negative epochs. Test accuracy in %, after the last epoch (no checkpoint is \
          selected on the test set), **ours** then the published figure then the method's \
-         PyTorch code run with the same protocol (seeds 0-2, mean +- std).\n\n",
+         PyTorch code run with the same protocol (seeds 0-2, mean +- std, for the \
+         non-negative scenarios; one seed for the transformation).\n\n",
         results.dataset,
-        results.data_source,
+        results.data_source.trim_end_matches(')').replacen(" (", ", ", 1),
         results.train_samples,
         results.test_samples,
         results.isonn_version,

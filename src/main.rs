@@ -19,6 +19,9 @@ use isonn::scenario::{self, NonnegOptimizer, NonnegOptimizerKind, Scenario};
 use isonn::train::{fit, Sgd, TrainConfig};
 use isonn::verify::{self, Precision};
 
+/// Largest hidden width and batch size the command line accepts.
+const MAX_WIDTH: usize = 1 << 16;
+
 /// Relative logit tolerance a model stored in f32 must meet.
 const TOLERANCE_F32: f64 = 1e-4;
 /// Relative logit tolerance a model stored in f64 must meet.
@@ -216,7 +219,7 @@ enum Command {
         /// Regular and non-negative epochs of post-training; default 5, 2 with --quick.
         #[arg(long)]
         post_epochs: Option<usize>,
-        /// Number of seeds, 0..N.
+        /// Number of seeds N; the seeds are 0, 1, ..., N-1.
         #[arg(long, default_value_t = 1)]
         seeds: u64,
         /// Seeds of the baselines (regular + clip, exp init); default --seeds.
@@ -342,8 +345,11 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 eval_every_epoch: true,
             };
             config.validate()?;
-            if hidden.iter().any(|&h| h == 0) {
-                bail!("invalid --hidden {hidden:?}: every hidden width must be at least 1");
+            if hidden.iter().any(|&h| h == 0 || h > MAX_WIDTH) {
+                bail!("invalid --hidden {hidden:?}: every hidden width must lie in 1..={MAX_WIDTH}");
+            }
+            if batch_size > MAX_WIDTH {
+                bail!("invalid --batch-size {batch_size}: must be at most {MAX_WIDTH}");
             }
             let mut sgd = Sgd::new(lr, momentum, 0.0)?;
             check_output(&out, force)?;
@@ -389,6 +395,20 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 shift,
                 activation_range,
             };
+            // Read the data before writing anything, so a bad --dataset
+            // leaves no output behind.
+            let dataset = match dataset {
+                Some(name) => Some(DataArgs { dataset: name, data }.load()?),
+                None => {
+                    if data.is_some() {
+                        bail!("--data without --dataset: name the data set to verify on, e.g. --dataset fashion-mnist");
+                    }
+                    None
+                }
+            };
+            if let Some(d) = &dataset {
+                verify::check_images(&network.input_shape, &d.test)?;
+            }
             let nonneg = transform(&network, &options)?;
             let provenance = serde_json::json!({
                 "isonn_version": env!("CARGO_PKG_VERSION"),
@@ -398,9 +418,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             });
             store::save(&out, &Model::Nonneg(nonneg.clone()), &provenance)?;
             println!("non-negative model written to {}", out.display());
-            if let Some(name) = dataset {
-                let args = DataArgs { dataset: name, data };
-                let dataset = args.load()?;
+            if let Some(dataset) = dataset {
                 let report = verify::verify(&network, &nonneg, &dataset.test, 1000, precision, progress)?;
                 isonn::fsio::write_json_atomic(&out.join("equivalence.json"), &report)?;
                 println!("{}", report.summary());
@@ -514,6 +532,9 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             batch_size,
             repetitions,
         } => {
+            if batch_size > MAX_WIDTH {
+                bail!("invalid --batch-size {batch_size}: must be at most {MAX_WIDTH}");
+            }
             if batches == 0 || batch_size == 0 || repetitions == 0 {
                 bail!("invalid --batches, --batch-size or --repetitions 0: each must be at least 1");
             }
@@ -568,6 +589,9 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 .iter()
                 .map(|a| a.parse::<Activation>())
                 .collect::<std::result::Result<Vec<_>, _>>()?;
+            if quick && models.contains(&Arch::Cnn) {
+                tracing::warn!("--quick runs the MLP only; the CNN is left out");
+            }
             let models = if quick { vec![Arch::Mlp] } else { models };
             let config = ReproduceConfig {
                 out: out.clone(),
@@ -620,11 +644,12 @@ fn verdict(report: &verify::EquivalenceReport, stored: candle_core::DType) -> st
         candle_core::DType::F64 => TOLERANCE_F64,
         _ => TOLERANCE_F32,
     };
-    if report.passes(tolerance) {
+    let failures = report.failures(tolerance);
+    if failures.is_empty() {
         println!("verification passed (relative tolerance {tolerance:e})");
         std::process::ExitCode::SUCCESS
     } else {
-        println!("verification FAILED (relative tolerance {tolerance:e})");
+        println!("verification FAILED: {}", failures.join("; "));
         std::process::ExitCode::from(1)
     }
 }

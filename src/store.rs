@@ -263,6 +263,15 @@ pub fn load(dir: &Path) -> Result<(Model, serde_json::Value)> {
         path: json_path.clone(),
         message,
     };
+    if !json_path.exists() {
+        return Err(Error::Model {
+            path: dir.to_path_buf(),
+            message: format!(
+                "no {MODEL_JSON} in this directory; pass a model directory written by \
+                 `isonn train` or `isonn transform`"
+            ),
+        });
+    }
     let text = fsio::read(&json_path)?;
     let value: serde_json::Value =
         serde_json::from_slice(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
@@ -331,6 +340,19 @@ pub fn load(dir: &Path) -> Result<(Model, serde_json::Value)> {
         Ok(t)
     };
     let conv_shape = |c: &ConvSpec| -> Result<Vec<usize>> {
+        const LIMIT: usize = 1 << 16;
+        let settings = [c.kernel[0], c.kernel[1], c.stride, c.dilation, c.padding, c.in_channels, c.out_channels];
+        if settings.iter().any(|&v| v > LIMIT) {
+            return Err(bad(format!(
+                "conv2d settings {settings:?} (kernel, stride, dilation, padding, channels) must each be at most {LIMIT}"
+            )));
+        }
+        if c.kernel.contains(&0) || c.stride == 0 || c.dilation == 0 {
+            return Err(bad(format!(
+                "conv2d kernel size {:?}, stride {} and dilation {} must be at least 1",
+                c.kernel, c.stride, c.dilation
+            )));
+        }
         if c.groups == 0 || c.in_channels % c.groups != 0 || c.out_channels % c.groups != 0 {
             return Err(bad(format!(
                 "conv2d with {} groups does not divide {} input and {} output channels",

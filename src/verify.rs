@@ -72,12 +72,31 @@ impl EquivalenceReport {
     /// prediction agrees, the relative logit error is below `tolerance`,
     /// and nothing is negative.
     pub fn passes(&self, tolerance: f64) -> bool {
-        self.argmax_agreement == 1.0
-            && self.max_rel_diff <= tolerance
-            && self.negative_weights == 0
-            && self.negative_biases == 0
-            && self.min_signal >= 0.0
-            && self.range_violations.is_empty()
+        self.failures(tolerance).is_empty()
+    }
+
+    /// Returns one line for each criterion the report fails.
+    pub fn failures(&self, tolerance: f64) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.argmax_agreement != 1.0 {
+            out.push(format!("argmax agreement {} < 1", self.argmax_agreement));
+        }
+        if !(self.max_rel_diff <= tolerance) {
+            out.push(format!("max_rel_diff {:.3e} above {tolerance:e}", self.max_rel_diff));
+        }
+        if self.negative_weights > 0 {
+            out.push(format!("{} negative weights", self.negative_weights));
+        }
+        if self.negative_biases > 0 {
+            out.push(format!("{} negative biases", self.negative_biases));
+        }
+        if !(self.min_signal >= 0.0) {
+            out.push(format!("physical signal {:.3e} < 0 (an input below its range?)", self.min_signal));
+        }
+        if !self.range_violations.is_empty() {
+            out.push(format!("layers {:?} received signals above their range", self.range_violations));
+        }
+        out
     }
 
     /// Formats the report as aligned lines for the terminal.
@@ -89,10 +108,11 @@ impl EquivalenceReport {
              max_rel_diff       {:.3e}\n\
              argmax_agreement   {:.6}\n\
              accuracy_original  {:.4}\n\
-             accuracy_nonneg    {:.4}\n\
+             accuracy_isomorphic {:.4}\n\
              negative_weights   {}\n\
              negative_biases    {}\n\
-             min_signal         {:.3e}",
+             min_signal         {:.3e}\n\
+             range_violations   {:?}",
             self.samples,
             self.precision,
             self.max_abs_diff,
@@ -102,7 +122,8 @@ impl EquivalenceReport {
             self.accuracy_isomorphic,
             self.negative_weights,
             self.negative_biases,
-            self.min_signal
+            self.min_signal,
+            self.range_violations
         )
     }
 }

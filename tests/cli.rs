@@ -306,8 +306,97 @@ fn reproduce_resumes_and_reports() {
         .assert()
         .success()
         .stderr(predicate::str::contains("kept from the earlier run"));
+    grid(&["--resume", "--init", "photonic"], "transformation")
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("other settings or data"));
     grid(&["--report-only"], "transformation,from-scratch-projected")
         .assert()
         .success()
         .stderr(predicate::str::contains("not finished, left out of the table"));
+}
+
+/// Hand-edited model descriptions that used to load (or panic later) are
+/// rejected when the model is read, naming the layer.
+#[test]
+fn malformed_model_json_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let regular = tmp.path().join("regular");
+    train_small(&regular, "photonic-sinusoidal");
+    let original = std::fs::read_to_string(regular.join("model.json")).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&original).unwrap();
+    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+        (
+            "empty layers",
+            Box::new(|v| v["layers"] = serde_json::json!([])),
+            "vector of logits",
+        ),
+        (
+            "negative relu-n bound",
+            Box::new(|v| v["layers"][2]["activation"] = serde_json::json!({"name": "relu-n", "n": -1.0})),
+            "relu-n bound -1",
+        ),
+        (
+            "zero-size conv kernel",
+            Box::new(|v| {
+                v["layers"][0] = serde_json::json!({"type": "conv2d", "in_channels": 1, "out_channels": 1,
+                    "kernel": [0, 0], "stride": 1, "padding": 0, "dilation": 1, "groups": 1});
+            }),
+            "kernel size",
+        ),
+        (
+            "huge padding",
+            Box::new(|v| {
+                v["layers"][0] = serde_json::json!({"type": "conv2d", "in_channels": 1, "out_channels": 1,
+                    "kernel": [3, 3], "stride": 1, "padding": 4611686018427387904u64, "dilation": 1, "groups": 1});
+            }),
+            "at most",
+        ),
+    ];
+    for (case, edit, expected) in cases {
+        let mut broken = value.clone();
+        edit(&mut broken);
+        std::fs::write(regular.join("model.json"), serde_json::to_string(&broken).unwrap()).unwrap();
+        isonn()
+            .arg("eval")
+            .arg(&regular)
+            .args(["--dataset", "fashion-mnist-subset"])
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(expected).and(predicate::str::contains("panicked").not()))
+            .stderr(predicate::str::contains("model.json"));
+        println!("{case}: rejected");
+    }
+}
+
+/// A bad --dataset is found before anything is written.
+#[test]
+fn transform_checks_data_before_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let regular = tmp.path().join("regular");
+    let nonneg = tmp.path().join("nonneg");
+    train_small(&regular, "photonic-sigmoid");
+    isonn()
+        .arg("transform")
+        .arg(&regular)
+        .arg("--out")
+        .arg(&nonneg)
+        .args(["--dataset", "cifar"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("unknown data set"));
+    assert!(!nonneg.join("model.json").exists(), "nothing written on a bad --dataset");
+}
+
+#[test]
+fn missing_model_json_names_fix() {
+    let tmp = tempfile::tempdir().unwrap();
+    isonn()
+        .arg("eval")
+        .arg(tmp.path())
+        .args(["--dataset", "fashion-mnist-subset"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("no model.json"))
+        .stderr(predicate::str::contains("isonn train"));
 }

@@ -233,7 +233,7 @@ fn nonneg_gradients_match_finite_differences() {
                 slot += 1;
                 let base = values(tensor);
                 for j in (0..base.len()).step_by((base.len() / 4).max(1)) {
-                    let mut nudge = |delta: f64| {
+                    let nudge = |delta: f64| {
                         let mut changed = frozen.clone();
                         let NonnegLayer::Affine(b) = &mut changed.layers[layer_index] else { unreachable!() };
                         let mut v = base.clone();

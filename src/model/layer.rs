@@ -96,8 +96,12 @@ impl Conv2d {
         let [c, h, w] = input else {
             return Err(format!("expects [channels, height, width] input, got {input:?}"));
         };
-        if self.groups == 0 || self.stride == 0 || self.dilation == 0 {
-            return Err("groups, stride and dilation must be >= 1".into());
+        if self.groups == 0 || self.stride == 0 || self.dilation == 0 || kh == 0 || kw == 0 {
+            return Err("kernel size, groups, stride and dilation must be >= 1".into());
+        }
+        const LIMIT: usize = 1 << 16;
+        if [kh, kw, self.stride, self.dilation, self.padding].iter().any(|&v| v > LIMIT) {
+            return Err(format!("kernel, stride, dilation and padding must be at most {LIMIT}"));
         }
         if group_c * self.groups != *c || out_c % self.groups != 0 {
             return Err(format!(
@@ -133,7 +137,7 @@ impl Pool {
         let [c, h, w] = input else {
             return Err(format!("expects [channels, height, width] input, got {input:?}"));
         };
-        if self.kernel == 0 || self.stride == 0 || *h < self.kernel || *w < self.kernel {
+        if self.kernel == 0 || self.stride == 0 || *h < self.kernel || *w < self.kernel || self.stride > *h {
             return Err(format!(
                 "window {} with stride {} does not fit a {h}x{w} input",
                 self.kernel, self.stride

@@ -180,9 +180,25 @@ impl Network {
     pub fn output_shape(&self) -> Result<Vec<usize>> {
         let mut shape = self.input_shape.clone();
         for (i, layer) in self.layers.iter().enumerate() {
+            if let Layer::Activation(a) = layer {
+                a.validate()
+                    .map_err(|message| Error::Shape(format!("layer {i} (activation): {message}")))?;
+            }
             shape = layer
                 .output_shape(&shape)
                 .map_err(|message| Error::Shape(format!("layer {i} ({}): {message}", layer.kind())))?;
+            if shape.iter().any(|&d| d == 0) {
+                return Err(Error::Shape(format!(
+                    "layer {i} ({}) produces an empty output of shape {shape:?}",
+                    layer.kind()
+                )));
+            }
+        }
+        if shape.len() != 1 {
+            return Err(Error::Shape(format!(
+                "the network produces outputs of shape {shape:?}; the last layer must produce \
+                 a vector of logits, after a flatten"
+            )));
         }
         Ok(shape)
     }

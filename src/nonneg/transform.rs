@@ -20,8 +20,8 @@ pub const SHIFT_MARGIN: f64 = 0.01;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum ShiftPolicy {
-    /// `s = max(0, -min_i c_i) + margin`: the smallest exact shift plus
-    /// [`SHIFT_MARGIN`], so every bias is strictly positive.
+    /// `s = max(0, -min_i c_i) + margin`: the smallest exact shift plus a
+    /// margin of 1% of the largest |c_i|, so every bias is strictly positive.
     #[default]
     Minimal,
     /// `s = max_i |c_i|`, as in the method's reference code.
