@@ -155,15 +155,15 @@ enum Command {
         /// The update rule.
         #[arg(long, value_enum, default_value_t = NonnegOptimizerKind::SignPreserving)]
         optimizer: NonnegOptimizerKind,
-        /// Sign-preserving: scale of the gradient inside the tanh.
-        #[arg(long, default_value_t = 0.28)]
-        lr_in: f64,
-        /// Sign-preserving: largest relative change per step, in (0, 1].
-        #[arg(long, default_value_t = 0.3)]
-        lr_out: f64,
-        /// Projected SGD: learning rate.
-        #[arg(long, default_value_t = 0.0027)]
-        lr: f64,
+        /// Sign-preserving: scale of the gradient inside the tanh [default: 0.28].
+        #[arg(long)]
+        lr_in: Option<f64>,
+        /// Sign-preserving: largest relative change per step, in (0, 1] [default: 0.3].
+        #[arg(long)]
+        lr_out: Option<f64>,
+        /// Projected SGD: learning rate [default: 0.0027].
+        #[arg(long)]
+        lr: Option<f64>,
         /// Momentum coefficient in [0, 1); 0 switches momentum off.
         #[arg(long, default_value_t = 0.0)]
         momentum: f64,
@@ -481,10 +481,21 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             force,
         } => {
             let rule = match optimizer {
-                NonnegOptimizerKind::Projected => NonnegOptimizer::Projected { lr, momentum },
+                NonnegOptimizerKind::Projected => {
+                    if lr_in.is_some() || lr_out.is_some() {
+                        bail!("--lr-in and --lr-out set the sign-preserving optimizer; projected SGD takes --lr");
+                    }
+                    NonnegOptimizer::Projected {
+                        lr: lr.unwrap_or(0.0027),
+                        momentum,
+                    }
+                }
+                NonnegOptimizerKind::SignPreserving if lr.is_some() => {
+                    bail!("--lr sets projected SGD; the sign-preserving optimizer takes --lr-in and --lr-out");
+                }
                 NonnegOptimizerKind::SignPreserving => NonnegOptimizer::SignPreserving {
-                    lr_in,
-                    lr_out,
+                    lr_in: lr_in.unwrap_or(0.28),
+                    lr_out: lr_out.unwrap_or(0.3),
                     momentum: match (momentum, momentum_on) {
                         (m, _) if m == 0.0 => Momentum::None,
                         (m, MomentumOn::Gradient) => Momentum::Gradient(m),

@@ -400,3 +400,28 @@ fn missing_model_json_names_fix() {
         .stderr(predicate::str::contains("no model.json"))
         .stderr(predicate::str::contains("isonn train"));
 }
+
+/// Each optimizer takes only its own learning rates.
+#[test]
+fn optimizer_flags_must_match() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("unused");
+    for (optimizer, flag, value) in [("projected", "--lr-out", "0.5"), ("sign-preserving", "--lr", "0.1")] {
+        isonn()
+            .arg("train-nonneg")
+            .arg(&model)
+            .args(["--optimizer", optimizer, flag, value, "--out"])
+            .arg(tmp.path().join("out"))
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(flag));
+    }
+    isonn()
+        .arg("train-nonneg")
+        .arg(&model)
+        .args(["--lr-out", "1.5", "--out"])
+        .arg(tmp.path().join("out"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("(0, 1]"));
+}
