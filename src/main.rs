@@ -649,7 +649,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
 /// parameters' type, 1 otherwise.
 ///
 /// A model stored in f32 contains its biases `c + s` rounded to f32, so even
-/// an f64 comparison cannot beat f32 rounding; f64 models must agree to 1e-9.
+/// an f64 comparison cannot beat f32 rounding. f64 models must agree to 1e-9.
 fn verdict(report: &verify::EquivalenceReport, stored: candle_core::DType) -> std::process::ExitCode {
     let tolerance = match stored {
         candle_core::DType::F64 => TOLERANCE_F64,

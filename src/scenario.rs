@@ -124,7 +124,7 @@ fn fit_nonneg(
 }
 
 /// Trains a non-negative isomorphic network in place with its physical
-/// forward pass; `P`, `N` and the biases are the parameters, while `lo`,
+/// forward pass. `P`, `N` and the biases are the parameters, while `lo`,
 /// `alpha` and the shifts stay fixed.
 pub fn train_nonneg(
     network: &mut NonnegNetwork,
@@ -291,10 +291,12 @@ pub struct ScenarioSettings {
     pub batch_size: usize,
 }
 
-/// The reference code's Fashion-MNIST settings (learning rates for the
-/// MLP; the CNN reuses the MLP's non-negative rates, which the reference
-/// does not state for it), with `budget` epochs for the long scenarios and
-/// `post` regular plus `post` non-negative epochs for post-training.
+/// Returns the reference code's Fashion-MNIST settings for a scenario.
+///
+/// The learning rates are the reference's for the MLP. The CNN reuses the
+/// MLP's non-negative rates, because the reference does not state them for
+/// it. Long scenarios get `budget` epochs, and post-training gets `post`
+/// regular plus `post` non-negative epochs.
 pub fn settings(arch: Arch, activation: Activation, scenario: Scenario, budget: usize, post: usize) -> ScenarioSettings {
     let sinusoidal = activation == Activation::PhotonicSinusoidal;
     let regular_lr = match (arch, sinusoidal) {

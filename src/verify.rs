@@ -60,8 +60,9 @@ pub struct EquivalenceReport {
     /// `"f32"` or `"f64"`: the precision the comparison ran in.
     pub precision: String,
     /// Affine layers whose input signal exceeded the range `[0, alpha]`
-    /// the transformation assumed (inputs outside the data range); the
-    /// complement of such a signal is clipped, so the layer is not exact.
+    /// the transformation assumed, as happens for inputs outside the data
+    /// range. The complement of such a signal is clipped, so the layer is
+    /// not exact.
     pub range_violations: Vec<usize>,
     /// Per-layer signal extremes.
     pub layers: Vec<LayerSignals>,
@@ -207,6 +208,8 @@ pub fn verify(
                 .find(|s| s.layer == Some(*i) && s.name == "signal")
                 .map_or(0.0, |s| s.max);
             // Allow the rounding of the model's precision.
+            // NOTE: with per-channel ranges this compares against the widest
+            // channel, so a narrow channel's overflow goes unreported.
             largest > alpha * (1.0 + 1e-5) + 1e-6
         })
         .map(|(i, _)| i)

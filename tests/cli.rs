@@ -1,5 +1,5 @@
 //! The command line, end to end on the embedded Fashion-MNIST subset, and
-//! its answers to bad input.
+//! its errors on bad input.
 
 use std::path::{Path, PathBuf};
 

@@ -187,7 +187,8 @@ fn unbounded_activation_is_rejected() {
         }
     }
     let message = transform(&network, &TransformOptions::default()).unwrap_err().to_string();
-    assert!(message.contains("relu") && message.contains("unbounded"), "{message}");
+    assert!(message.contains("relu"), "{message}");
+    assert!(message.contains("unbounded"), "{message}");
     assert!(message.contains("relu-n"), "the message names the fix: {message}");
 }
 

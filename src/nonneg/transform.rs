@@ -74,7 +74,7 @@ pub struct TransformOptions {
 /// data type; `c` and `s` are computed in f64.
 ///
 /// A zero-padded layer needs `lo <= 0 <= hi` so that the pads `-lo` and `hi`
-/// are non-negative; the range of the edge it reads is widened to include 0.
+/// are non-negative, so the range of the edge it reads is widened to include 0.
 pub fn transform(network: &Network, options: &TransformOptions) -> Result<NonnegNetwork> {
     network.output_shape()?;
     let layers = &network.layers;

@@ -50,7 +50,7 @@ pub fn randomise(network: &mut Network, rng: &mut impl Rng, dtype: DType) {
     }
 }
 
-/// A random MLP on `[1, side, side]` inputs in `range`.
+/// Builds a random MLP on `[1, side, side]` inputs in `range`.
 pub fn random_mlp(seed: u64, dtype: DType, range: Range) -> Network {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let side = rng.gen_range(2..6);
@@ -80,7 +80,7 @@ pub fn random_mlp(seed: u64, dtype: DType, range: Range) -> Network {
     network
 }
 
-/// A random CNN with padding, stride, dilation, groups and pooling.
+/// Builds a random CNN with padding, stride, dilation, groups and pooling.
 pub fn random_cnn(seed: u64, dtype: DType, range: Range) -> Network {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let act = BOUNDED[rng.gen_range(0..BOUNDED.len())];
@@ -134,7 +134,7 @@ pub fn random_cnn(seed: u64, dtype: DType, range: Range) -> Network {
     network
 }
 
-/// A batch of inputs drawn uniformly from `range`, with some samples at
+/// Draws a batch of inputs uniformly from `range`, with some samples at
 /// the bounds exactly.
 pub fn random_inputs(seed: u64, network: &Network, batch: usize, dtype: DType) -> Tensor {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
