@@ -14,7 +14,7 @@ use crate::fsio;
 use crate::model::{Arch, Init};
 use crate::nonneg::TransformOptions;
 use crate::progress::Progress;
-use crate::scenario::{run_scenario, settings, NonnegOptimizerKind as Opt, Scenario, ScenarioResult};
+use crate::scenario::{run_scenario, settings, NonnegOptimizerKind as Opt, Pretrained, Scenario, ScenarioResult};
 use crate::store::{self, Model};
 
 /// Settings of a reproduction run.
@@ -39,6 +39,9 @@ pub struct ReproduceConfig {
     pub baseline_seeds: Option<u64>,
     /// Initialisation of the regular networks.
     pub init: Init,
+    /// Shuffle the training set every epoch (the reference code does not).
+    #[serde(default = "crate::train::yes")]
+    pub shuffle: bool,
     /// Transformation settings.
     pub transform: TransformOptions,
     /// Continue a run in `out`, keeping the cells it finished.
@@ -142,10 +145,11 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
     }
     let bar = progress.bar(grid.len() as u64, "grid");
     let mut cells = Vec::new();
+    let mut pretrained = Pretrained::default();
     for (model, activation, scenario, seed) in grid {
         let name = Cell::name(model, activation, scenario, seed);
         let cell_path = config.out.join("cells").join(format!("{name}.json"));
-        let s = settings(model, activation, scenario, config.budget, config.post_epochs);
+        let s = settings(model, activation, scenario, config.budget, config.post_epochs, config.shuffle);
         if (config.resume || config.report_only) && cell_path.exists() {
             let bytes = fsio::read(&cell_path)?;
             match serde_json::from_slice::<Cell>(&bytes) {
@@ -188,7 +192,18 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
             s.optimizer
         );
         let (result, models) =
-            run_scenario(model, activation, scenario, &s, config.init, seed, data, &config.transform, progress)?;
+            run_scenario(
+            model,
+            activation,
+            scenario,
+            &s,
+            config.init,
+            seed,
+            data,
+            &config.transform,
+            &mut pretrained,
+            progress,
+        )?;
         tracing::info!("{name}: test accuracy {:.4}", result.test_accuracy);
         let dir = config.out.join("models").join(&name);
         let provenance = serde_json::json!({
@@ -558,9 +573,15 @@ pub fn markdown(results: &Results) -> String {
             c.result.inverse_rel_diff.map(|d| format!("{d:.1e}")).unwrap_or_else(|| "-".into())
         ));
     }
+    md.push_str("\nDifferences from the published protocol: ");
+    md.push_str(match results.config.shuffle {
+        true => "this run shuffles the training set every epoch (the reference code does not; \
+                 `--no-shuffle` follows it);",
+        false => "none in the order of the training set, which this run visits in file order \
+                  every epoch as the reference code does;",
+    });
     md.push_str(
-        "\nDifferences from the published protocol: this run shuffles the training set every \
-         epoch (the reference code does not); the CNN reuses the MLP's non-negative learning \
+        " the CNN reuses the MLP's non-negative learning \
          rates, which the reference does not state for it; \"exp init\" draws weights from an \
          exponential distribution whose mean is the layer's Xavier standard deviation, with \
          zero biases. Runs with fewer epochs or on the embedded subset are not comparable \

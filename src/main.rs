@@ -91,6 +91,10 @@ enum Command {
         /// Seed of initialisation and shuffling.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Visit the training samples in file order every epoch, as the
+        /// method's reference code does, instead of shuffling them.
+        #[arg(long)]
+        no_shuffle: bool,
         /// Output model directory.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
@@ -182,6 +186,10 @@ enum Command {
         /// Seed of the shuffling order.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Visit the training samples in file order every epoch, as the
+        /// method's reference code does, instead of shuffling them.
+        #[arg(long)]
+        no_shuffle: bool,
         /// Output model directory.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
@@ -239,6 +247,11 @@ enum Command {
         /// Initialisation of the regular networks.
         #[arg(long, value_enum, default_value_t = Init::Xavier)]
         init: Init,
+        /// Visit the training samples in file order every epoch, as the
+        /// method's reference code does, instead of shuffling them
+        /// (recorded in every cell's settings).
+        #[arg(long)]
+        no_shuffle: bool,
         /// Continue an interrupted run in --out, keeping its finished cells.
         #[arg(long)]
         resume: bool,
@@ -334,6 +347,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             momentum,
             batch_size,
             seed,
+            no_shuffle,
             out,
             force,
         } => {
@@ -343,6 +357,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 batch_size,
                 seed,
                 eval_every_epoch: true,
+                shuffle: !no_shuffle,
             };
             config.validate()?;
             if hidden.iter().any(|&h| h == 0 || h > MAX_WIDTH) {
@@ -477,6 +492,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             epochs,
             batch_size,
             seed,
+            no_shuffle,
             out,
             force,
         } => {
@@ -509,6 +525,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 batch_size,
                 seed,
                 eval_every_epoch: true,
+                shuffle: !no_shuffle,
             };
             config.validate()?;
             let (loaded, _) = load_model(&model)?;
@@ -586,6 +603,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             scenarios,
             activations,
             init,
+            no_shuffle,
             resume,
             report_only,
             data,
@@ -614,6 +632,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 seeds,
                 baseline_seeds,
                 init,
+                shuffle: !no_shuffle,
                 transform: TransformOptions::default(),
                 resume,
                 report_only,

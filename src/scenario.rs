@@ -2,6 +2,8 @@
 //! post-training, training from scratch, and the baselines the published
 //! tables compare against.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Tensor, Var};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Exp};
@@ -289,6 +291,9 @@ pub struct ScenarioSettings {
     pub optimizer: Option<NonnegOptimizer>,
     /// Samples per minibatch.
     pub batch_size: usize,
+    /// Shuffle the training set every epoch (the reference code does not).
+    #[serde(default = "crate::train::yes")]
+    pub shuffle: bool,
 }
 
 /// Returns the reference code's Fashion-MNIST settings for a scenario.
@@ -297,7 +302,14 @@ pub struct ScenarioSettings {
 /// MLP's non-negative rates, because the reference does not state them for
 /// it. Long scenarios get `budget` epochs, and post-training gets `post`
 /// regular plus `post` non-negative epochs.
-pub fn settings(arch: Arch, activation: Activation, scenario: Scenario, budget: usize, post: usize) -> ScenarioSettings {
+pub fn settings(
+    arch: Arch,
+    activation: Activation,
+    scenario: Scenario,
+    budget: usize,
+    post: usize,
+    shuffle: bool,
+) -> ScenarioSettings {
     let sinusoidal = activation == Activation::PhotonicSinusoidal;
     let regular_lr = match (arch, sinusoidal) {
         (Arch::Mlp, true) => 0.16,
@@ -328,6 +340,7 @@ pub fn settings(arch: Arch, activation: Activation, scenario: Scenario, budget: 
         regular_lr,
         optimizer,
         batch_size: 256,
+        shuffle,
     }
 }
 
@@ -378,7 +391,33 @@ pub struct ScenarioModels {
     pub transformed: Option<NonnegNetwork>,
 }
 
-/// Runs `scenario` for one architecture, activation and seed.
+/// Regular networks already trained in this process, so that scenarios
+/// starting from the same regular training (post-training with either
+/// optimizer, the clip baseline, and a transformation with as many epochs)
+/// train it once. The training is deterministic for a given key, so reusing
+/// it gives the same network as training it again.
+#[derive(Default)]
+pub struct Pretrained {
+    done: HashMap<String, (Network, Vec<EpochMetrics>)>,
+    reused: usize,
+}
+
+impl Pretrained {
+    /// How many scenarios took their regular training from here.
+    pub fn reused(&self) -> usize {
+        self.reused
+    }
+
+    fn key(arch: Arch, activation: Activation, init: Init, seed: u64, settings: &ScenarioSettings) -> String {
+        format!(
+            "{arch}-{activation}-{init}-seed{seed}-epochs{}-lr{:e}-batch{}-shuffle{}",
+            settings.regular_epochs, settings.regular_lr, settings.batch_size, settings.shuffle
+        )
+    }
+}
+
+/// Runs `scenario` for one architecture, activation and seed, reusing a
+/// regular training found in `pretrained` and adding the one it runs.
 #[allow(clippy::too_many_arguments)]
 pub fn run_scenario(
     arch: Arch,
@@ -389,6 +428,7 @@ pub fn run_scenario(
     seed: u64,
     data: &Dataset,
     transform_options: &TransformOptions,
+    pretrained: &mut Pretrained,
     progress: &Progress,
 ) -> Result<(ScenarioResult, ScenarioModels)> {
     let shape = data.train.sample_shape();
@@ -398,11 +438,23 @@ pub fn run_scenario(
         batch_size: settings.batch_size,
         seed,
         eval_every_epoch: true,
+        shuffle: settings.shuffle,
     };
     let mut curve = Vec::new();
     if settings.regular_epochs > 0 {
-        let metrics = train_regular(&mut network, data, &config(settings.regular_epochs), settings.regular_lr, progress)?;
-        curve.extend(metrics.epochs);
+        let key = Pretrained::key(arch, activation, init, seed, settings);
+        if let Some((trained, epochs)) = pretrained.done.get(&key) {
+            tracing::info!("reusing the regular training {key}");
+            pretrained.reused += 1;
+            network = trained.detached();
+            curve.extend(epochs.iter().cloned());
+        } else {
+            let metrics =
+                train_regular(&mut network, data, &config(settings.regular_epochs), settings.regular_lr, progress)?;
+            network = network.detached();
+            pretrained.done.insert(key, (network.detached(), metrics.epochs.clone()));
+            curve.extend(metrics.epochs);
+        }
     }
     let mut result = ScenarioResult {
         test_accuracy: curve.last().and_then(|e| e.test_accuracy).unwrap_or(0.0),

@@ -24,6 +24,15 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Evaluate test accuracy after every epoch, not only after the last.
     pub eval_every_epoch: bool,
+    /// Shuffle the training set before every epoch; without it every epoch
+    /// visits the samples in file order, as the method's reference code does.
+    #[serde(default = "crate::train::yes")]
+    pub shuffle: bool,
+}
+
+/// Serde default of settings that were always on before they became options.
+pub(crate) fn yes() -> bool {
+    true
 }
 
 impl TrainConfig {
@@ -64,7 +73,7 @@ pub struct TrainMetrics {
 }
 
 /// Trains by minibatches: each epoch shuffles the training set from the
-/// seed, minimises cross-entropy of `forward` with `optimizer` over `vars`,
+/// seed (unless `config.shuffle` is off), minimises cross-entropy of `forward` with `optimizer` over `vars`,
 /// and logs one line. `after_step` runs after every update (for audits).
 #[allow(clippy::too_many_arguments)]
 pub fn fit(
@@ -86,7 +95,9 @@ pub fn fit(
     let epoch_bar = progress.bar(config.epochs as u64, "epochs");
     let width = config.epochs.to_string().len();
     for epoch in 1..=config.epochs {
-        order.shuffle(&mut rng);
+        if config.shuffle {
+            order.shuffle(&mut rng);
+        }
         let start = Instant::now();
         let (mut forward_s, mut backward_s, mut update_s) = (0.0, 0.0, 0.0);
         let (mut loss_sum, mut batches, mut correct) = (0.0f64, 0usize, 0usize);

@@ -26,6 +26,7 @@ fn config(epochs: usize, seed: u64) -> TrainConfig {
         batch_size: 128,
         seed,
         eval_every_epoch: true,
+        shuffle: true,
     }
 }
 
@@ -141,4 +142,46 @@ fn scenario_names_parse() {
     assert_eq!(Scenario::parse_list("transformation,from-scratch-sign-preserving").unwrap().len(), 2);
     let message = Scenario::parse_list("sideways").unwrap_err().to_string();
     assert!(message.contains("unknown scenario"), "{message}");
+}
+
+#[test]
+fn reused_regular_training_gives_the_same_cell() {
+    // Post-training with a regular training taken from the cache must give
+    // the figures of a run that trains the regular network itself.
+    let data = {
+        let mut d = small_data();
+        d.train = d.train.take(1000);
+        d.test = d.test.take(200);
+        d
+    };
+    let scenario = scenario::Scenario::PostTraining(scenario::NonnegOptimizerKind::SignPreserving);
+    let settings = scenario::settings(Arch::Mlp, Activation::PhotonicSigmoid, scenario, 2, 1, false);
+    let run = |pretrained: &mut scenario::Pretrained| {
+        scenario::run_scenario(
+            Arch::Mlp,
+            Activation::PhotonicSigmoid,
+            scenario,
+            &settings,
+            Init::Xavier,
+            3,
+            &data,
+            &TransformOptions::default(),
+            pretrained,
+            &Progress::hidden(),
+        )
+        .unwrap()
+        .0
+    };
+    let fresh = run(&mut scenario::Pretrained::default());
+    let mut cache = scenario::Pretrained::default();
+    let first = run(&mut cache);
+    let reused = run(&mut cache);
+    assert_eq!(cache.reused(), 1);
+    // Everything but the wall times.
+    let figures = |r: &scenario::ScenarioResult| -> Vec<(usize, f64, f64, Option<f64>)> {
+        r.curve.iter().map(|e| (e.epoch, e.loss, e.train_accuracy, e.test_accuracy)).collect()
+    };
+    assert_eq!(figures(&fresh), figures(&first));
+    assert_eq!(figures(&first), figures(&reused), "a cached regular training changed the cell");
+    assert_eq!(fresh.test_accuracy, reused.test_accuracy);
 }
