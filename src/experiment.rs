@@ -575,8 +575,8 @@ pub fn markdown(results: &Results) -> String {
     }
     md.push_str("\nDifferences from the published protocol: ");
     md.push_str(match results.config.shuffle {
-        true => "this run shuffles the training set every epoch (the reference code does not; \
-                 `--no-shuffle` follows it);",
+        true => "this run shuffles the training set every epoch (`--shuffle`; the reference code \
+                 does not);",
         false => "none in the order of the training set, which this run visits in file order \
                   every epoch as the reference code does;",
     });

@@ -247,11 +247,11 @@ enum Command {
         /// Initialisation of the regular networks.
         #[arg(long, value_enum, default_value_t = Init::Xavier)]
         init: Init,
-        /// Visit the training samples in file order every epoch, as the
-        /// method's reference code does, instead of shuffling them
+        /// Shuffle the training set every epoch; by default the samples are
+        /// visited in file order, as the method's reference code does
         /// (recorded in every cell's settings).
         #[arg(long)]
-        no_shuffle: bool,
+        shuffle: bool,
         /// Continue an interrupted run in --out, keeping its finished cells.
         #[arg(long)]
         resume: bool,
@@ -330,6 +330,13 @@ fn load_model(dir: &Path) -> Result<(Model, serde_json::Value)> {
     store::load(dir).with_context(|| format!("cannot load model {}", dir.display()))
 }
 
+/// Warns that a learning rate of zero leaves every parameter where it is.
+fn warn_if_frozen(flag: &str, lr: f64) {
+    if lr == 0.0 {
+        tracing::warn!("{flag} 0: training will not change any parameter; pass a positive value to train");
+    }
+}
+
 fn command_line() -> Vec<String> {
     std::env::args().collect()
 }
@@ -367,6 +374,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 bail!("invalid --batch-size {batch_size}: must be at most {MAX_WIDTH}");
             }
             let mut sgd = Sgd::new(lr, momentum, 0.0)?;
+            warn_if_frozen("--lr", lr);
             check_output(&out, force)?;
             let dataset = data.load()?;
             let shape = dataset.train.sample_shape();
@@ -520,6 +528,10 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 },
             };
             rule.build()?;
+            match rule {
+                NonnegOptimizer::Projected { lr, .. } => warn_if_frozen("--lr", lr),
+                NonnegOptimizer::SignPreserving { lr_in, .. } => warn_if_frozen("--lr-in", lr_in),
+            }
             let config = TrainConfig {
                 epochs,
                 batch_size,
@@ -603,7 +615,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             scenarios,
             activations,
             init,
-            no_shuffle,
+            shuffle,
             resume,
             report_only,
             data,
@@ -632,7 +644,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 seeds,
                 baseline_seeds,
                 init,
-                shuffle: !no_shuffle,
+                shuffle,
                 transform: TransformOptions::default(),
                 resume,
                 report_only,

@@ -286,7 +286,9 @@ fn reproduce_resumes_and_reports() {
         .assert()
         .success()
         .stdout(predicate::str::contains("Transformation of a regularly trained network"))
-        .stdout(predicate::str::contains("proposed + sign-preserving"));
+        .stdout(predicate::str::contains("proposed + sign-preserving"))
+        // One regular epoch serves both the transformation and the post-training.
+        .stderr(predicate::str::contains("reusing the regular training"));
     for file in ["results.json", "results.md", "curves-mlp-photonic-sinusoidal.png", "histogram-mlp-photonic-sinusoidal.png"] {
         assert!(out.join(file).exists(), "{file} written");
     }
@@ -297,6 +299,8 @@ fn reproduce_resumes_and_reports() {
     let transformation = &cells[0]["result"]["equivalence"];
     assert_eq!(transformation["argmax_agreement"].as_f64(), Some(1.0));
     assert_eq!(cells[1]["result"]["negative_after_steps"].as_u64(), Some(0));
+    assert_eq!(results["config"]["shuffle"].as_bool(), Some(false), "file order by default");
+    assert_eq!(cells[1]["result"]["settings"]["shuffle"].as_bool(), Some(false));
 
     grid(&[], "transformation")
         .assert()
@@ -306,10 +310,12 @@ fn reproduce_resumes_and_reports() {
         .assert()
         .success()
         .stderr(predicate::str::contains("kept from the earlier run"));
-    grid(&["--resume", "--init", "photonic"], "transformation")
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains("other settings or data"));
+    for other in [&["--resume", "--init", "photonic"][..], &["--resume", "--shuffle"]] {
+        grid(other, "transformation")
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("other settings or data"));
+    }
     grid(&["--report-only"], "transformation,from-scratch-projected")
         .assert()
         .success()

@@ -185,3 +185,20 @@ fn reused_regular_training_gives_the_same_cell() {
     assert_eq!(figures(&first), figures(&reused), "a cached regular training changed the cell");
     assert_eq!(fresh.test_accuracy, reused.test_accuracy);
 }
+
+#[test]
+fn file_order_training_ignores_the_shuffling_seed() {
+    // Without shuffling the seed of the order has nothing to act on, so two
+    // seeds train the same network alike; with shuffling they differ.
+    let mut data = small_data();
+    data.train = data.train.take(1000);
+    data.test = data.test.take(200);
+    let weights = |order_seed: u64, shuffle: bool| -> Vec<f32> {
+        let mut network = mlp(Activation::PhotonicSigmoid, 1);
+        let config = TrainConfig { shuffle, ..config(1, order_seed) };
+        scenario::train_regular(&mut network, &data, &config, 0.05, &Progress::hidden()).unwrap();
+        network.parameters().iter().flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    };
+    assert_eq!(weights(5, false), weights(6, false));
+    assert_ne!(weights(5, true), weights(6, true));
+}
