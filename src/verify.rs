@@ -29,9 +29,48 @@ pub struct LayerSignals {
     /// `modulator`, `signal`, `complement` or `output`.
     pub name: String,
     /// Smallest value over every sample.
+    #[serde(with = "json_f64")]
     pub min: f64,
     /// Largest value.
+    #[serde(with = "json_f64")]
     pub max: f64,
+}
+
+/// JSON has no infinity or NaN (serde_json writes them as `null`, which
+/// reads back as an error): these figures are written as numbers when
+/// finite and as the strings `"inf"`, `"-inf"` and `"NaN"` otherwise.
+mod json_f64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &f64, serializer: S) -> Result<S::Ok, S::Error> {
+        match *value {
+            v if v.is_finite() => serializer.serialize_f64(v),
+            v if v.is_nan() => serializer.serialize_str("NaN"),
+            v if v > 0.0 => serializer.serialize_str("inf"),
+            _ => serializer.serialize_str("-inf"),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Number(f64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+        match Repr::deserialize(deserializer)? {
+            Repr::Number(v) => Ok(v),
+            Repr::Text(t) => match t.as_str() {
+                "inf" => Ok(f64::INFINITY),
+                "-inf" => Ok(f64::NEG_INFINITY),
+                "NaN" => Ok(f64::NAN),
+                other => Err(serde::de::Error::custom(format!(
+                    "expected a number, \"inf\", \"-inf\" or \"NaN\", found \"{other}\""
+                ))),
+            },
+        }
+    }
 }
 
 /// The result of running both networks on the same samples.
@@ -39,8 +78,10 @@ pub struct LayerSignals {
 pub struct EquivalenceReport {
     /// Largest `|logit_regular - logit_nonneg|` over every sample and class,
     /// the non-negative logits taken with the output shift removed.
+    #[serde(with = "json_f64")]
     pub max_abs_diff: f64,
     /// `max_abs_diff` divided by the largest `|logit_regular|` over the set.
+    #[serde(with = "json_f64")]
     pub max_rel_diff: f64,
     /// Fraction of samples where both networks predict the same class.
     pub argmax_agreement: f64,
@@ -54,6 +95,7 @@ pub struct EquivalenceReport {
     pub negative_biases: usize,
     /// Smallest physical signal (modulator levels, signals, complements,
     /// detector outputs, activation outputs) over every sample.
+    #[serde(with = "json_f64")]
     pub min_signal: f64,
     /// Number of samples compared.
     pub samples: usize,
@@ -267,4 +309,37 @@ pub fn accuracy(
     }
     bar.finish_and_clear();
     Ok(correct as f64 / images.len() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_figures_survive_json() {
+        let report = EquivalenceReport {
+            max_abs_diff: f64::INFINITY,
+            max_rel_diff: f64::NAN,
+            argmax_agreement: 0.5,
+            accuracy_original: 0.5,
+            accuracy_isomorphic: 0.25,
+            negative_weights: 0,
+            negative_biases: 0,
+            min_signal: f64::NEG_INFINITY,
+            samples: 4,
+            precision: "f32".into(),
+            range_violations: vec![],
+            layers: vec![LayerSignals { layer: Some(1), name: "signal".into(), min: -0.5, max: f64::INFINITY }],
+        };
+        let text = serde_json::to_string(&report).unwrap();
+        assert!(text.contains(r#""max_abs_diff":"inf""#), "{text}");
+        let back: EquivalenceReport = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.max_abs_diff, f64::INFINITY);
+        assert!(back.max_rel_diff.is_nan());
+        assert_eq!(back.min_signal, f64::NEG_INFINITY);
+        assert_eq!((back.layers[0].min, back.layers[0].max), (-0.5, f64::INFINITY));
+        let wrong = text.replace(r#""max_abs_diff":"inf""#, r#""max_abs_diff":"large""#);
+        let error = serde_json::from_str::<EquivalenceReport>(&wrong).unwrap_err().to_string();
+        assert!(error.contains("found \"large\""), "{error}");
+    }
 }
