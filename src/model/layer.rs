@@ -184,7 +184,7 @@ impl Layer {
     /// Applies the layer to a batch.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Layer::Linear(l) => x.matmul(&l.weight.t()?)?.broadcast_add(&l.bias)?,
+            Layer::Linear(l) => crate::ops::linear(x, &l.weight, &l.bias)?,
             Layer::Conv2d(c) => {
                 let out_c = c.bias.dims()[0];
                 c.convolve(x, &c.weight, c.padding)?
