@@ -203,7 +203,7 @@ impl NonnegAffine {
                     .reshape(out_channels)?
                     .add(&self.bias)?;
                 let z = crate::ops::conv2d(&u, &weight, 0, stride, dilation, groups)?;
-                Ok(z.broadcast_add(&bias.reshape((1, out_channels, 1, 1))?)?)
+                crate::ops::add_channel_bias(&z, &bias)
             }
         }
     }

@@ -13,6 +13,7 @@ macro_rules! dispatch_float {
 }
 
 pub mod activation;
+pub mod bias;
 pub mod conv;
 pub mod linear;
 pub mod update;
@@ -21,6 +22,7 @@ pub mod update;
 mod test_util;
 
 pub use activation::{shifted_activation, ShiftedActivation};
+pub use bias::add_channel_bias;
 pub use conv::conv2d;
 pub use linear::linear;
 pub use update::sign_preserving_update;
