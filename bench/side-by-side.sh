@@ -3,11 +3,16 @@
 # workloads, one after the other, and prints their throughput ratios.
 #
 # Usage: bench/side-by-side.sh [OUT_DIR]
-# Environment: PYTHON (a python with torch and numpy, default python3),
-#   THREADS (threads for both, default 1), BATCHES (MLP batches per
-#   repetition, default 100; the CNN runs a tenth, at least 2),
-#   REPETITIONS (default 5), MODELS (default mlp,cnn).
-# Needs a release build, which it makes with cargo. CI does not run it.
+# Environment variables:
+#   PYTHON       a python with torch and numpy (default python3)
+#   THREADS      threads for both (default 1)
+#   BATCHES      MLP batches per repetition (default 100); the CNN runs a
+#                tenth, at least 2
+#   REPETITIONS  timed repetitions (default 5)
+#   MODELS       comma-separated models (default mlp,cnn)
+#   ISONN        an isonn binary to time (default: a release build that
+#                this script makes with cargo)
+# CI does not run it.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -19,11 +24,15 @@ repetitions=${REPETITIONS:-5}
 models=${MODELS:-mlp,cnn}
 mkdir -p "$out"
 
-cargo build --release --quiet
-target_dir=$(cargo metadata --format-version 1 --no-deps | "$python" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+isonn=${ISONN:-}
+if [[ -z $isonn ]]; then
+    cargo build --release --quiet
+    target_dir=$(cargo metadata --format-version 1 --no-deps | "$python" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+    isonn=$target_dir/release/isonn
+fi
 
 echo "== uptime before: $(uptime)"
-RAYON_NUM_THREADS=$threads "$target_dir/release/isonn" bench --models "$models" \
+RAYON_NUM_THREADS=$threads "$isonn" bench --models "$models" \
     --workloads regular-train,nonneg-train --batches "$batches" --repetitions "$repetitions" \
     --json "$out/isonn.json"
 echo "== uptime between: $(uptime)"

@@ -399,8 +399,8 @@ fn unpadded_outputs(
     (start as usize).min(end)..end
 }
 
-/// A float type that the im2col, linear and activation kernels support, with
-/// access to its `CpuStorage` variant.
+/// A float type that the fused CPU kernels of this module and its siblings
+/// support, with access to its `CpuStorage` variant.
 pub(crate) trait Float: Copy + Default + AddAssign + Send + Sync + 'static + num_traits::Float {
     const DTYPE: DType;
 

@@ -2,9 +2,8 @@
 //!
 //! Candle's generic ops take nine passes over each parameter for this update
 //! (scale, tanh, factor, product, two comparisons, their product, a cast and
-//! a sum for the count of new zeros), each allocating a tensor. The update
-//! runs after every batch on every weight, so for the MLP it costs more than
-//! the forward pass. [`sign_preserving_update`] computes the same values,
+//! a sum for the count of new zeros), each allocating a tensor. In a profile
+//! of the MLP's non-negative training they took longer than the forward pass. [`sign_preserving_update`] computes the same values,
 //! rounding step by step as candle does, in one pass.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,9 +16,9 @@ use super::linear::contiguous_values;
 use crate::Result;
 
 /// Returns `p (1 - lr_out tanh(lr_in g))` and the number of entries that
-/// were non-zero in `p` and are exactly 0 in the result, or `None` for
-/// tensors that the fused path does not cover (other devices and dtypes),
-/// so that the caller runs candle's generic ops.
+/// were non-zero in `p` and are exactly 0 in the result. It returns `None`
+/// for tensors that the fused path does not cover (other devices and
+/// dtypes), so that the caller runs candle's generic ops.
 ///
 /// The result matches the generic `g.affine(lr_in, 0)?.tanh()?.affine(-lr_out, 1)?`
 /// and `p.mul(..)` bit for bit, because each step rounds to the dtype in
