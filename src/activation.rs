@@ -47,8 +47,24 @@ pub enum Activation {
 }
 
 impl Activation {
-    /// Applies the activation elementwise.
+    /// Applies the activation elementwise, as one fused node for the
+    /// photonic responses on the CPU (see [`crate::ops::shifted_activation`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let op = crate::ops::ShiftedActivation {
+            activation: *self,
+            input_offset: 0.0,
+            output_offset: 0.0,
+            clamp: false,
+        };
+        match crate::ops::shifted_activation(x, op)? {
+            Some(y) => Ok(y),
+            None => self.forward_generic(x),
+        }
+    }
+
+    /// Applies the activation elementwise with candle's generic ops, on any
+    /// device: the fallback of [`forward`](Self::forward) and its reference.
+    pub fn forward_generic(&self, x: &Tensor) -> Result<Tensor> {
         use sigmoid_fit::*;
         let y = match self {
             Activation::PhotonicSigmoid => {

@@ -1,5 +1,6 @@
 //! `isonn bench`: throughput of training and inference for the protocol's
-//! networks, regular and non-negative, on synthetic batches.
+//! networks, regular and non-negative, on synthetic batches, and of the
+//! GEMM kernel that the fast CPU ops call.
 
 use std::time::Instant;
 
@@ -14,17 +15,38 @@ use crate::nonneg::{transform, TransformOptions};
 use crate::optim::{Momentum, Optimizer, Sgd, SignPreserving};
 
 /// Operation that one benchmark times.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Workload {
     /// Forward, backward and SGD step of the regular network.
     RegularTrain,
-    /// Forward, backward and sign-preserving step of the non-negative network.
+    /// Forward (training form), backward and sign-preserving step of the
+    /// non-negative network.
     NonnegTrain,
     /// Forward pass of the regular network.
     RegularForward,
     /// Physical forward pass of the non-negative network.
     NonnegForward,
+}
+
+impl Workload {
+    /// Every workload, in the order `isonn bench` runs them.
+    pub const ALL: [Workload; 4] = [
+        Workload::RegularTrain,
+        Workload::NonnegTrain,
+        Workload::RegularForward,
+        Workload::NonnegForward,
+    ];
+
+    /// Returns the name used on the command line and in JSON.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Workload::RegularTrain => "regular-train",
+            Workload::NonnegTrain => "nonneg-train",
+            Workload::RegularForward => "regular-forward",
+            Workload::NonnegForward => "nonneg-forward",
+        }
+    }
 }
 
 /// Timings of one workload over several repetitions.
@@ -94,7 +116,7 @@ pub fn measure(
             let vars = nonneg.make_trainable()?;
             let mut rule = SignPreserving::new(0.28, 0.3, Momentum::None)?;
             Box::new(move || {
-                let loss = candle_nn::loss::cross_entropy(&nonneg.forward(&x)?, &y)?;
+                let loss = candle_nn::loss::cross_entropy(&nonneg.forward_training(&x)?, &y)?;
                 rule.step(&vars, &loss.backward()?)
             })
         }
@@ -126,3 +148,147 @@ pub fn measure(
         seconds,
     })
 }
+
+/// Throughput of one GEMM shape through the fast ops' GEMM call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GemmMeasurement {
+    /// What the shape is, e.g. the layer it comes from.
+    pub label: String,
+    /// `[m, k] x [k, n]`.
+    pub m: usize,
+    /// Inner dimension.
+    pub k: usize,
+    /// Columns of the result.
+    pub n: usize,
+    /// Median GFLOP/s (2 m n k floating-point operations per product).
+    pub gflops: f64,
+}
+
+/// Measures the f32 GEMM throughput of [`crate::ops::linear`]'s kernel on
+/// `[m, k] x [k, n]`, median over `repetitions` timed runs of enough
+/// products to take about 50 ms each.
+pub fn measure_gemm(label: &str, m: usize, k: usize, n: usize, repetitions: usize) -> GemmMeasurement {
+    use crate::ops::linear::{gemm_into, Operand};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+    let lhs: Vec<f32> = (0..m * k).map(|_| rng.gen::<f32>()).collect();
+    let rhs: Vec<f32> = (0..k * n).map(|_| rng.gen::<f32>()).collect();
+    let mut dst = vec![0f32; m * n];
+    let mut product = || {
+        let lhs = Operand { values: &lhs, rows: m, cols: k, transposed: false };
+        let rhs = Operand { values: &rhs, rows: k, cols: n, transposed: false };
+        gemm_into(&mut dst, lhs, rhs, false);
+    };
+    let flop = 2.0 * (m * n * k) as f64;
+    let start = Instant::now();
+    product();
+    let once = start.elapsed().as_secs_f64().max(1e-7);
+    let count = ((0.05 / once) as usize).clamp(1, 100_000);
+    let mut rates = Vec::with_capacity(repetitions);
+    for _ in 0..repetitions.max(1) {
+        let start = Instant::now();
+        for _ in 0..count {
+            product();
+        }
+        rates.push(flop * count as f64 / start.elapsed().as_secs_f64() / 1e9);
+    }
+    rates.sort_by(f64::total_cmp);
+    GemmMeasurement {
+        label: label.to_string(),
+        m,
+        k,
+        n,
+        gflops: rates[rates.len() / 2],
+    }
+}
+
+/// Returns the GEMM shapes of the MLP 784-100-200-10 at `batch_size`
+/// (forward, input gradient and weight gradient of its first layer) and a
+/// square 1024 product as the best case.
+pub fn gemm_shapes(batch_size: usize) -> Vec<(&'static str, usize, usize, usize)> {
+    vec![
+        ("mlp layer 1 forward x W^T", batch_size, 784, 100),
+        ("mlp layer 2 forward x W^T", batch_size, 100, 200),
+        ("mlp layer 1 weight gradient g^T x", 100, batch_size, 784),
+        ("square 1024 (best case)", 1024, 1024, 1024),
+    ]
+}
+
+/// The machine and software that a benchmark ran on.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Environment {
+    /// isonn's version.
+    pub isonn: String,
+    /// CPU model from /proc/cpuinfo, when readable.
+    pub cpu: Option<String>,
+    /// Rayon threads that the ops use (`RAYON_NUM_THREADS`).
+    pub threads: usize,
+    /// The 1-minute load average from /proc/loadavg at the start, when readable.
+    pub load_average: Option<f64>,
+}
+
+impl Environment {
+    /// Reads the environment of this process.
+    pub fn current() -> Self {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        });
+        let load_average = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|text| text.split_whitespace().next().and_then(|v| v.parse().ok()));
+        Environment {
+            isonn: env!("CARGO_PKG_VERSION").to_string(),
+            cpu,
+            threads: rayon::current_num_threads(),
+            load_average,
+        }
+    }
+}
+
+/// Everything one `isonn bench` run measured, as written with `--json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    /// Where it ran.
+    pub environment: Environment,
+    /// One entry per architecture and workload.
+    pub measurements: Vec<MeasurementSummary>,
+    /// GEMM throughput per shape.
+    pub gemm: Vec<GemmMeasurement>,
+}
+
+/// A [`Measurement`] with its derived figures.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MeasurementSummary {
+    /// The raw timings.
+    #[serde(flatten)]
+    pub measurement: Measurement,
+    /// Minimum seconds per repetition.
+    pub min_seconds: f64,
+    /// Median seconds per repetition.
+    pub median_seconds: f64,
+    /// Maximum seconds per repetition.
+    pub max_seconds: f64,
+    /// Median images per second.
+    pub images_per_second: f64,
+    /// Median seconds for 60,000 images.
+    pub seconds_per_epoch: f64,
+}
+
+impl From<Measurement> for MeasurementSummary {
+    fn from(measurement: Measurement) -> Self {
+        let (min_seconds, median_seconds, max_seconds) = measurement.spread();
+        MeasurementSummary {
+            images_per_second: measurement.images_per_second(),
+            seconds_per_epoch: measurement.seconds_per_epoch(EPOCH_SAMPLES),
+            measurement,
+            min_seconds,
+            median_seconds,
+            max_seconds,
+        }
+    }
+}
+
+/// Images in one epoch of Fashion-MNIST's training set.
+pub const EPOCH_SAMPLES: usize = 60_000;

@@ -211,6 +211,17 @@ enum Command {
         /// Repetitions; min, median and max are reported.
         #[arg(long, default_value_t = 5)]
         repetitions: usize,
+        /// Workloads, comma-separated.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "regular-train,nonneg-train,regular-forward,nonneg-forward"
+        )]
+        workloads: Vec<isonn::bench::Workload>,
+        /// Also write every figure, the GEMM throughput and the environment as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
     },
     /// Run the method's experiments and tabulate them beside the published figures.
     Reproduce {
@@ -571,6 +582,8 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             batches,
             batch_size,
             repetitions,
+            workloads,
+            json,
         } => {
             if batch_size > MAX_WIDTH {
                 bail!("invalid --batch-size {batch_size}: must be at most {MAX_WIDTH}");
@@ -578,31 +591,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             if batches == 0 || batch_size == 0 || repetitions == 0 {
                 bail!("invalid --batches, --batch-size or --repetitions 0: each must be at least 1");
             }
-            println!(
-                "| model | workload | batches x size | min s | median s | max s | images/s | s per 60k epoch |\n\
-                 | --- | --- | --- | --- | --- | --- | --- | --- |"
-            );
-            for arch in models {
-                let count = match arch {
-                    Arch::Mlp => batches,
-                    Arch::Cnn => (batches / 10).max(2),
-                };
-                for workload in [
-                    isonn::bench::Workload::RegularTrain,
-                    isonn::bench::Workload::NonnegTrain,
-                    isonn::bench::Workload::RegularForward,
-                    isonn::bench::Workload::NonnegForward,
-                ] {
-                    let m = isonn::bench::measure(arch, workload, count, batch_size, repetitions)?;
-                    let (min, median, max) = m.spread();
-                    println!(
-                        "| {arch} | {} | {count} x {batch_size} | {min:.3} | {median:.3} | {max:.3} | {:.0} | {:.2} |",
-                        serde_json::to_value(workload)?.as_str().unwrap_or("?"),
-                        m.images_per_second(),
-                        m.seconds_per_epoch(60_000)
-                    );
-                }
-            }
+            run_bench(&models, &workloads, batches, batch_size, repetitions, json.as_deref())?;
         }
         Command::Reproduce {
             out,
@@ -694,4 +683,66 @@ fn verdict(report: &verify::EquivalenceReport, stored: candle_core::DType) -> st
         println!("verification FAILED: {}", failures.join("; "));
         std::process::ExitCode::from(1)
     }
+}
+
+/// Runs `isonn bench`: prints one table row per model and workload, then the
+/// GEMM throughput, and writes the JSON report when `json` is given.
+fn run_bench(
+    models: &[Arch],
+    workloads: &[isonn::bench::Workload],
+    batches: usize,
+    batch_size: usize,
+    repetitions: usize,
+    json: Option<&Path>,
+) -> Result<()> {
+    use isonn::bench::{self, MeasurementSummary};
+    let environment = bench::Environment::current();
+    println!(
+        "isonn {}, {} thread(s), CPU {}, load average {}",
+        environment.isonn,
+        environment.threads,
+        environment.cpu.as_deref().unwrap_or("unknown"),
+        environment.load_average.map(|l| format!("{l:.2}")).unwrap_or_else(|| "unknown".into())
+    );
+    println!(
+        "| model | workload | batches x size | min s | median s | max s | images/s | s per 60k epoch |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    let mut measurements = Vec::new();
+    for &arch in models {
+        let count = match arch {
+            Arch::Mlp => batches,
+            Arch::Cnn => (batches / 10).max(2),
+        };
+        for &workload in workloads {
+            let m = MeasurementSummary::from(bench::measure(arch, workload, count, batch_size, repetitions)?);
+            println!(
+                "| {arch} | {} | {count} x {batch_size} | {:.3} | {:.3} | {:.3} | {:.0} | {:.2} |",
+                workload.name(),
+                m.min_seconds,
+                m.median_seconds,
+                m.max_seconds,
+                m.images_per_second,
+                m.seconds_per_epoch
+            );
+            measurements.push(m);
+        }
+    }
+    println!("\n| GEMM (f32) | m x k x n | median GFLOP/s |\n| --- | --- | --- |");
+    let mut gemm = Vec::new();
+    for (label, m, k, n) in bench::gemm_shapes(batch_size) {
+        let g = bench::measure_gemm(label, m, k, n, repetitions);
+        println!("| {label} | {m} x {k} x {n} | {:.1} |", g.gflops);
+        gemm.push(g);
+    }
+    if let Some(path) = json {
+        let report = bench::Report {
+            environment,
+            measurements,
+            gemm,
+        };
+        isonn::fsio::write_json_atomic(path, &report)?;
+        println!("report written to {}", path.display());
+    }
+    Ok(())
 }

@@ -195,6 +195,14 @@ impl Optimizer for SignPreserving {
         self.state.resize(vars.len(), None);
         for (var, state) in vars.iter().zip(&mut self.state) {
             let Some(g) = grads.get(var) else { continue };
+            let p = var.as_tensor();
+            if self.momentum == Momentum::None {
+                if let Some((updated, zeroed)) = crate::ops::sign_preserving_update(p, g, self.lr_in, self.lr_out)? {
+                    self.zeroed += zeroed;
+                    var.set(&updated)?;
+                    continue;
+                }
+            }
             let t = match self.momentum {
                 Momentum::None => g.affine(self.lr_in, 0.0)?.tanh()?,
                 Momentum::Gradient(beta) => {
@@ -210,7 +218,6 @@ impl Optimizer for SignPreserving {
                     m
                 }
             };
-            let p = var.as_tensor();
             // p (1 - lr_out t): the factor lies in [1 - lr_out, 1 + lr_out],
             // which is >= 0 for lr_out <= 1.
             let factor = t.affine(-self.lr_out, 1.0)?;

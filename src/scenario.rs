@@ -125,9 +125,11 @@ fn fit_nonneg(
     })
 }
 
-/// Trains a non-negative isomorphic network in place with its physical
-/// forward pass. `P`, `N` and the biases are the parameters, while `lo`,
-/// `alpha` and the shifts stay fixed.
+/// Trains a non-negative isomorphic network in place. The forward pass is
+/// [`NonnegNetwork::forward_training`], which gives the physical forward
+/// pass's values and gradients with one GEMM per affine layer. `P`, `N` and
+/// the biases are the parameters, while `lo`, `alpha` and the shifts stay
+/// fixed.
 pub fn train_nonneg(
     network: &mut NonnegNetwork,
     data: &Dataset,
@@ -138,7 +140,7 @@ pub fn train_nonneg(
     let vars = network.make_trainable()?;
     let shape = network.input_shape.clone();
     let report = {
-        let forward = |x: &Tensor| network.forward(x);
+        let forward = |x: &Tensor| network.forward_training(x);
         fit_nonneg(&forward, &shape, &vars, optimizer, data, config, progress)?
     };
     *network = network.to_dtype(network.dtype())?;

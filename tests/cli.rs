@@ -431,3 +431,35 @@ fn optimizer_flags_must_match() {
         .code(2)
         .stderr(predicate::str::contains("(0, 1]"));
 }
+
+#[test]
+fn bench_writes_json_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("bench.json");
+    isonn()
+        .args(["bench", "--models", "mlp", "--workloads", "regular-train,nonneg-train"])
+        .args(["--batches", "1", "--batch-size", "8", "--repetitions", "2", "--json"])
+        .arg(&report)
+        .env("RAYON_NUM_THREADS", "1")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("| mlp | nonneg-train | 1 x 8 |"))
+        .stdout(predicate::str::contains("GFLOP/s"));
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let measurements = json["measurements"].as_array().unwrap();
+    assert_eq!(measurements.len(), 2, "one entry per workload");
+    assert_eq!(measurements[1]["workload"], "nonneg-train");
+    assert_eq!(measurements[1]["seconds"].as_array().unwrap().len(), 2, "one time per repetition");
+    assert!(measurements[0]["images_per_second"].as_f64().unwrap() > 0.0);
+    assert_eq!(json["environment"]["threads"], 1);
+    assert_eq!(json["gemm"].as_array().unwrap().len(), 4, "one entry per GEMM shape");
+}
+
+#[test]
+fn bench_rejects_unknown_workload() {
+    isonn()
+        .args(["bench", "--workloads", "regular-training"])
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains("regular-training"));
+}

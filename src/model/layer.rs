@@ -184,12 +184,8 @@ impl Layer {
     /// Applies the layer to a batch.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Layer::Linear(l) => x.matmul(&l.weight.t()?)?.broadcast_add(&l.bias)?,
-            Layer::Conv2d(c) => {
-                let out_c = c.bias.dims()[0];
-                c.convolve(x, &c.weight, c.padding)?
-                    .broadcast_add(&c.bias.reshape((1, out_c, 1, 1))?)?
-            }
+            Layer::Linear(l) => crate::ops::linear(x, &l.weight, &l.bias)?,
+            Layer::Conv2d(c) => crate::ops::add_channel_bias(&c.convolve(x, &c.weight, c.padding)?, &c.bias)?,
             Layer::Activation(a) => a.forward(x)?,
             Layer::AvgPool2d(p) => x.avg_pool2d_with_stride(p.kernel, p.stride)?,
             Layer::MaxPool2d(p) => x.max_pool2d_with_stride(p.kernel, p.stride)?,

@@ -159,6 +159,55 @@ impl NonnegAffine {
         Ok(z)
     }
 
+    /// Computes the same `z'` as [`forward`](Self::forward) by the identity
+    /// `P u + N (alpha - u) = (P - N) u + N alpha`: one GEMM over the signal
+    /// instead of two over the signal and the complement. The gradients for
+    /// `P`, `N` and `bias` are the same as those of the physical form.
+    ///
+    /// It is for training without a hardware model. It leaves out the
+    /// physical complement port, so it neither observes signals nor removes
+    /// the rounding of `alpha - u` below 0, which the physical form clips.
+    pub fn forward_training(&self, u: &Tensor) -> Result<Tensor> {
+        let weight = self.positive.sub(&self.negative)?;
+        match self.op {
+            AffineOp::Linear => {
+                let inputs = self.negative.dims()[1];
+                let alpha = Tensor::new(self.alpha.as_slice(), u.device())?.to_dtype(u.dtype())?;
+                let alpha = match self.alpha.len() {
+                    1 => alpha.broadcast_as((inputs, 1))?,
+                    _ => alpha.reshape((inputs, 1))?,
+                };
+                let bias = self.negative.matmul(&alpha)?.squeeze(1)?.add(&self.bias)?;
+                crate::ops::linear(u, &weight, &bias)
+            }
+            AffineOp::Conv2d {
+                stride,
+                padding,
+                dilation,
+                groups,
+            } => {
+                // Padding with the physical value -lo keeps alpha - u equal to
+                // the complement's pad value hi = alpha + lo.
+                let neg_lo: Vec<f64> = self.lo.iter().map(|l| -l).collect();
+                let u = pad_constant(u, padding, &self.channel_tensor(&neg_lo, u)?)?;
+                // N alpha is the convolution of N with an image of alpha,
+                // exactly one kernel extent in size.
+                let (out_channels, _, kernel_h, kernel_w) = self.negative.dims4()?;
+                let channels = u.dims()[1];
+                let extent = |k: usize| dilation * (k - 1) + 1;
+                let alpha_image = self
+                    .channel_tensor(&self.alpha, &u)?
+                    .broadcast_as((1, channels, extent(kernel_h), extent(kernel_w)))?
+                    .contiguous()?;
+                let bias = crate::ops::conv2d(&alpha_image, &self.negative, 0, 1, dilation, groups)?
+                    .reshape(out_channels)?
+                    .add(&self.bias)?;
+                let z = crate::ops::conv2d(&u, &weight, 0, stride, dilation, groups)?;
+                crate::ops::add_channel_bias(&z, &bias)
+            }
+        }
+    }
+
     /// Returns the three parameter tensors, mutably.
     pub fn parameters_mut(&mut self) -> [&mut Tensor; 3] {
         [&mut self.positive, &mut self.negative, &mut self.bias]
@@ -198,7 +247,22 @@ impl NonnegActivation {
     /// the identity in exact arithmetic and removes rounding above `max f`
     /// (f32 evaluates the photonic sigmoid's plateau 1.005 a little high).
     pub fn forward(&self, v: &Tensor) -> Result<Tensor> {
-        let mut y = self.activation.forward(&v.affine(1.0, self.input_offset)?)?;
+        let op = crate::ops::ShiftedActivation {
+            activation: self.activation,
+            input_offset: self.input_offset,
+            output_offset: self.output_offset,
+            clamp: true,
+        };
+        if let Some(y) = crate::ops::shifted_activation(v, op)? {
+            return Ok(y);
+        }
+        self.forward_generic(v)
+    }
+
+    /// Computes [`forward`](Self::forward) with candle's generic ops, on any
+    /// device: its fallback and its reference.
+    pub fn forward_generic(&self, v: &Tensor) -> Result<Tensor> {
+        let mut y = self.activation.forward_generic(&v.affine(1.0, self.input_offset)?)?;
         if let Some((lo, hi)) = self.activation.output_bounds() {
             y = y.clamp(lo, hi)?;
         }
@@ -249,6 +313,27 @@ impl NonnegNetwork {
             };
         }
         Ok(v)
+    }
+
+    /// Computes the logits like [`forward`](Self::forward), with every
+    /// affine layer in the training form [`NonnegAffine::forward_training`].
+    /// The values agree with the physical forward pass up to rounding, and
+    /// so do the gradients for every parameter.
+    ///
+    /// # Shapes
+    /// `x`: `[batch, channels, height, width]` -> `[batch, classes]`.
+    pub fn forward_training(&self, x: &Tensor) -> Result<Tensor> {
+        let mut v = x.affine(1.0, -self.input_range.lo)?;
+        for layer in &self.layers {
+            v = match layer {
+                NonnegLayer::Affine(a) => a.forward_training(&v)?,
+                NonnegLayer::Activation(a) => a.forward(&v)?,
+                NonnegLayer::AvgPool2d(p) => v.avg_pool2d_with_stride(p.kernel, p.stride)?,
+                NonnegLayer::MaxPool2d(p) => v.max_pool2d_with_stride(p.kernel, p.stride)?,
+                NonnegLayer::Flatten => v.flatten_from(1)?,
+            };
+        }
+        Ok(v.affine(1.0, self.output_offset)?)
     }
 
     /// Returns the affine layers with their indices.

@@ -40,6 +40,9 @@ use crate::{Error, Result};
 /// not tuned for other cache sizes.
 const CHUNK_ELEMENTS: usize = 1 << 20;
 
+/// The op name in unsupported-dtype errors.
+const IM2COL_OP: &str = "im2col convolution (supports f32 and f64)";
+
 /// Applies a 2-D convolution with zero padding, like candle's `Tensor::conv2d`,
 /// computed as im2col + GEMM so that the backward pass is also GEMMs.
 ///
@@ -396,8 +399,9 @@ fn unpadded_outputs(
     (start as usize).min(end)..end
 }
 
-/// A float type that the im2col kernels support, with access to its `CpuStorage` variant.
-trait Float: Copy + Default + AddAssign + Send + Sync + 'static {
+/// A float type that the fused CPU kernels of this module and its siblings
+/// support, with access to its `CpuStorage` variant.
+pub(crate) trait Float: Copy + Default + AddAssign + Send + Sync + 'static + num_traits::Float {
     const DTYPE: DType;
 
     fn values(storage: &CpuStorage) -> candle_core::Result<&[Self]>;
@@ -455,21 +459,6 @@ fn dtype_mismatch(expected: DType, actual: DType) -> candle_core::Error {
     candle_core::Error::Msg(format!(
         "im2col kernels expected {expected:?} storage, got {actual:?}"
     ))
-}
-
-/// Calls `$method::<f32>` or `$method::<f64>` on `$self` for the dtype `$dtype`,
-/// and returns an unsupported-dtype error for any other dtype.
-macro_rules! dispatch_float {
-    ($self:ident.$method:ident($($arg:expr),*), $dtype:expr) => {
-        match $dtype {
-            DType::F32 => $self.$method::<f32>($($arg),*),
-            DType::F64 => $self.$method::<f64>($($arg),*),
-            dtype => Err(candle_core::Error::UnsupportedDTypeForOp(
-                dtype,
-                "im2col convolution (supports f32 and f64)",
-            )),
-        }
-    };
 }
 
 /// The kernel `[O, C / groups, KH, KW]` of a convolution, read as `groups`
@@ -608,7 +597,7 @@ impl CustomOp2 for Conv2dIm2col {
         kernel: &CpuStorage,
         kernel_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch_float!(self.forward(x, x_layout, kernel, kernel_layout), x.dtype())
+        dispatch_float!(self.forward(x, x_layout, kernel, kernel_layout), x.dtype(), IM2COL_OP)
     }
 
     // NOTE: the gradients come from ops without a backward pass, so a second
@@ -725,7 +714,8 @@ impl CustomOp2 for Conv2dInputGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         dispatch_float!(
             self.input_grad(grad, grad_layout, kernel, kernel_layout),
-            grad.dtype()
+            grad.dtype(),
+            IM2COL_OP
         )
     }
 }
@@ -803,7 +793,7 @@ impl CustomOp2 for Conv2dKernelGrad {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch_float!(self.kernel_grad(x, x_layout, grad, grad_layout), x.dtype())
+        dispatch_float!(self.kernel_grad(x, x_layout, grad, grad_layout), x.dtype(), IM2COL_OP)
     }
 }
 
@@ -994,8 +984,11 @@ where
                     let src = &values[plane_start + ih * stride_h + first_iw * stride_w..];
                     let dst_start = image * out_area + oh * out_w;
                     let dst = &mut col_row[dst_start + valid_w.start..dst_start + valid_w.end];
-                    if src_step == 1 {
+                    // A broadcast input has stride 0, and a width of 1 can have any stride.
+                    if src_step == 1 || dst.len() <= 1 {
                         dst.copy_from_slice(&src[..dst.len()]);
+                    } else if src_step == 0 {
+                        dst.fill(src[0]);
                     } else {
                         for (d, s) in dst.iter_mut().zip(src.iter().step_by(src_step)) {
                             *d = *s;
@@ -1070,6 +1063,7 @@ where
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+    use crate::ops::test_util::relative_error;
     use proptest::prelude::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -1220,20 +1214,6 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap()
-    }
-
-    /// Returns the largest difference between `actual` and `expected`, divided by the
-    /// largest magnitude in `expected` (or by 1 when that is smaller).
-    fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
-        assert_eq!(actual.dims(), expected.dims(), "shapes differ");
-        let actual = to_f64_vec(actual);
-        let expected = to_f64_vec(expected);
-        let scale = expected.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-        let max_diff = actual
-            .iter()
-            .zip(&expected)
-            .fold(0.0f64, |m, (a, e)| m.max((a - e).abs()));
-        max_diff / scale
     }
 
     /// Returns `sum(out * weights)` with random weights fixed by the case's seed.
@@ -1403,6 +1383,20 @@ mod tests {
             let candle_grad = candle_grads.get(var.as_tensor()).unwrap();
             let error = relative_error(ours_grad, candle_grad);
             assert!(error <= 1e-12, "{name} gradient relative error {error}");
+        }
+    }
+
+    #[test]
+    fn conv2d_broadcast_input() {
+        // Stride 0 in every dimension but the channels, and a width of 1.
+        let kernel = Tensor::new(&[[[[1.0f64, 2.0], [3.0, 4.0]]], [[[0.5, 0.0], [0.0, -1.0]]]], &Device::Cpu)
+            .unwrap();
+        for shape in [(2, 1, 3, 3), (1, 1, 2, 1)] {
+            let x = Tensor::new(&[[[[0.25f64]]]], &Device::Cpu).unwrap().broadcast_as(shape).unwrap();
+            let kernel = kernel.narrow(3, 0, shape.3.min(2)).unwrap();
+            let ours = conv2d(&x, &kernel, 0, 1, 1, 1).unwrap();
+            let expected = x.contiguous().unwrap().conv2d(&kernel, 0, 1, 1, 1).unwrap();
+            assert!(relative_error(&ours, &expected) <= 1e-12, "input {shape:?}");
         }
     }
 

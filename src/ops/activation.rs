@@ -1,0 +1,339 @@
+//! The photonic activations as single autograd nodes.
+//!
+//! Candle 0.11 evaluates the photonic sigmoid as four elementwise nodes
+//! (minimum, affine, sigmoid, affine) and the sinusoidal one as four more
+//! (clamp, affine, sin, sqr), each of which allocates its output in the
+//! forward pass and its gradient in the backward pass. [`shifted_activation`]
+//! computes `f(x + input_offset) - output_offset` in one pass over the data,
+//! and its backward pass evaluates `f'` in one more.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::conv::Float;
+use super::linear::contiguous_values;
+use crate::activation::{sigmoid_fit, Activation};
+use crate::Result;
+
+/// Elements per rayon task; smaller tensors run on the calling thread.
+const PARALLEL_CHUNK: usize = 1 << 14;
+
+/// A photonic activation operated with shifted input and output,
+/// `f(x + input_offset) - output_offset`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShiftedActivation {
+    /// The response `f`, one of the photonic ones.
+    pub activation: Activation,
+    /// Added to the input before `f`.
+    pub input_offset: f64,
+    /// Subtracted from `f`'s output.
+    pub output_offset: f64,
+    /// Clamp `f`'s output to [`Activation::output_bounds`] before the shift.
+    pub clamp: bool,
+}
+
+/// Applies `op` as one fused node when it can: a photonic activation on an
+/// f32 or f64 CPU tensor. Returns `None` otherwise, so that the caller runs
+/// candle's generic ops.
+pub fn shifted_activation(x: &Tensor, op: ShiftedActivation) -> Result<Option<Tensor>> {
+    let is_photonic = matches!(
+        op.activation,
+        Activation::PhotonicSigmoid | Activation::PhotonicSinusoidal
+    );
+    let is_fused_dtype = matches!(x.dtype(), DType::F32 | DType::F64);
+    if !is_photonic || !is_fused_dtype || !x.device().is_cpu() {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op1(op)?))
+}
+
+impl ShiftedActivation {
+    /// Returns `f(x + input_offset) - output_offset` and `f'(x + input_offset)`.
+    ///
+    /// The derivative is 0 where the fitted model clamps the input (above
+    /// `X0 + CUTOFF` for the sigmoid, outside `[0, 1]` for the sinusoid), as
+    /// candle's `minimum` and `clamp` give it. Clamping the output to the
+    /// bounds changes only rounding, so it leaves the derivative as it is.
+    #[inline]
+    fn eval<T: num_traits::Float>(&self, x: T) -> (T, T) {
+        let c = |v: f64| T::from(v).unwrap_or_else(T::nan);
+        let x = x + c(self.input_offset);
+        let (y, dy) = match self.activation {
+            Activation::PhotonicSigmoid => {
+                use sigmoid_fit::*;
+                let cutoff = c(X0 + CUTOFF);
+                let t = (x.min(cutoff) - c(X0)) / c(D);
+                let s = T::one() / (T::one() + (-t).exp());
+                let y = c(A1) + c(A2 - A1) * s;
+                let dy = if x < cutoff {
+                    c((A2 - A1) / D) * s * (T::one() - s)
+                } else {
+                    T::zero()
+                };
+                (y, dy)
+            }
+            Activation::PhotonicSinusoidal => {
+                let half_pi = c(std::f64::consts::FRAC_PI_2);
+                let s = (half_pi * x.max(T::zero()).min(T::one())).sin();
+                let dy = if x > T::zero() && x < T::one() {
+                    half_pi * (c(std::f64::consts::PI) * x).sin()
+                } else {
+                    T::zero()
+                };
+                (s * s, dy)
+            }
+            // shifted_activation never builds the op for these.
+            Activation::ReluN { .. } | Activation::Relu => (T::nan(), T::nan()),
+        };
+        let y = match (self.clamp, self.activation.output_bounds()) {
+            (true, Some((lo, hi))) => y.max(c(lo)).min(c(hi)),
+            _ => y,
+        };
+        (y - c(self.output_offset), dy)
+    }
+
+    fn forward<T: Float>(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_values::<T>(storage, layout, "activation input")?;
+        let mut out = vec![T::default(); x.len()];
+        let apply = |(o, x): (&mut [T], &[T])| {
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = self.eval(x).0;
+            }
+        };
+        if x.len() > PARALLEL_CHUNK {
+            out.par_chunks_mut(PARALLEL_CHUNK)
+                .zip(x.par_chunks(PARALLEL_CHUNK))
+                .for_each(apply);
+        } else {
+            apply((&mut out, x));
+        }
+        Ok((T::into_storage(out), layout.shape().clone()))
+    }
+
+    fn input_grad<T: Float>(
+        &self,
+        x: (&CpuStorage, &Layout),
+        grad: (&CpuStorage, &Layout),
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if x.1.shape() != grad.1.shape() {
+            candle_core::bail!(
+                "activation gradient has shape {:?}, but the input has {:?}",
+                grad.1.shape(),
+                x.1.shape()
+            );
+        }
+        let x_values = contiguous_values::<T>(x.0, x.1, "activation input")?;
+        let grad_values = contiguous_values::<T>(grad.0, grad.1, "activation output gradient")?;
+        let mut out = vec![T::default(); x_values.len()];
+        let apply = |((o, x), g): ((&mut [T], &[T]), &[T])| {
+            for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
+                *o = g * self.eval(x).1;
+            }
+        };
+        if x_values.len() > PARALLEL_CHUNK {
+            out.par_chunks_mut(PARALLEL_CHUNK)
+                .zip(x_values.par_chunks(PARALLEL_CHUNK))
+                .zip(grad_values.par_chunks(PARALLEL_CHUNK))
+                .for_each(apply);
+        } else {
+            apply(((&mut out, x_values), grad_values));
+        }
+        Ok((T::into_storage(out), x.1.shape().clone()))
+    }
+}
+
+impl CustomOp1 for ShiftedActivation {
+    fn name(&self) -> &'static str {
+        "photonic-activation"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch_float!(
+            self.forward(storage, layout),
+            storage.dtype(),
+            "fused photonic activation (supports f32 and f64)"
+        )
+    }
+
+    // NOTE: the gradient comes from an op without a backward pass, so a
+    // second backward pass through this node treats it as a constant.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?;
+        Ok(Some(x.apply_op2_no_bwd(&grad, &ActivationGrad(*self))?))
+    }
+}
+
+/// The input gradient `g * f'(x + input_offset)` of [`ShiftedActivation`],
+/// from the input (first argument) and the output gradient (second).
+struct ActivationGrad(ShiftedActivation);
+
+impl CustomOp2 for ActivationGrad {
+    fn name(&self) -> &'static str {
+        "photonic-activation-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = &self.0;
+        dispatch_float!(
+            op.input_grad((x, x_layout), (grad, grad_layout)),
+            x.dtype(),
+            "fused photonic activation (supports f32 and f64)"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nonneg::NonnegActivation;
+    use crate::ops::test_util::{random_tensor, relative_error, tolerance, weighted_sum};
+    use candle_core::Var;
+    use proptest::prelude::*;
+
+    const PHOTONIC: [Activation; 2] = [Activation::PhotonicSigmoid, Activation::PhotonicSinusoidal];
+
+    /// Returns the output and the input gradient of `sum(f(x) * weights)`.
+    fn run(f: impl Fn(&Tensor) -> Result<Tensor>, x: &Tensor, seed: u64) -> (Tensor, Tensor) {
+        let x = Var::from_tensor(x).unwrap();
+        let y = f(x.as_tensor()).unwrap();
+        let grads = weighted_sum(seed, &y).backward().unwrap();
+        (y, grads.get(x.as_tensor()).unwrap().clone())
+    }
+
+    /// Compares the fused and the generic forms of a shifted device, as the
+    /// non-negative network runs it, and of the plain activation.
+    fn check_against_generic(
+        len: usize,
+        activation: Activation,
+        offsets: (f64, f64),
+        seed: u64,
+        dtype: DType,
+    ) {
+        // Inputs across the response and both clamp regions.
+        let x = random_tensor(seed, &[len], -1.0, 3.0, dtype);
+        let device = NonnegActivation {
+            activation,
+            input_offset: offsets.0,
+            output_offset: offsets.1,
+        };
+        let cases: [(&str, (Tensor, Tensor), (Tensor, Tensor)); 2] = [
+            (
+                "device",
+                run(|v| device.forward(v), &x, seed),
+                run(|v| device.forward_generic(v), &x, seed),
+            ),
+            (
+                "plain",
+                run(|v| activation.forward(v), &x, seed),
+                run(|v| activation.forward_generic(v), &x, seed),
+            ),
+        ];
+        // The sigmoid's slope is up to (A2 - A1) / (4 D), about 7, so its
+        // gradient carries a few times the rounding of its argument.
+        let limit = 10.0 * tolerance(dtype);
+        for (name, (y, dy), (y_generic, dy_generic)) in cases {
+            let error = relative_error(&y, &y_generic);
+            assert!(
+                error <= limit,
+                "{name} {activation} values, {dtype:?}: relative error {error:e}"
+            );
+            let error = relative_error(&dy, &dy_generic);
+            assert!(
+                error <= limit,
+                "{name} {activation} gradients, {dtype:?}: relative error {error:e}"
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        #[test]
+        fn activation_matches_generic(
+            len in 1usize..300,
+            which in 0usize..2,
+            input_offset in -0.5f64..0.5,
+            output_offset in 0.0f64..0.2,
+            seed in 0u64..1000,
+        ) {
+            for dtype in [DType::F32, DType::F64] {
+                check_against_generic(len, PHOTONIC[which], (input_offset, output_offset), seed, dtype);
+            }
+        }
+    }
+
+    #[test]
+    fn activation_parallel_chunks_match_generic() {
+        for activation in PHOTONIC {
+            check_against_generic(
+                3 * PARALLEL_CHUNK + 17,
+                activation,
+                (0.1, 0.06),
+                5,
+                DType::F32,
+            );
+        }
+    }
+
+    #[test]
+    fn activation_other_kinds_are_not_fused() {
+        let x = random_tensor(1, &[4], -1.0, 1.0, DType::F32);
+        for activation in [Activation::Relu, Activation::ReluN { n: 2.0 }] {
+            let op = ShiftedActivation {
+                activation,
+                input_offset: 0.0,
+                output_offset: 0.0,
+                clamp: false,
+            };
+            assert!(
+                shifted_activation(&x, op).unwrap().is_none(),
+                "{activation} was fused"
+            );
+        }
+        let op = ShiftedActivation {
+            activation: Activation::PhotonicSigmoid,
+            input_offset: 0.0,
+            output_offset: 0.0,
+            clamp: false,
+        };
+        let half = x.to_dtype(DType::F16).unwrap();
+        assert!(
+            shifted_activation(&half, op).unwrap().is_none(),
+            "f16 was fused"
+        );
+    }
+
+    #[test]
+    fn activation_non_contiguous_input() {
+        let x = random_tensor(1, &[5, 3], -1.0, 2.0, DType::F64)
+            .t()
+            .unwrap();
+        for activation in PHOTONIC {
+            let error = relative_error(
+                &activation.forward(&x).unwrap(),
+                &activation.forward_generic(&x).unwrap(),
+            );
+            assert!(error <= 1e-12, "{activation}: relative error {error:e}");
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The training form of the non-negative network, `(P - N) u + N alpha`,
+//! computes the physical form's `P u + N (alpha - u)` values and the same
+//! gradients for every `P`, `N` and bias.
+
+mod common;
+
+use candle_core::{DType, Tensor, Var};
+use common::*;
+use isonn::model::{Layer, Network, Range};
+use isonn::nonneg::{transform, NonnegNetwork, TransformOptions};
+use proptest::prelude::*;
+use rand::SeedableRng;
+
+/// Relative tolerance on logits and gradients (divided by the largest
+/// magnitude of the physical form's tensor, at least 1) in f32. The two
+/// forms round differently: the training form subtracts `N u` from `P u`
+/// inside one GEMM, so its rounding is relative to the signal sizes, and a
+/// first-layer gradient sums a product over every image and position.
+const TOLERANCE_F32: f64 = 2e-4;
+/// The same in f64.
+const TOLERANCE_F64: f64 = 1e-10;
+
+/// Returns the largest difference divided by the largest |expected|, at least 1.
+fn relative_difference(actual: &Tensor, expected: &Tensor) -> f64 {
+    max_abs(&actual.sub(expected).unwrap()) / max_abs(expected).max(1.0)
+}
+
+/// Returns the logits and the gradients of `sum(logits * weights)` for
+/// every parameter.
+fn logits_and_gradients(
+    nonneg: &NonnegNetwork,
+    vars: &[Var],
+    x: &Tensor,
+    forward: impl Fn(&NonnegNetwork, &Tensor) -> Tensor,
+) -> (Tensor, Vec<Tensor>) {
+    let logits = forward(nonneg, x);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let weights = uniform(&mut rng, logits.dims(), 1.0, logits.dtype());
+    let grads = (&logits * weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gradients = vars
+        .iter()
+        .map(|v| {
+            grads
+                .get(v.as_tensor())
+                .cloned()
+                .unwrap_or_else(|| v.zeros_like().unwrap())
+        })
+        .collect();
+    (logits, gradients)
+}
+
+fn check_forms_agree(network: &Network, dtype: DType, seed: u64) -> Result<(), TestCaseError> {
+    // Candle 0.11 has no backward pass for pooling whose stride differs from its window.
+    let pools_backward = network.layers.iter().all(|layer| match layer {
+        Layer::AvgPool2d(p) | Layer::MaxPool2d(p) => p.kernel == p.stride,
+        _ => true,
+    });
+    prop_assume!(pools_backward);
+    let mut nonneg = transform(network, &TransformOptions::default()).unwrap();
+    let vars = nonneg.make_trainable().unwrap();
+    let names: Vec<String> = nonneg
+        .parameters()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    let x = random_inputs(seed, network, 6, dtype);
+    let (physical, physical_grads) =
+        logits_and_gradients(&nonneg, &vars, &x, |n, x| n.forward(x).unwrap());
+    let (training, training_grads) =
+        logits_and_gradients(&nonneg, &vars, &x, |n, x| n.forward_training(x).unwrap());
+    let tolerance = if dtype == DType::F64 {
+        TOLERANCE_F64
+    } else {
+        TOLERANCE_F32
+    };
+    let logits = relative_difference(&training, &physical);
+    prop_assert!(
+        logits <= tolerance,
+        "logits differ by {logits:e}, above {tolerance:e}"
+    );
+    for ((name, a), b) in names.iter().zip(&training_grads).zip(&physical_grads) {
+        let diff = relative_difference(a, b);
+        prop_assert!(
+            diff <= tolerance,
+            "gradient of {name} differs by {diff:e}, above {tolerance:e}"
+        );
+    }
+    Ok(())
+}
+
+fn range_strategy() -> impl Strategy<Value = Range> {
+    prop_oneof![
+        Just(Range { lo: 0.0, hi: 1.0 }),
+        (-2.0f64..1.0, 0.1f64..3.0).prop_map(|(lo, w)| Range { lo, hi: lo + w }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn mlp_forms_agree_f64(seed in any::<u64>(), range in range_strategy()) {
+        check_forms_agree(&random_mlp(seed, DType::F64, range), DType::F64, seed)?;
+    }
+
+    #[test]
+    fn mlp_forms_agree_f32(seed in any::<u64>(), range in range_strategy()) {
+        check_forms_agree(&random_mlp(seed, DType::F32, range), DType::F32, seed)?;
+    }
+
+    #[test]
+    fn cnn_forms_agree_f64(seed in any::<u64>(), range in range_strategy()) {
+        check_forms_agree(&random_cnn(seed, DType::F64, range), DType::F64, seed)?;
+    }
+
+    #[test]
+    fn cnn_forms_agree_f32(seed in any::<u64>(), range in range_strategy()) {
+        check_forms_agree(&random_cnn(seed, DType::F32, range), DType::F32, seed)?;
+    }
+}
+
+/// The gradients are not all zero, so the comparison above can fail.
+#[test]
+fn gradients_reach_every_layer() {
+    let network = random_mlp(11, DType::F64, Range { lo: 0.0, hi: 1.0 });
+    let mut nonneg = transform(&network, &TransformOptions::default()).unwrap();
+    let vars = nonneg.make_trainable().unwrap();
+    let x = random_inputs(11, &network, 6, DType::F64);
+    let (_, grads) =
+        logits_and_gradients(&nonneg, &vars, &x, |n, x| n.forward_training(x).unwrap());
+    let biases = grads.iter().skip(2).step_by(3);
+    for (i, g) in biases.enumerate() {
+        assert!(
+            max_abs(g) > 0.0,
+            "bias gradient of affine layer {i} is zero"
+        );
+    }
+}
