@@ -190,7 +190,7 @@ enum Command {
         #[arg(long)]
         force: bool,
         /// Train through the hardware model with these effects (noise-aware
-        /// fine-tuning); noise is drawn from --seed.
+        /// fine-tuning). The noise is drawn from --seed.
         #[command(flatten)]
         effects: EffectArgs,
         /// Gains of the hardware mapping when effects are given.
@@ -262,7 +262,7 @@ enum Command {
     },
 }
 
-/// Device effects of the hardware model; each is off unless given.
+/// Device effects of the hardware model. Each is off unless given.
 #[derive(clap::Args, Clone)]
 struct EffectArgs {
     /// Bits of the modulator DACs.
@@ -304,7 +304,7 @@ impl EffectArgs {
     }
 }
 
-/// Options of `isonn hardware`; the effects are described in docs/HARDWARE.md.
+/// Options of `isonn hardware`. docs/HARDWARE.md describes the effects.
 #[derive(clap::Args)]
 struct HardwareArgs {
     /// Model directories: non-negative ones for evaluation and sweeps (one
@@ -791,7 +791,9 @@ fn run_hardware(args: HardwareArgs, progress: &Progress) -> Result<()> {
                 dir.display()
             );
         };
-        models.push((dir.display().to_string(), network));
+        // The directory name labels the model's line and table column.
+        let label = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+        models.push((label, network));
     }
     let dataset = args.data.load()?;
     let images = match args.test_images {

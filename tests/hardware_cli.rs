@@ -33,8 +33,17 @@ fn hardware_evaluates_sweeps_and_counts() {
 
     // Without effects, hardware accuracy is the model's own accuracy.
     let eval = isonn().arg("eval").arg(&nonneg).args(&subset[..2]).assert().success();
-    let eval_out = String::from_utf8(eval.get_output().stdout.clone()).unwrap();
-    assert!(eval_out.contains("accuracy"), "{eval_out}");
+    let ideal = isonn().arg("hardware").arg(&nonneg).args(&subset[..2]).assert().success();
+    let accuracy_of = |output: &[u8]| {
+        let text = String::from_utf8(output.to_vec()).unwrap();
+        let after = text.split("accuracy ").nth(1).unwrap_or_else(|| panic!("no accuracy in {text:?}"));
+        after.split_whitespace().next().unwrap().to_string()
+    };
+    assert_eq!(
+        accuracy_of(&eval.get_output().stdout),
+        accuracy_of(&ideal.get_output().stdout),
+        "ideal hardware and eval disagree"
+    );
     isonn()
         .arg("hardware")
         .arg(&nonneg)

@@ -23,8 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::model::{Layer, Network};
 
-/// Device counts of one scheme for one layer; every count is of devices,
-/// which each cycle uses once.
+/// Device counts of one scheme for one layer. Each cycle uses every device once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SchemeCount {
     /// Optical input lines into the weight bank.

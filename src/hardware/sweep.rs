@@ -190,7 +190,7 @@ pub struct SweepPoint {
 /// The sweep of one model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SweepSeries {
-    /// Label of the model (its directory).
+    /// Label of the model (its directory name on the command line).
     pub label: String,
     /// Accuracy without any effect: the ideal non-negative network.
     pub ideal_accuracy: f64,
