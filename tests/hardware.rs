@@ -465,3 +465,61 @@ fn energies_reject_missing_and_negative() {
     let message = Energies::load(&negative).unwrap_err().to_string();
     assert!(message.contains("modulator_j"), "{message}");
 }
+
+/// Trains a small f64 MLP for one epoch on 256 subset images, with the
+/// ideal forward or through the hardware model with `effects`.
+fn train_small(effects: Option<Effects>) -> NonnegNetwork {
+    use isonn::activation::Activation;
+    use isonn::model::Init;
+    use isonn::progress::Progress;
+    use isonn::scenario::{train_nonneg, train_nonneg_on_hardware, NonnegOptimizer};
+    use isonn::train::TrainConfig;
+
+    let mut data = isonn::data::load_embedded().unwrap();
+    data.train = data.train.take(256);
+    data.test = data.test.take(64);
+    let regular = Network::mlp(&[1, 28, 28], &[8], 10, Activation::PhotonicSigmoid, Init::Xavier, 0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let mut nonneg = transform(&regular, &TransformOptions::default()).unwrap();
+    let config = TrainConfig {
+        epochs: 1,
+        batch_size: 64,
+        seed: 0,
+        eval_every_epoch: false,
+    };
+    let optimizer = NonnegOptimizer::Projected { lr: 0.01, momentum: 0.0 };
+    let progress = Progress::hidden();
+    match effects {
+        None => train_nonneg(&mut nonneg, &data, &config, &optimizer, &progress).unwrap(),
+        Some(effects) => {
+            let hardware = isonn::hardware::HardwareTraining {
+                effects,
+                granularity: GainGranularity::PerLayer,
+                seed: 0,
+            };
+            train_nonneg_on_hardware(&mut nonneg, &data, &config, &optimizer, &hardware, &progress).unwrap()
+        }
+    };
+    nonneg
+}
+
+#[test]
+fn ideal_hardware_training_matches_plain() {
+    let plain = train_small(None);
+    let hardware = train_small(Some(Effects::default()));
+    for ((_, a), (_, b)) in plain.affine_layers().zip(hardware.affine_layers()) {
+        for (x, y) in a.parameters().into_iter().zip(b.parameters()) {
+            let d = relative_difference(x, y);
+            assert!(d <= 1e-9, "parameters differ by {d} after ideal hardware training");
+        }
+    }
+    let quantised = train_small(Some(Effects {
+        weight_bits: Some(2),
+        ..Effects::default()
+    }));
+    let (_, a) = plain.affine_layers().next().unwrap();
+    let (_, b) = quantised.affine_layers().next().unwrap();
+    assert!(relative_difference(&a.positive, &b.positive) > 1e-6, "2-bit training left the weights unchanged");
+}
