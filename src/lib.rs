@@ -5,6 +5,7 @@ pub mod data;
 pub mod error;
 pub mod experiment;
 pub mod fsio;
+pub mod hardware;
 pub mod model;
 pub mod nonneg;
 pub mod optim;

@@ -10,6 +10,7 @@ use indicatif::MultiProgress;
 use isonn::activation::Activation;
 use isonn::data::{self, DatasetName};
 use isonn::experiment::{self, ReproduceConfig};
+use isonn::hardware::{self, Effects, GainGranularity, Sweep};
 use isonn::model::{Arch, Init, Network};
 use isonn::nonneg::{transform, ActivationRange, ShiftPolicy, TransformOptions};
 use isonn::progress::Progress;
@@ -196,6 +197,13 @@ enum Command {
         /// Overwrite a model already in the output directory.
         #[arg(long)]
         force: bool,
+        /// Train through the hardware model with these effects (noise-aware
+        /// fine-tuning). The noise is drawn from --seed.
+        #[command(flatten)]
+        effects: EffectArgs,
+        /// Gains of the hardware mapping when effects are given.
+        #[arg(long, value_enum, default_value_t = GainGranularity::PerLayer)]
+        gain: GainGranularity,
     },
     /// Measure training and inference throughput on synthetic batches.
     Bench {
@@ -223,6 +231,9 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// Evaluate non-negative models on a model of photonic hardware, or
+    /// count the hardware each way of handling signs needs (--cost).
+    Hardware(HardwareArgs),
     /// Run the method's experiments and tabulate them beside the published figures.
     Reproduce {
         /// Output directory for results.json, results.md, plots and models.
@@ -273,6 +284,88 @@ enum Command {
         #[command(flatten)]
         data: DataArgs,
     },
+}
+
+/// Device effects of the hardware model. Each is off unless given.
+#[derive(clap::Args, Clone)]
+struct EffectArgs {
+    /// Bits of the modulator DACs.
+    #[arg(long, value_name = "B")]
+    input_bits: Option<u32>,
+    /// Bits of each transmission setting.
+    #[arg(long, value_name = "B")]
+    weight_bits: Option<u32>,
+    /// Bits of the detector ADCs, over each layer's full scale.
+    #[arg(long, value_name = "B")]
+    adc_bits: Option<u32>,
+    /// Extinction ratio of the weight elements, in dB.
+    #[arg(long, value_name = "DB")]
+    extinction_db: Option<f64>,
+    /// Standard deviation of each transmission, as a fraction of full transmission.
+    #[arg(long, default_value_t = 0.0)]
+    weight_noise: f64,
+    /// Standard deviation of the additive detector noise, as a fraction of full scale.
+    #[arg(long, default_value_t = 0.0)]
+    detector_noise: f64,
+    /// Shot-like noise: standard deviation at full scale, as a fraction of full scale.
+    #[arg(long, default_value_t = 0.0)]
+    shot_noise: f64,
+}
+
+impl EffectArgs {
+    fn to_effects(&self) -> Result<Effects> {
+        let effects = Effects {
+            input_bits: self.input_bits,
+            weight_bits: self.weight_bits,
+            adc_bits: self.adc_bits,
+            extinction_db: self.extinction_db,
+            weight_noise: self.weight_noise,
+            detector_noise: self.detector_noise,
+            shot_noise: self.shot_noise,
+        };
+        effects.validate()?;
+        Ok(effects)
+    }
+}
+
+/// Options of `isonn hardware`. docs/HARDWARE.md describes the effects.
+#[derive(clap::Args)]
+struct HardwareArgs {
+    /// Model directories: non-negative ones for evaluation and sweeps (one
+    /// plot line each), either kind for --cost.
+    #[arg(required = true)]
+    models: Vec<PathBuf>,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Print the cost-of-signs table instead of evaluating.
+    #[arg(long)]
+    cost: bool,
+    /// Per-use energies in joules for --cost (JSON or TOML with modulator_j,
+    /// weight_element_j, photodetector_j, adc_j, subtraction_j).
+    #[arg(long, value_name = "FILE", requires = "cost")]
+    energy: Option<PathBuf>,
+    #[command(flatten)]
+    effects: EffectArgs,
+    /// Gains of the mapping: one per layer or one per output.
+    #[arg(long, value_enum, default_value_t = GainGranularity::PerLayer)]
+    gain: GainGranularity,
+    /// Number of noise seeds N; the seeds are 0, 1, ..., N-1.
+    #[arg(long, default_value_t = 5)]
+    seeds: u64,
+    /// Evaluate only the first N test images.
+    #[arg(long, value_name = "N")]
+    test_images: Option<usize>,
+    /// Sweep one parameter: NAME=A..B or NAME=A..B:STEPS, e.g.
+    /// weight-bits=2..8 or detector-noise=0..0.05:6.
+    #[arg(long)]
+    sweep: Option<String>,
+    /// Output directory of the sweep (sweep.md, sweep.json, sweep.png) or
+    /// of the cost table (cost.md, cost.json).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Title of the sweep plot; default names the parameter.
+    #[arg(long)]
+    title: Option<String>,
 }
 
 /// Place where the sign-preserving optimizer applies momentum.
@@ -514,7 +607,10 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             no_shuffle,
             out,
             force,
+            effects,
+            gain,
         } => {
+            let effects = effects.to_effects()?;
             let rule = match optimizer {
                 NonnegOptimizerKind::Projected => {
                     if lr_in.is_some() || lr_out.is_some() {
@@ -560,8 +656,17 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             };
             check_output(&out, force)?;
             let dataset = data.load()?;
-            let report = scenario::train_nonneg(&mut network, &dataset, &config, &rule, progress)?;
+            let hardware = (!effects.is_ideal()).then_some(hardware::HardwareTraining {
+                effects,
+                granularity: gain,
+                seed,
+            });
+            let report = match &hardware {
+                None => scenario::train_nonneg(&mut network, &dataset, &config, &rule, progress)?,
+                Some(h) => scenario::train_nonneg_on_hardware(&mut network, &dataset, &config, &rule, h, progress)?,
+            };
             let provenance = serde_json::json!({
+                "hardware_training": hardware,
                 "isonn_version": env!("CARGO_PKG_VERSION"),
                 "command": command_line(),
                 "source_model": model, "optimizer": rule, "training": config,
@@ -593,6 +698,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             }
             run_bench(&models, &workloads, batches, batch_size, repetitions, json.as_deref())?;
         }
+        Command::Hardware(args) => run_hardware(args, progress)?,
         Command::Reproduce {
             out,
             quick,
@@ -743,6 +849,89 @@ fn run_bench(
         };
         isonn::fsio::write_json_atomic(path, &report)?;
         println!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Runs `isonn hardware`: the cost table, one evaluation or a sweep.
+fn run_hardware(args: HardwareArgs, progress: &Progress) -> Result<()> {
+    if args.cost {
+        return print_cost(&args);
+    }
+    let effects = args.effects.to_effects()?;
+    if args.seeds == 0 {
+        bail!("invalid --seeds 0: evaluate with at least one noise seed");
+    }
+    let sweep: Option<Sweep> = args.sweep.as_deref().map(str::parse).transpose()?;
+    let mut models = Vec::with_capacity(args.models.len());
+    for dir in &args.models {
+        let (loaded, _) = load_model(dir)?;
+        let Model::Nonneg(network) = loaded else {
+            bail!(
+                "{} contains a regular model; transform it first with `isonn transform {} --out DIR`",
+                dir.display(),
+                dir.display()
+            );
+        };
+        // The directory name labels the model's line and table column.
+        let label = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+        models.push((label, network));
+    }
+    let dataset = args.data.load()?;
+    let images = match args.test_images {
+        Some(n) => dataset.test.take(n),
+        None => dataset.test.clone(),
+    };
+    let seeds: Vec<u64> = (0..args.seeds).collect();
+    let Some(sweep) = sweep else {
+        for (label, network) in &models {
+            let a = hardware::evaluate(network, args.gain, &effects, &images, &seeds, progress)?;
+            println!(
+                "{label}: {} test images, accuracy {:.4} +- {:.4} (mean +- std over {} seed(s))",
+                images.len(),
+                a.mean,
+                a.std,
+                a.accuracies.len()
+            );
+        }
+        return Ok(());
+    };
+    let out = args
+        .out
+        .clone()
+        .context("--sweep writes a table and a plot: pass --out DIR")?;
+    let report = hardware::run_sweep(&models, &effects, &sweep, args.gain, &images, &seeds, progress)?;
+    let title = args
+        .title
+        .clone()
+        .unwrap_or_else(|| format!("accuracy against {}", sweep.parameter.axis_label()));
+    report.write(&out, &title)?;
+    print!("{}", report.to_markdown());
+    println!("\nsweep written to {}", out.display());
+    Ok(())
+}
+
+/// Prints (and with --out writes) the cost-of-signs table of each model.
+fn print_cost(args: &HardwareArgs) -> Result<()> {
+    let energies = args.energy.as_deref().map(hardware::Energies::load).transpose()?;
+    let mut markdown = String::new();
+    let mut tables = Vec::new();
+    for dir in &args.models {
+        let (loaded, _) = load_model(dir)?;
+        let network = match loaded {
+            Model::Regular(n) => n,
+            Model::Nonneg(n) => isonn::nonneg::inverse(&n)?,
+        };
+        let table = hardware::cost_table(&network, energies.as_ref())?;
+        markdown.push_str(&format!("### {}\n\n{}\n", dir.display(), table.to_markdown()));
+        tables.push(serde_json::json!({ "model": dir.display().to_string(), "table": table }));
+    }
+    print!("{markdown}");
+    if let Some(out) = &args.out {
+        isonn::fsio::create_dir_all(out)?;
+        isonn::fsio::write_atomic(&out.join("cost.md"), markdown.as_bytes())?;
+        isonn::fsio::write_json_atomic(&out.join("cost.json"), &tables)?;
+        println!("cost table written to {}", out.display());
     }
     Ok(())
 }

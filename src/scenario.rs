@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::activation::Activation;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::hardware::{realise, DeviceMapping, HardwareTraining, NoiseSource};
 use crate::model::{Arch, Init, Network};
 use crate::nonneg::{inverse, transform, NonnegNetwork, TransformOptions};
 use crate::optim::{Momentum, Optimizer, Projected, Sgd, SignPreserving};
@@ -141,6 +142,38 @@ pub fn train_nonneg(
     let shape = network.input_shape.clone();
     let report = {
         let forward = |x: &Tensor| network.forward_training(x);
+        fit_nonneg(&forward, &shape, &vars, optimizer, data, config, progress)?
+    };
+    *network = network.to_dtype(network.dtype())?;
+    Ok(report)
+}
+
+/// Trains a non-negative network in place through the hardware model: each
+/// batch's forward pass realises the current weights on devices with
+/// `hardware.effects` (fresh weight and detector noise per batch,
+/// straight-through quantisation) and the optimizer updates the ideal
+/// parameters. The reported test accuracy is measured on the same model of
+/// the hardware.
+pub fn train_nonneg_on_hardware(
+    network: &mut NonnegNetwork,
+    data: &Dataset,
+    config: &TrainConfig,
+    optimizer: &NonnegOptimizer,
+    hardware: &HardwareTraining,
+    progress: &Progress,
+) -> Result<NonnegTrainReport> {
+    hardware.effects.validate()?;
+    let vars = network.make_trainable()?;
+    let shape = network.input_shape.clone();
+    let noise = NoiseSource::new(rand::rngs::StdRng::seed_from_u64(hardware.seed));
+    let report = {
+        let network = &*network;
+        let forward = |x: &Tensor| -> Result<Tensor> {
+            // The gains follow the weights as they train.
+            let mapping = DeviceMapping::new(network, hardware.granularity)?;
+            let realised = noise.with_rng(|rng| realise(network, &mapping, &hardware.effects, rng))?;
+            realised.forward(x, &noise)
+        };
         fit_nonneg(&forward, &shape, &vars, optimizer, data, config, progress)?
     };
     *network = network.to_dtype(network.dtype())?;
