@@ -17,7 +17,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     let commit = git(&["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into());
     // Rebuild when HEAD moves: HEAD itself names the branch, the branch's
-    // ref file (or packed-refs) holds the commit. Paths that do not exist
+    // ref file (or packed-refs) contains the commit. Paths that do not exist
     // are left out, because cargo would rerun this script on every build.
     let mut watched: Vec<PathBuf> = Vec::new();
     if let Some(dir) = git(&["rev-parse", "--absolute-git-dir"]) {

@@ -46,8 +46,8 @@ pub struct PartialEpoch {
     pub seconds: f64,
 }
 
-/// Where a run stands and what it has measured, stored as JSON in the
-/// checkpoint's metadata.
+/// Progress and figures of a run, stored as JSON in the checkpoint's
+/// metadata.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Position {
     /// Settings of the run as the caller describes them (architecture,
@@ -83,7 +83,7 @@ struct Header {
 /// A checkpoint read back by [`load`].
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
-    /// Where the run stands.
+    /// Progress of the run.
     pub position: Position,
     /// Parameter values, in the order of the trained `vars`.
     pub parameters: Vec<Tensor>,

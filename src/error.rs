@@ -75,7 +75,7 @@ pub enum Error {
         epoch: usize,
         /// 1-based batch within the epoch.
         batch: usize,
-        /// What became non-finite.
+        /// The loss or parameter that became non-finite.
         detail: String,
         /// The last good checkpoint, or that there is none.
         last_good: String,

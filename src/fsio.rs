@@ -111,8 +111,8 @@ pub fn read_capped(path: &Path, max_bytes: u64, what: &str) -> Result<Vec<u8>> {
 pub const MAX_JSON_BYTES: u64 = 256 << 20;
 
 /// Reads and parses a JSON file written by isonn. `what` names the kind of
-/// file in the error, which says that a truncated or damaged file is the
-/// usual cause and how to recover.
+/// file in the error message, which also names the usual cause (a truncated
+/// or damaged file) and the way to recover.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
     let bytes = read_capped(path, MAX_JSON_BYTES, what)?;
     serde_json::from_slice(&bytes).map_err(|e| {

@@ -1,5 +1,5 @@
-//! What every output directory records about how it was made: the isonn
-//! version and git commit, the command line, the seed and the data read.
+//! Provenance of output directories: the isonn version and git commit, the
+//! command line, the seed and the checksums of the data read.
 
 use serde::{Deserialize, Serialize};
 
@@ -21,7 +21,8 @@ pub const GIT_COMMIT: &str = match option_env!("ISONN_GIT_COMMIT") {
 pub struct DataRecord {
     /// Data set name (`fashion-mnist`, `fashion-mnist-subset`, `mnist`).
     pub dataset: String,
-    /// Where the files were found, as isonn describes it.
+    /// Origin of the files, in isonn's description (`--data`, the
+    /// environment variable, the system package or the embedded subset).
     pub source: String,
     /// The four IDX files and their SHA-256 checksums.
     pub files: Vec<FileDigest>,

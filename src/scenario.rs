@@ -151,7 +151,7 @@ pub fn train_nonneg(
 }
 
 /// Like [`train_nonneg`], with checkpoints, resume and interruption as
-/// `checkpointing` says (see [`fit_checkpointed`]).
+/// `checkpointing` sets (see [`fit_checkpointed`]).
 pub fn train_nonneg_checkpointed(
     network: &mut NonnegNetwork,
     data: &Dataset,

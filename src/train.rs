@@ -107,7 +107,7 @@ fn shuffle_epoch(order: &mut [usize], rng: &mut rand::rngs::StdRng) {
 }
 
 /// Like [`fit`], and also writes a checkpoint after every epoch, resumes
-/// from one, and stops cleanly on request, as `checkpointing` says.
+/// from one, and stops cleanly on request, as `checkpointing` sets.
 ///
 /// A resumed run ends with the same parameters, bit for bit, as one that
 /// was never interrupted, given the same seed and thread count: the
@@ -305,7 +305,8 @@ fn restore(
         ),
     };
     if position.settings != checkpointing.settings {
-        return Err(mismatch("settings", position.settings.to_string(), checkpointing.settings.to_string()));
+        let (then, now) = settings_difference(&position.settings, &checkpointing.settings);
+        return Err(mismatch("settings", then, now));
     }
     if position.batch_size != config.batch_size {
         return Err(mismatch("--batch-size", position.batch_size.to_string(), config.batch_size.to_string()));
@@ -318,11 +319,13 @@ fn restore(
     }
     let needed = position.epochs_done + usize::from(position.batches_done > 0);
     if needed > config.epochs {
-        return Err(mismatch(
-            "epochs done",
-            needed.to_string(),
-            format!("--epochs {}; pass at least --epochs {needed}", config.epochs),
-        ));
+        return Err(Error::Model {
+            path: path.to_path_buf(),
+            message: format!(
+                "the checkpoint has reached epoch {needed}, more than --epochs {}; pass --epochs {needed} or more",
+                config.epochs
+            ),
+        });
     }
     if saved.parameters.len() != vars.len() {
         return Err(mismatch("parameters", saved.parameters.len().to_string(), vars.len().to_string()));
@@ -339,6 +342,24 @@ fn restore(
     }
     optimizer.set_state(vars, saved.optimizer)?;
     Ok(saved.position)
+}
+
+/// Describes how two settings objects differ, as `key value` pairs of the
+/// keys whose values differ (the whole values when either is no object).
+fn settings_difference(then: &serde_json::Value, now: &serde_json::Value) -> (String, String) {
+    let (Some(a), Some(b)) = (then.as_object(), now.as_object()) else {
+        return (then.to_string(), now.to_string());
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let describe = |object: &serde_json::Map<String, serde_json::Value>, key: &str| match object.get(key) {
+        Some(value) => format!("{key} {value}"),
+        None => format!("no {key}"),
+    };
+    let differing: Vec<&String> = keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).collect();
+    let list = |object| differing.iter().map(|k| describe(object, k)).collect::<Vec<_>>().join(", ");
+    (list(a), list(b))
 }
 
 /// Rejects non-finite parameters after the update of `batch`.
