@@ -49,13 +49,13 @@ fn train(
     data: &Dataset,
     config: &TrainConfig,
     lr: f64,
-    dir: Option<&Path>,
+    dir: Option<&PathBuf>,
     resume: bool,
 ) -> isonn::Result<TrainMetrics> {
     let vars = network.make_trainable()?;
     let mut sgd = Sgd::new(lr, 0.9, 0.0)?;
     let checkpointing = Checkpointing {
-        dir: dir.map(Path::to_path_buf),
+        dir: dir.cloned(),
         resume,
         settings: serde_json::json!({ "test": "reliability" }),
         stop: None,
