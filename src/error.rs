@@ -64,6 +64,37 @@ pub enum Error {
         message: String,
     },
 
+    /// Training produced a non-finite loss or parameter. Nothing of the
+    /// diverged state is saved.
+    #[error(
+        "training diverged at epoch {epoch}, batch {batch}: {detail}; nothing was saved from the \
+         diverged state, and {last_good}; lower the learning rate and train again"
+    )]
+    Diverged {
+        /// 1-based epoch.
+        epoch: usize,
+        /// 1-based batch within the epoch.
+        batch: usize,
+        /// The loss or parameter that became non-finite.
+        detail: String,
+        /// The last good checkpoint, or that there is none.
+        last_good: String,
+    },
+
+    /// Training stopped on request (Ctrl-C, SIGTERM) after a batch.
+    #[error("training interrupted at epoch {epoch} after batch {batch}{}", match checkpoint {
+        Some(p) => format!("; checkpoint written to {}", p.display()),
+        None => "; no checkpoint directory was set, so nothing was saved".into(),
+    })]
+    Interrupted {
+        /// The checkpoint written, if a checkpoint directory was set.
+        checkpoint: Option<PathBuf>,
+        /// 1-based epoch.
+        epoch: usize,
+        /// Batches of the epoch finished.
+        batch: usize,
+    },
+
     /// Shapes of a network and its inputs do not fit together.
     #[error("{0}")]
     Shape(String),

@@ -1,6 +1,7 @@
 //! isonn: non-negative isomorphic neural networks.
 pub mod activation;
 pub mod bench;
+pub mod checkpoint;
 pub mod data;
 pub mod error;
 pub mod experiment;
@@ -11,6 +12,7 @@ pub mod nonneg;
 pub mod optim;
 pub mod ops;
 pub mod progress;
+pub mod provenance;
 pub mod scenario;
 pub mod report;
 pub mod store;

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -14,11 +15,19 @@ use isonn::hardware::{self, Effects, GainGranularity, Sweep};
 use isonn::model::{Arch, Init, Network};
 use isonn::nonneg::{transform, ActivationRange, ShiftPolicy, TransformOptions};
 use isonn::progress::Progress;
+use isonn::provenance::{self, DataRecord};
 use isonn::store::{self, Model};
 use isonn::optim::Momentum;
 use isonn::scenario::{self, NonnegOptimizer, NonnegOptimizerKind, Scenario};
-use isonn::train::{fit, Sgd, TrainConfig};
+use isonn::train::{fit_checkpointed, Checkpointing, Sgd, TrainConfig};
 use isonn::verify::{self, Precision};
+
+/// Set by the first Ctrl-C or SIGTERM: training stops after the current
+/// batch and writes a checkpoint.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Exit status after an interruption, 128 + SIGINT as shells report it.
+const EXIT_INTERRUPTED: u8 = 130;
 
 /// Largest hidden width and batch size the command line accepts.
 const MAX_WIDTH: usize = 1 << 16;
@@ -96,12 +105,18 @@ enum Command {
         /// method's reference code does, instead of shuffling them.
         #[arg(long)]
         no_shuffle: bool,
-        /// Output model directory.
+        /// Output model directory; it must be empty or missing unless
+        /// --resume or --force is given.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// Overwrite a model already in the output directory.
-        #[arg(long)]
+        /// Write into a non-empty output directory and start the run afresh,
+        /// replacing the files isonn writes there; other files are kept.
+        #[arg(long, conflicts_with = "resume")]
         force: bool,
+        /// Continue the interrupted run whose checkpoint is in --out, with
+        /// the same settings; the result equals an uninterrupted run.
+        #[arg(long)]
+        resume: bool,
     },
     /// Transform a regular model into its non-negative isomorphic equivalent.
     Transform {
@@ -127,7 +142,8 @@ enum Command {
         /// Precision of the verification.
         #[arg(long, value_enum, default_value_t = Precision::Model)]
         precision: Precision,
-        /// Overwrite a model already in the output directory.
+        /// Write into a non-empty output directory, replacing the files
+        /// isonn writes there; other files are kept.
         #[arg(long)]
         force: bool,
     },
@@ -191,11 +207,13 @@ enum Command {
         /// method's reference code does, instead of shuffling them.
         #[arg(long)]
         no_shuffle: bool,
-        /// Output model directory.
+        /// Output model directory; it must be empty or missing unless
+        /// --resume or --force is given.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// Overwrite a model already in the output directory.
-        #[arg(long)]
+        /// Write into a non-empty output directory and start the run afresh,
+        /// replacing the files isonn writes there; other files are kept.
+        #[arg(long, conflicts_with = "resume")]
         force: bool,
         /// Train through the hardware model with these effects (noise-aware
         /// fine-tuning). The noise is drawn from --seed.
@@ -204,6 +222,10 @@ enum Command {
         /// Gains of the hardware mapping when effects are given.
         #[arg(long, value_enum, default_value_t = GainGranularity::PerLayer)]
         gain: GainGranularity,
+        /// Continue the interrupted run whose checkpoint is in --out, with
+        /// the same settings; the result equals an uninterrupted run.
+        #[arg(long)]
+        resume: bool,
     },
     /// Measure training and inference throughput on synthetic batches.
     Bench {
@@ -382,13 +404,58 @@ fn main() -> std::process::ExitCode {
     let multi = MultiProgress::new();
     init_logging(cli.verbose, multi.clone());
     let progress = Progress::terminal(multi);
+    install_stop_handler();
     match run(cli.command, &progress) {
         Ok(code) => code,
         Err(e) => {
+            if let Some(isonn::Error::Interrupted { checkpoint, .. }) = e.downcast_ref::<isonn::Error>() {
+                let _ = writeln!(std::io::stderr(), "{e}");
+                if checkpoint.is_some() {
+                    let _ = writeln!(std::io::stderr(), "to continue the run, execute:\n  {}", resume_command());
+                }
+                return std::process::ExitCode::from(EXIT_INTERRUPTED);
+            }
             let _ = writeln!(std::io::stderr(), "error: {e:#}");
             std::process::ExitCode::from(2)
         }
     }
+}
+
+/// Makes the first Ctrl-C or SIGTERM set [`STOP`], so training finishes its
+/// batch and saves, and a second one exit at once. Every file is written
+/// atomically, so exiting at any point leaves no partial file behind.
+fn install_stop_handler() {
+    let result = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            let _ = writeln!(std::io::stderr(), "second interrupt: exiting without saving");
+            std::process::exit(i32::from(EXIT_INTERRUPTED));
+        }
+        let _ = writeln!(
+            std::io::stderr(),
+            "interrupt: stopping after the current batch to save a checkpoint; interrupt again to exit at once"
+        );
+    });
+    if let Err(e) = result {
+        tracing::warn!("cannot install the Ctrl-C handler ({e}); an interrupt stops isonn without a checkpoint");
+    }
+}
+
+/// Returns this process's command line with `--resume` in place of
+/// `--force`, quoted for a POSIX shell.
+fn resume_command() -> String {
+    let mut args: Vec<String> = command_line().into_iter().filter(|a| a != "--force").collect();
+    if !args.iter().any(|a| a == "--resume") {
+        args.push("--resume".into());
+    }
+    let quote = |a: &String| {
+        let plain = !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,@+".contains(c));
+        if plain {
+            a.clone()
+        } else {
+            format!("'{}'", a.replace('\'', r"'\''"))
+        }
+    };
+    args.iter().map(quote).collect::<Vec<_>>().join(" ")
 }
 
 /// Sends tracing output to standard error, above any progress bars.
@@ -419,15 +486,48 @@ impl Write for SuspendingWriter {
     }
 }
 
-/// Refuses to overwrite a model directory unless `force` is set.
-fn check_output(dir: &Path, force: bool) -> Result<()> {
-    if dir.join(store::MODEL_JSON).exists() && !force {
-        bail!(
-            "{} already contains a model; choose another --out or pass --force to overwrite it",
-            dir.display()
-        );
+/// Rejects a non-empty output directory unless `force` or `resume` is set,
+/// and with `resume` requires the checkpoint to continue from. Nothing is
+/// deleted: `force` only lets isonn replace the files it writes.
+fn check_output(dir: &Path, force: bool, resume: bool) -> Result<()> {
+    if resume {
+        let checkpoint = isonn::checkpoint::path_in(dir);
+        if !checkpoint.is_file() {
+            bail!(
+                "--resume: {} does not exist, so there is no run to continue in {}; \
+                 start the run without --resume",
+                checkpoint.display(),
+                dir.display()
+            );
+        }
+        return Ok(());
+    }
+    if dir.exists() && !dir.is_dir() {
+        bail!("--out {} exists and is not a directory; choose another --out", dir.display());
+    }
+    let non_empty = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
+    if non_empty && !force {
+        let hint = if isonn::checkpoint::path_in(dir).is_file() {
+            "pass --resume to continue the run whose checkpoint it contains, --force to start afresh \
+             (isonn replaces only the files it writes), or choose another --out"
+        } else {
+            "choose another --out, or pass --force to write into it (isonn replaces only the files it writes)"
+        };
+        bail!("{} already exists and is not empty; {hint}", dir.display());
     }
     Ok(())
+}
+
+/// Warns when the model in `dir` was trained on other data than `data`.
+fn warn_data_mismatch(dir: &Path, provenance: &serde_json::Value, data: &DataRecord) {
+    match provenance::trained_on(provenance) {
+        Some(trained) => {
+            if let Some(warning) = provenance::data_mismatch(&format!("model {}", dir.display()), &trained, data) {
+                tracing::warn!("{warning}");
+            }
+        }
+        None => tracing::debug!("model {} records no training data; cannot compare data sets", dir.display()),
+    }
 }
 
 fn load_model(dir: &Path) -> Result<(Model, serde_json::Value)> {
@@ -461,6 +561,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             no_shuffle,
             out,
             force,
+            resume,
         } => {
             let activation: Activation = activation.parse()?;
             let config = TrainConfig {
@@ -479,25 +580,40 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             }
             let mut sgd = Sgd::new(lr, momentum, 0.0)?;
             warn_if_frozen("--lr", lr);
-            check_output(&out, force)?;
+            check_output(&out, force, resume)?;
             let dataset = data.load()?;
+            let data_record = DataRecord::of(&dataset);
             let shape = dataset.train.sample_shape();
             let mut network =
                 Network::build(arch, &shape, &hidden, dataset.classes, activation, init, seed)?;
             tracing::info!("training {arch} with {activation}, init {init}, lr {lr}, batch {batch_size}, seed {seed}");
             let vars = network.make_trainable()?;
+            isonn::fsio::create_dir_all(&out)?;
+            let checkpointing = Checkpointing {
+                dir: Some(out.clone()),
+                resume,
+                settings: serde_json::json!({
+                    "command": "train", "arch": arch, "activation": activation, "hidden": hidden,
+                    "init": init, "lr": lr, "momentum": momentum, "data": data_record.files,
+                }),
+                stop: Some(&STOP),
+            };
             let metrics = {
                 let forward = |x: &candle_core::Tensor| network.forward(x);
-                fit(&forward, &shape, &vars, &mut sgd, &dataset, &config, progress, &mut || Ok(()))?
+                fit_checkpointed(&forward, &shape, &vars, &mut sgd, &dataset, &config, progress, &mut || Ok(()), &checkpointing)?
             };
-            let provenance = serde_json::json!({
-                "isonn_version": env!("CARGO_PKG_VERSION"),
-                "command": command_line(),
-                "arch": arch, "activation": activation, "hidden": hidden, "init": init,
-                "training": config, "lr": lr, "momentum": momentum,
-                "dataset": dataset.name, "data_source": dataset.source,
-                "test_accuracy": metrics.test_accuracy,
-            });
+            let provenance = provenance::record(
+                &command_line(),
+                Some(seed),
+                Some(&data_record),
+                serde_json::json!({
+                    "trained_on": data_record,
+                    "arch": arch, "activation": activation, "hidden": hidden, "init": init,
+                    "training": config, "lr": lr, "momentum": momentum,
+                    "dataset": dataset.name, "data_source": dataset.source,
+                    "test_accuracy": metrics.test_accuracy,
+                }),
+            );
             store::save(&out, &Model::Regular(network.detached()), &provenance)?;
             isonn::fsio::write_json_atomic(&out.join("metrics.json"), &metrics)?;
             println!("test_accuracy {:.4}", metrics.test_accuracy);
@@ -513,11 +629,11 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             precision,
             force,
         } => {
-            let (loaded, _) = load_model(&model)?;
+            let (loaded, source_provenance) = load_model(&model)?;
             let Model::Regular(network) = loaded else {
                 bail!("{} is already a non-negative model; transform takes a regular one", model.display());
             };
-            check_output(&out, force)?;
+            check_output(&out, force, false)?;
             let options = TransformOptions {
                 shift,
                 activation_range,
@@ -536,13 +652,22 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             if let Some(d) = &dataset {
                 verify::check_images(&network.input_shape, &d.test)?;
             }
+            let data_record = dataset.as_ref().map(DataRecord::of);
+            if let Some(record) = &data_record {
+                warn_data_mismatch(&model, &source_provenance, record);
+            }
             let nonneg = transform(&network, &options)?;
-            let provenance = serde_json::json!({
-                "isonn_version": env!("CARGO_PKG_VERSION"),
-                "command": command_line(),
-                "transform": options,
-                "source_model": model,
-            });
+            let provenance = provenance::record(
+                &command_line(),
+                None,
+                data_record.as_ref(),
+                serde_json::json!({
+                    "trained_on": source_provenance.get("trained_on"),
+                    "transform": options,
+                    "source_model": model,
+                    "source_seed": source_provenance.get("seed"),
+                }),
+            );
             store::save(&out, &Model::Nonneg(nonneg.clone()), &provenance)?;
             println!("non-negative model written to {}", out.display());
             if let Some(dataset) = dataset {
@@ -559,8 +684,8 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             precision,
             report,
         } => {
-            let (a, _) = load_model(&regular)?;
-            let (b, _) = load_model(&nonneg)?;
+            let (a, provenance_a) = load_model(&regular)?;
+            let (b, provenance_b) = load_model(&nonneg)?;
             let (Model::Regular(a), Model::Nonneg(b)) = (a, b) else {
                 bail!(
                     "verify takes a regular model, then a non-negative one: {} is {} and {} is {}",
@@ -571,6 +696,9 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 );
             };
             let dataset = data.load()?;
+            let record = DataRecord::of(&dataset);
+            warn_data_mismatch(&regular, &provenance_a, &record);
+            warn_data_mismatch(&nonneg, &provenance_b, &record);
             let result = verify::verify(&a, &b, &dataset.test, 1000, precision, progress)?;
             let path = report.unwrap_or_else(|| nonneg.join("equivalence.json"));
             isonn::fsio::write_json_atomic(&path, &result)?;
@@ -579,8 +707,9 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             return Ok(verdict(&result, b.dtype()));
         }
         Command::Eval { model, data } => {
-            let (loaded, _) = load_model(&model)?;
+            let (loaded, model_provenance) = load_model(&model)?;
             let dataset = data.load()?;
+            warn_data_mismatch(&model, &model_provenance, &DataRecord::of(&dataset));
             let forward = |x: &candle_core::Tensor| loaded.forward(x);
             let accuracy = verify::accuracy(
                 &forward,
@@ -609,6 +738,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             force,
             effects,
             gain,
+            resume,
         } => {
             let effects = effects.to_effects()?;
             let rule = match optimizer {
@@ -647,33 +777,60 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 shuffle: !no_shuffle,
             };
             config.validate()?;
-            let (loaded, _) = load_model(&model)?;
+            let (loaded, source_provenance) = load_model(&model)?;
             let Model::Nonneg(mut network) = loaded else {
                 bail!(
                     "{} is a regular model; run `isonn transform` on it first, then train the result",
                     model.display()
                 );
             };
-            check_output(&out, force)?;
+            check_output(&out, force, resume)?;
             let dataset = data.load()?;
             let hardware = (!effects.is_ideal()).then_some(hardware::HardwareTraining {
                 effects,
                 granularity: gain,
                 seed,
             });
+            let data_record = DataRecord::of(&dataset);
+            isonn::fsio::create_dir_all(&out)?;
+            // The source model's bytes are part of the settings, so a resume
+            // cannot continue from a different starting model.
+            let source_tensors = isonn::fsio::read_capped(
+                &model.join(store::MODEL_TENSORS),
+                store::MAX_TENSOR_BYTES,
+                store::MODEL_TENSORS,
+            )?;
+            let checkpointing = Checkpointing {
+                dir: Some(out.clone()),
+                resume,
+                settings: serde_json::json!({
+                    "command": "train-nonneg", "optimizer": rule, "data": data_record.files,
+                    "source_model_sha256": isonn::data::sha256_hex(&source_tensors),
+                }),
+                stop: Some(&STOP),
+            };
             let report = match &hardware {
-                None => scenario::train_nonneg(&mut network, &dataset, &config, &rule, progress)?,
+                None => scenario::train_nonneg_checkpointed(&mut network, &dataset, &config, &rule, progress, &checkpointing)?,
+                Some(_) if resume => bail!(
+                    "--resume continues only runs without hardware effects (the noise draws are not checkpointed); \
+                     rerun the hardware fine-tuning from its start with --force"
+                ),
                 Some(h) => scenario::train_nonneg_on_hardware(&mut network, &dataset, &config, &rule, h, progress)?,
             };
-            let provenance = serde_json::json!({
-                "hardware_training": hardware,
-                "isonn_version": env!("CARGO_PKG_VERSION"),
-                "command": command_line(),
-                "source_model": model, "optimizer": rule, "training": config,
-                "dataset": dataset.name, "data_source": dataset.source,
-                "test_accuracy": report.metrics.test_accuracy,
-                "zeroed": report.zeroed,
-            });
+            let provenance = provenance::record(
+                &command_line(),
+                Some(seed),
+                Some(&data_record),
+                serde_json::json!({
+                    "hardware_training": hardware,
+                    "trained_on": data_record,
+                    "pretrained_on": source_provenance.get("trained_on"),
+                    "source_model": model, "optimizer": rule, "training": config,
+                    "dataset": dataset.name, "data_source": dataset.source,
+                    "test_accuracy": report.metrics.test_accuracy,
+                    "zeroed": report.zeroed,
+                }),
+            );
             store::save(&out, &Model::Nonneg(network), &provenance)?;
             isonn::fsio::write_json_atomic(&out.join("metrics.json"), &report)?;
             if report.zeroed > 0 {
@@ -752,6 +909,14 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 );
             }
             let dataset = data.load()?;
+            isonn::fsio::create_dir_all(&out)?;
+            let record = provenance::record(
+                &command_line(),
+                None,
+                Some(&DataRecord::of(&dataset)),
+                serde_json::json!({ "seeds": (0..seeds).collect::<Vec<u64>>(), "baseline_seeds": baseline_seeds }),
+            );
+            isonn::fsio::write_json_atomic(&out.join("provenance.json"), &record)?;
             let results = experiment::reproduce(&config, &dataset, progress)?;
             print!("{}", experiment::markdown(&results));
             println!("\nresults written to {}", out.display());

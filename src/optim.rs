@@ -17,6 +17,50 @@ pub trait Optimizer {
     fn zeroed(&self) -> usize {
         0
     }
+
+    /// Returns the state a checkpoint needs to continue training exactly:
+    /// one buffer per parameter (momentum or tanh average, `None` before
+    /// the first step or without momentum) and the counters.
+    fn state(&self) -> OptimizerState;
+
+    /// Restores a state returned by [`Optimizer::state`]. Rejects one whose
+    /// buffers do not fit `vars`, one per parameter with the same shape.
+    fn set_state(&mut self, vars: &[Var], state: OptimizerState) -> Result<()>;
+}
+
+/// The mutable part of an optimizer, saved in training checkpoints.
+#[derive(Debug, Clone, Default)]
+pub struct OptimizerState {
+    /// One entry per parameter, or none before the first step.
+    pub buffers: Vec<Option<Tensor>>,
+    /// The value of [`Optimizer::zeroed`].
+    pub zeroed: usize,
+}
+
+/// Checks that `buffers` fit `vars` and returns them.
+fn checked_buffers(vars: &[Var], buffers: Vec<Option<Tensor>>) -> Result<Vec<Option<Tensor>>> {
+    if !buffers.is_empty() && buffers.len() != vars.len() {
+        return Err(Error::Shape(format!(
+            "the optimizer state has {} buffers for {} parameters; the checkpoint belongs to another network",
+            buffers.len(),
+            vars.len()
+        )));
+    }
+    for (i, (buffer, var)) in buffers.iter().zip(vars).enumerate() {
+        if let Some(b) = buffer {
+            if b.dims() != var.dims() || b.dtype() != var.dtype() {
+                return Err(Error::Shape(format!(
+                    "optimizer buffer {i} has shape {:?} ({:?}), its parameter {:?} ({:?}); \
+                     the checkpoint belongs to another network",
+                    b.dims(),
+                    b.dtype(),
+                    var.dims(),
+                    var.dtype()
+                )));
+            }
+        }
+    }
+    Ok(buffers)
 }
 
 fn check_momentum(name: &str, momentum: f64) -> Result<()> {
@@ -88,6 +132,18 @@ impl Optimizer for Sgd {
         }
         Ok(())
     }
+
+    fn state(&self) -> OptimizerState {
+        OptimizerState {
+            buffers: self.velocity.clone(),
+            zeroed: 0,
+        }
+    }
+
+    fn set_state(&mut self, vars: &[Var], state: OptimizerState) -> Result<()> {
+        self.velocity = checked_buffers(vars, state.buffers)?;
+        Ok(())
+    }
 }
 
 /// Projected SGD: `p <- max(p - lr v, 0)` with `v <- mu v + g`.
@@ -122,6 +178,18 @@ impl Optimizer for Projected {
             let v = with_momentum(velocity, self.momentum, g.clone())?;
             var.set(&(var.as_tensor() - v.affine(self.lr, 0.0)?)?.relu()?)?;
         }
+        Ok(())
+    }
+
+    fn state(&self) -> OptimizerState {
+        OptimizerState {
+            buffers: self.velocity.clone(),
+            zeroed: 0,
+        }
+    }
+
+    fn set_state(&mut self, vars: &[Var], state: OptimizerState) -> Result<()> {
+        self.velocity = checked_buffers(vars, state.buffers)?;
         Ok(())
     }
 }
@@ -237,5 +305,18 @@ impl Optimizer for SignPreserving {
 
     fn zeroed(&self) -> usize {
         self.zeroed
+    }
+
+    fn state(&self) -> OptimizerState {
+        OptimizerState {
+            buffers: self.state.clone(),
+            zeroed: self.zeroed,
+        }
+    }
+
+    fn set_state(&mut self, vars: &[Var], state: OptimizerState) -> Result<()> {
+        self.state = checked_buffers(vars, state.buffers)?;
+        self.zeroed = state.zeroed;
+        Ok(())
     }
 }

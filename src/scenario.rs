@@ -17,7 +17,7 @@ use crate::model::{Arch, Init, Network};
 use crate::nonneg::{inverse, transform, NonnegNetwork, TransformOptions};
 use crate::optim::{Momentum, Optimizer, Projected, Sgd, SignPreserving};
 use crate::progress::Progress;
-use crate::train::{fit, EpochMetrics, TrainConfig, TrainMetrics};
+use crate::train::{fit, fit_checkpointed, Checkpointing, EpochMetrics, TrainConfig, TrainMetrics};
 use crate::verify::{self, Precision};
 
 /// The two optimizers that keep parameters non-negative.
@@ -98,6 +98,7 @@ pub struct NonnegTrainReport {
 
 /// Trains `vars` (all `>= 0`) of a network given by `forward`, auditing
 /// after every step that no parameter went negative.
+#[allow(clippy::too_many_arguments)]
 fn fit_nonneg(
     forward: &dyn Fn(&Tensor) -> Result<Tensor>,
     input_shape: &[usize],
@@ -106,6 +107,7 @@ fn fit_nonneg(
     data: &Dataset,
     config: &TrainConfig,
     progress: &Progress,
+    checkpointing: &Checkpointing,
 ) -> Result<NonnegTrainReport> {
     let mut built = optimizer.build()?;
     let mut negative = 0usize;
@@ -118,7 +120,19 @@ fn fit_nonneg(
         }
         Ok(())
     };
-    let metrics = fit(forward, input_shape, vars, built.as_mut(), data, config, progress, &mut audit)?;
+    // NOTE: `negative` counts the steps of this process only; a resumed run
+    // does not carry the count of the steps before the interruption.
+    let metrics = fit_checkpointed(
+        forward,
+        input_shape,
+        vars,
+        built.as_mut(),
+        data,
+        config,
+        progress,
+        &mut audit,
+        checkpointing,
+    )?;
     Ok(NonnegTrainReport {
         metrics,
         zeroed: built.zeroed(),
@@ -138,11 +152,24 @@ pub fn train_nonneg(
     optimizer: &NonnegOptimizer,
     progress: &Progress,
 ) -> Result<NonnegTrainReport> {
+    train_nonneg_checkpointed(network, data, config, optimizer, progress, &Checkpointing::default())
+}
+
+/// Like [`train_nonneg`], with checkpoints, resume and interruption as
+/// `checkpointing` sets (see [`fit_checkpointed`]).
+pub fn train_nonneg_checkpointed(
+    network: &mut NonnegNetwork,
+    data: &Dataset,
+    config: &TrainConfig,
+    optimizer: &NonnegOptimizer,
+    progress: &Progress,
+    checkpointing: &Checkpointing,
+) -> Result<NonnegTrainReport> {
     let vars = network.make_trainable()?;
     let shape = network.input_shape.clone();
     let report = {
         let forward = |x: &Tensor| network.forward_training(x);
-        fit_nonneg(&forward, &shape, &vars, optimizer, data, config, progress)?
+        fit_nonneg(&forward, &shape, &vars, optimizer, data, config, progress, checkpointing)?
     };
     *network = network.to_dtype(network.dtype())?;
     Ok(report)
@@ -174,7 +201,7 @@ pub fn train_nonneg_on_hardware(
             let realised = noise.with_rng(|rng| realise(network, &mapping, &hardware.effects, rng))?;
             realised.forward(x, &noise)
         };
-        fit_nonneg(&forward, &shape, &vars, optimizer, data, config, progress)?
+        fit_nonneg(&forward, &shape, &vars, optimizer, data, config, progress, &Checkpointing::default())?
     };
     *network = network.to_dtype(network.dtype())?;
     Ok(report)
@@ -554,7 +581,7 @@ pub fn run_scenario(
             let vars = plain.make_trainable()?;
             let report = {
                 let forward = |x: &Tensor| plain.forward(x);
-                fit_nonneg(&forward, &shape, &vars, &optimizer, data, &config(settings.nonneg_epochs), progress)?
+                fit_nonneg(&forward, &shape, &vars, &optimizer, data, &config(settings.nonneg_epochs), progress, &Checkpointing::default())?
             };
             append(&mut result, report);
             models.regular = Some(plain.detached());

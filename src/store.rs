@@ -236,17 +236,68 @@ pub fn save(dir: &Path, model: &Model, provenance: &serde_json::Value) -> Result
     };
 
     let tensor_path = dir.join(MODEL_TENSORS);
-    let temporary = fsio::temporary_path(&tensor_path);
-    let map: HashMap<String, Tensor> = tensors.into_iter().collect();
-    candle_core::safetensors::save(&map, &temporary).map_err(|e| {
-        let _ = std::fs::remove_file(&temporary);
-        Error::Model {
-            path: tensor_path.clone(),
-            message: format!("cannot write tensors: {e}"),
-        }
-    })?;
-    std::fs::rename(&temporary, &tensor_path).map_err(|e| Error::io(&tensor_path, e))?;
+    for (name, tensor) in &tensors {
+        check_finite(tensor, name, &tensor_path)?;
+    }
+    let bytes = serialize_tensors(&tensors, None, &tensor_path)?;
+    fsio::write_atomic(&tensor_path, &bytes)?;
     fsio::write_json_atomic(&dir.join(MODEL_JSON), &file)
+}
+
+/// Largest `model.json` that [`load`] reads.
+pub const MAX_MODEL_JSON_BYTES: u64 = 64 << 20;
+/// Largest `model.safetensors` that [`load`] reads, 16 GiB.
+pub const MAX_TENSOR_BYTES: u64 = 16 << 30;
+
+/// Serialises named tensors, with optional string metadata, to the bytes of
+/// a safetensors file. `path` is the file named in errors.
+pub fn serialize_tensors(
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> Result<Vec<u8>> {
+    let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    safetensors::serialize(views, metadata).map_err(|e| Error::Model {
+        path: path.to_path_buf(),
+        message: format!("cannot serialise tensors: {e}"),
+    })
+}
+
+/// Rejects a tensor with a NaN or infinite entry, naming it.
+pub fn check_finite(tensor: &Tensor, name: &str, path: &Path) -> Result<()> {
+    let values = tensor.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Model {
+            path: path.to_path_buf(),
+            message: format!(
+                "tensor {name} contains a non-finite value ({} at flat index {index}); \
+                 a model with NaN or infinite parameters cannot be used",
+                values[index]
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Parses the bytes of a safetensors file into named f32 or f64 tensors.
+///
+/// The safetensors crate checks the header length and every tensor's byte
+/// range against the buffer before anything is allocated, so the largest
+/// allocation is the size of `bytes`.
+pub fn parse_tensors(bytes: &[u8], path: &Path) -> Result<HashMap<String, Tensor>> {
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| Error::Model {
+        path: path.to_path_buf(),
+        message: format!("cannot read tensors ({e}); the file is damaged or not safetensors"),
+    })?;
+    for (name, t) in &tensors {
+        if !matches!(t.dtype(), DType::F32 | DType::F64) {
+            return Err(Error::Model {
+                path: path.to_path_buf(),
+                message: format!("tensor {name} has type {:?}; only f32 and f64 are supported", t.dtype()),
+            });
+        }
+    }
+    Ok(tensors)
 }
 
 /// Reads a model directory written by [`save`], validating the schema,
@@ -259,10 +310,6 @@ pub fn load(dir: &Path) -> Result<(Model, serde_json::Value)> {
             message: "not a directory; pass a model directory written by `isonn train` or `isonn transform`".into(),
         });
     }
-    let bad = |message: String| Error::Model {
-        path: json_path.clone(),
-        message,
-    };
     if !json_path.exists() {
         return Err(Error::Model {
             path: dir.to_path_buf(),
@@ -272,9 +319,27 @@ pub fn load(dir: &Path) -> Result<(Model, serde_json::Value)> {
             ),
         });
     }
-    let text = fsio::read(&json_path)?;
-    let value: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let text = fsio::read_capped(&json_path, MAX_MODEL_JSON_BYTES, MODEL_JSON)?;
+    let tensor_path = dir.join(MODEL_TENSORS);
+    let bytes = fsio::read_capped(&tensor_path, MAX_TENSOR_BYTES, MODEL_TENSORS)?;
+    load_bytes(&text, &json_path, &bytes, &tensor_path)
+}
+
+/// Parses a model from the bytes of its `model.json` and its
+/// `model.safetensors`; the paths are the files named in errors.
+pub fn load_bytes(
+    text: &[u8],
+    json_path: &Path,
+    bytes: &[u8],
+    tensor_path: &Path,
+) -> Result<(Model, serde_json::Value)> {
+    let bad = |message: String| Error::Model {
+        path: json_path.to_path_buf(),
+        message,
+    };
+    let value: serde_json::Value = serde_json::from_slice(text).map_err(|e| {
+        bad(format!("invalid JSON ({e}); the file is truncated or damaged, so write the model again"))
+    })?;
     if value.get("format").and_then(|v| v.as_str()) != Some(FORMAT) {
         return Err(bad(format!("not an isonn model (the \"format\" field is not \"{FORMAT}\")")));
     }
@@ -299,44 +364,19 @@ pub fn load(dir: &Path) -> Result<(Model, serde_json::Value)> {
     }
     Range::new(file.input.range.lo, file.input.range.hi).map_err(|e| bad(format!("input range: {e}")))?;
 
-    let tensor_path = dir.join(MODEL_TENSORS);
-    let bytes = fsio::read(&tensor_path)?;
-    let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| Error::Model {
-        path: tensor_path.clone(),
-        message: format!("cannot read tensors ({e}); the file is damaged or not safetensors"),
-    })?;
+    let mut tensors = parse_tensors(bytes, tensor_path)?;
     let mut take = |name: String, shape: &[usize]| -> Result<Tensor> {
         let t = tensors.remove(&name).ok_or_else(|| Error::Model {
-            path: tensor_path.clone(),
+            path: tensor_path.to_path_buf(),
             message: format!("missing tensor {name}; model.json and model.safetensors do not belong together"),
         })?;
         if t.dims() != shape {
             return Err(Error::Model {
-                path: tensor_path.clone(),
+                path: tensor_path.to_path_buf(),
                 message: format!("tensor {name} has shape {:?}, model.json implies {shape:?}", t.dims()),
             });
         }
-        let t = match t.dtype() {
-            DType::F32 | DType::F64 => t,
-            other => {
-                return Err(Error::Model {
-                    path: tensor_path.clone(),
-                    message: format!("tensor {name} has type {other:?}; only f32 and f64 are supported"),
-                })
-            }
-        };
-        let finite = t
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1::<f64>()?
-            .iter()
-            .all(|v| v.is_finite());
-        if !finite {
-            return Err(Error::Model {
-                path: tensor_path.clone(),
-                message: format!("tensor {name} contains NaN or infinite values"),
-            });
-        }
+        check_finite(&t, &name, tensor_path)?;
         Ok(t)
     };
     let conv_shape = |c: &ConvSpec| -> Result<Vec<usize>> {
@@ -477,7 +517,7 @@ pub fn load(dir: &Path) -> Result<(Model, serde_json::Value)> {
     };
     if let Some(extra) = tensors.keys().next() {
         return Err(Error::Model {
-            path: tensor_path,
+            path: tensor_path.to_path_buf(),
             message: format!("unexpected tensor {extra} that model.json does not describe"),
         });
     }

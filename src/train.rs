@@ -1,5 +1,7 @@
 //! The training loop and the optimizer for regular networks.
 
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
@@ -7,10 +9,12 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 pub use crate::optim::{Optimizer, Sgd};
 use crate::progress::Progress;
+use crate::store;
 use crate::verify;
 
 /// Settings of a training run, validated by [`TrainConfig::validate`].
@@ -72,6 +76,21 @@ pub struct TrainMetrics {
     pub test_accuracy: f64,
 }
 
+/// Checkpointing and interruption settings of [`fit_checkpointed`].
+#[derive(Debug, Clone, Default)]
+pub struct Checkpointing<'a> {
+    /// Directory of the checkpoint file; `None` writes no checkpoint.
+    pub dir: Option<PathBuf>,
+    /// Continue from the checkpoint in `dir` instead of starting afresh.
+    pub resume: bool,
+    /// Settings that a resumed run must share with the checkpoint (the
+    /// caller's description of architecture, learning rate, data, ...).
+    pub settings: serde_json::Value,
+    /// Flag set by a signal handler: training stops after the current
+    /// batch, writes a checkpoint and returns [`Error::Interrupted`].
+    pub stop: Option<&'a AtomicBool>,
+}
+
 /// Trains by minibatches: each epoch shuffles the training set from the
 /// seed (unless `config.shuffle` is off), minimises cross-entropy of `forward` with `optimizer` over `vars`,
 /// and logs one line. `after_step` runs after every update (for audits).
@@ -86,23 +105,97 @@ pub fn fit(
     progress: &Progress,
     after_step: &mut dyn FnMut() -> Result<()>,
 ) -> Result<TrainMetrics> {
+    let checkpointing = Checkpointing::default();
+    fit_checkpointed(forward, input_shape, vars, optimizer, data, config, progress, after_step, &checkpointing)
+}
+
+/// Shuffles the sample order of one epoch. Resuming replays it once per
+/// finished epoch to rebuild the order without storing the RNG state.
+fn shuffle_epoch(order: &mut [usize], rng: &mut rand::rngs::StdRng, shuffle: bool) {
+    if shuffle {
+        order.shuffle(rng);
+    }
+}
+
+/// Like [`fit`], and also writes a checkpoint after every epoch, resumes
+/// from one, and stops cleanly on request, as `checkpointing` sets.
+///
+/// A resumed run ends with the same parameters, bit for bit, as one that
+/// was never interrupted, given the same seed and thread count: the
+/// checkpoint stores the parameters, the optimizer's buffers, the position
+/// within the epoch and its partial sums, and the shuffling order is
+/// rebuilt by replaying the seeded shuffles.
+#[allow(clippy::too_many_arguments)]
+pub fn fit_checkpointed(
+    forward: &dyn Fn(&Tensor) -> Result<Tensor>,
+    input_shape: &[usize],
+    vars: &[Var],
+    optimizer: &mut dyn Optimizer,
+    data: &Dataset,
+    config: &TrainConfig,
+    progress: &Progress,
+    after_step: &mut dyn FnMut() -> Result<()>,
+    checkpointing: &Checkpointing,
+) -> Result<TrainMetrics> {
     config.validate()?;
     verify::check_images(input_shape, &data.train)?;
+    let checkpoint_path = checkpointing.dir.as_deref().map(checkpoint::path_in);
     let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
     let mut order: Vec<usize> = (0..data.train.len()).collect();
     let dtype = vars.first().map(|v| v.dtype()).unwrap_or(candle_core::DType::F32);
     let mut epochs = Vec::with_capacity(config.epochs);
-    let epoch_bar = progress.bar(config.epochs as u64, "epochs");
-    let width = config.epochs.to_string().len();
-    for epoch in 1..=config.epochs {
-        if config.shuffle {
-            order.shuffle(&mut rng);
+    let mut resumed = checkpoint::PartialEpoch::default();
+    let mut skip_batches = 0;
+    let mut last_good: Option<(PathBuf, usize)> = None;
+    if checkpointing.resume {
+        let path = checkpoint_path.as_deref().ok_or_else(|| {
+            Error::config("--resume", "(no checkpoint directory)", "resuming needs a checkpoint directory")
+        })?;
+        let position = restore(path, vars, optimizer, data, config, checkpointing)?;
+        for _ in 0..position.epochs_done {
+            shuffle_epoch(&mut order, &mut rng, config.shuffle);
         }
+        tracing::info!(
+            "resuming from {} after epoch {} and {} batches of epoch {}",
+            path.display(),
+            position.epochs_done,
+            position.batches_done,
+            position.epochs_done + 1
+        );
+        last_good = Some((path.to_path_buf(), position.epochs_done));
+        skip_batches = position.batches_done;
+        resumed = position.partial;
+        epochs = position.metrics;
+    }
+    let first_epoch = epochs.len() + 1;
+    let epoch_bar = progress.bar(config.epochs as u64, "epochs");
+    epoch_bar.inc(epochs.len() as u64);
+    let width = config.epochs.to_string().len();
+    let save = |epochs: &[EpochMetrics], batches_done: usize, partial: checkpoint::PartialEpoch, optimizer: &dyn Optimizer| -> Result<()> {
+        let Some(path) = &checkpoint_path else { return Ok(()) };
+        let state = optimizer.state();
+        let position = checkpoint::Position {
+            settings: checkpointing.settings.clone(),
+            batch_size: config.batch_size,
+            seed: config.seed,
+            train_len: data.train.len(),
+            epochs_done: epochs.len(),
+            batches_done,
+            partial,
+            metrics: epochs.to_vec(),
+            zeroed: state.zeroed,
+        };
+        checkpoint::save(path, vars, &state, &position)
+    };
+    for epoch in first_epoch..=config.epochs {
+        shuffle_epoch(&mut order, &mut rng, config.shuffle);
         let start = Instant::now();
         let (mut forward_s, mut backward_s, mut update_s) = (0.0, 0.0, 0.0);
-        let (mut loss_sum, mut batches, mut correct) = (0.0f64, 0usize, 0usize);
+        let partial = std::mem::take(&mut resumed);
+        let (mut loss_sum, mut batches, mut correct) = (partial.loss_sum, skip_batches, partial.correct);
         let batch_bar = progress.bar(order.len() as u64, "batches");
-        for (b, chunk) in order.chunks(config.batch_size).enumerate() {
+        batch_bar.inc((skip_batches * config.batch_size).min(order.len()) as u64);
+        for (b, chunk) in order.chunks(config.batch_size).enumerate().skip(std::mem::take(&mut skip_batches)) {
             let (x, y) = data.train.batch(chunk, &Device::Cpu)?;
             let x = x.to_dtype(dtype)?;
             let t0 = Instant::now();
@@ -113,14 +206,7 @@ pub fn fit(
             let t2 = Instant::now();
             let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             if !loss_value.is_finite() {
-                return Err(Error::config(
-                    "loss",
-                    loss_value,
-                    format!(
-                        "training diverged at epoch {epoch}, batch {}; lower the learning rate",
-                        b + 1
-                    ),
-                ));
+                return Err(diverged(epoch, b + 1, format!("the loss is {loss_value}"), &last_good));
             }
             optimizer.step(vars, &grads)?;
             after_step()?;
@@ -134,9 +220,28 @@ pub fn fit(
             let labels: Vec<u32> = y.to_vec1()?;
             correct += predicted.iter().zip(&labels).filter(|(p, l)| p == l).count();
             batch_bar.inc(chunk.len() as u64);
+            let last_batch = (b + 1) * config.batch_size >= order.len();
+            if !last_batch && checkpointing.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+                batch_bar.finish_and_clear();
+                let seconds = partial.seconds + start.elapsed().as_secs_f64();
+                let sums = checkpoint::PartialEpoch {
+                    loss_sum,
+                    correct,
+                    seconds,
+                };
+                check_parameters(vars, epoch, b + 1, &last_good)?;
+                save(&epochs, b + 1, sums, optimizer)?;
+                return Err(Error::Interrupted {
+                    checkpoint: checkpoint_path.clone(),
+                    epoch,
+                    batch: b + 1,
+                });
+            }
         }
         batch_bar.finish_and_clear();
-        let seconds = start.elapsed().as_secs_f64();
+        let seconds = partial.seconds + start.elapsed().as_secs_f64();
+        let last = batches;
+        check_parameters(vars, epoch, last, &last_good)?;
         let test_accuracy = if config.eval_every_epoch || epoch == config.epochs {
             Some(verify::accuracy(forward, input_shape, &data.test, 1000, dtype, progress)?)
         } else {
@@ -162,15 +267,130 @@ pub fn fit(
             seconds - forward_s - backward_s - update_s
         );
         epochs.push(metrics);
+        save(&epochs, 0, checkpoint::PartialEpoch::default(), optimizer)?;
+        if let Some(path) = &checkpoint_path {
+            last_good = Some((path.clone(), epoch));
+        }
         epoch_bar.inc(1);
     }
     epoch_bar.finish_and_clear();
     let test_accuracy = epochs
         .last()
         .and_then(|e| e.test_accuracy)
-        .expect("the last epoch is always evaluated and epochs >= 1");
+        .ok_or_else(|| {
+            Error::config(
+                "--epochs",
+                config.epochs,
+                "the checkpoint has no test accuracy for the last epoch; train it with the same --epochs it was started with",
+            )
+        })?;
     Ok(TrainMetrics {
         epochs,
         test_accuracy,
     })
+}
+
+/// Loads the checkpoint at `path` into `vars` and `optimizer` after checking
+/// that it belongs to this run, and returns its position.
+fn restore(
+    path: &Path,
+    vars: &[Var],
+    optimizer: &mut dyn Optimizer,
+    data: &Dataset,
+    config: &TrainConfig,
+    checkpointing: &Checkpointing,
+) -> Result<checkpoint::Position> {
+    if !path.exists() {
+        return Err(Error::Model {
+            path: path.to_path_buf(),
+            message: "no checkpoint to resume from; start the run without --resume".into(),
+        });
+    }
+    let saved = checkpoint::load(path)?;
+    let position = &saved.position;
+    let mismatch = |what: &str, then: String, now: String| Error::Model {
+        path: path.to_path_buf(),
+        message: format!(
+            "the checkpoint was written with {what} {then}, this run has {now}; resume with the \
+             command that started the run, or pass --force to start again"
+        ),
+    };
+    if position.settings != checkpointing.settings {
+        let (then, now) = settings_difference(&position.settings, &checkpointing.settings);
+        return Err(mismatch("settings", then, now));
+    }
+    if position.batch_size != config.batch_size {
+        return Err(mismatch("--batch-size", position.batch_size.to_string(), config.batch_size.to_string()));
+    }
+    if position.seed != config.seed {
+        return Err(mismatch("--seed", position.seed.to_string(), config.seed.to_string()));
+    }
+    if position.train_len != data.train.len() {
+        return Err(mismatch("training images", position.train_len.to_string(), data.train.len().to_string()));
+    }
+    let needed = position.epochs_done + usize::from(position.batches_done > 0);
+    if needed > config.epochs {
+        return Err(Error::Model {
+            path: path.to_path_buf(),
+            message: format!(
+                "the checkpoint has reached epoch {needed}, more than --epochs {}; pass --epochs {needed} or more",
+                config.epochs
+            ),
+        });
+    }
+    if saved.parameters.len() != vars.len() {
+        return Err(mismatch("parameters", saved.parameters.len().to_string(), vars.len().to_string()));
+    }
+    for (i, (var, value)) in vars.iter().zip(&saved.parameters).enumerate() {
+        if var.dims() != value.dims() || var.dtype() != value.dtype() {
+            return Err(mismatch(
+                &format!("parameter {i} of shape"),
+                format!("{:?} ({:?})", value.dims(), value.dtype()),
+                format!("{:?} ({:?})", var.dims(), var.dtype()),
+            ));
+        }
+        var.set(value)?;
+    }
+    optimizer.set_state(vars, saved.optimizer)?;
+    Ok(saved.position)
+}
+
+/// Describes how two settings objects differ, as `key value` pairs of the
+/// keys whose values differ (the whole values when either is no object).
+fn settings_difference(then: &serde_json::Value, now: &serde_json::Value) -> (String, String) {
+    let (Some(a), Some(b)) = (then.as_object(), now.as_object()) else {
+        return (then.to_string(), now.to_string());
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let describe = |object: &serde_json::Map<String, serde_json::Value>, key: &str| match object.get(key) {
+        Some(value) => format!("{key} {value}"),
+        None => format!("no {key}"),
+    };
+    let differing: Vec<&String> = keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).collect();
+    let list = |object| differing.iter().map(|k| describe(object, k)).collect::<Vec<_>>().join(", ");
+    (list(a), list(b))
+}
+
+/// Rejects non-finite parameters after the update of `batch`.
+fn check_parameters(vars: &[Var], epoch: usize, batch: usize, last_good: &Option<(PathBuf, usize)>) -> Result<()> {
+    for (i, var) in vars.iter().enumerate() {
+        if store::check_finite(var.as_tensor(), &format!("parameters.{i}"), Path::new("(in memory)")).is_err() {
+            return Err(diverged(epoch, batch, format!("parameter tensor {i} became NaN or infinite"), last_good));
+        }
+    }
+    Ok(())
+}
+
+fn diverged(epoch: usize, batch: usize, detail: String, last_good: &Option<(PathBuf, usize)>) -> Error {
+    Error::Diverged {
+        epoch,
+        batch,
+        detail,
+        last_good: match last_good {
+            Some((path, epoch)) => format!("the last good checkpoint is {} (after epoch {epoch})", path.display()),
+            None => "no checkpoint of this run was written before it".into(),
+        },
+    }
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use super::idx::{self, IdxImages};
-use super::{DataSource, Dataset, DatasetName, Images, CLASSES, ENV_VAR, SYSTEM_DIR};
+use super::{DataSource, Dataset, DatasetName, FileDigest, Images, CLASSES, ENV_VAR, SYSTEM_DIR};
 use crate::error::{Error, Result};
 
 /// Number of training images in the embedded Fashion-MNIST subset.
@@ -11,6 +11,10 @@ pub const EMBEDDED_TRAIN: usize = 10_000;
 
 /// Number of test images in the embedded Fashion-MNIST subset.
 pub const EMBEDDED_TEST: usize = 2_000;
+
+/// Largest IDX file, raw or gzipped, that is read: 4 GiB, far above the
+/// 47 MB of the uncompressed Fashion-MNIST training images.
+pub const MAX_FILE_BYTES: u64 = 4 << 30;
 
 /// The embedded subset, written by `data/make-subset.py`.
 const EMBEDDED_FILES: [(&str, &[u8]); 4] = [
@@ -128,27 +132,35 @@ pub fn load_dir(dir: &Path, name: DatasetName, source: DataSource) -> Result<Dat
             expected_names()
         )));
     }
-    let [train_images, train_labels, test_images, test_labels] = find_files(dir, &source)?;
-
+    let paths = find_files(dir, &source)?;
+    let mut files = Vec::with_capacity(paths.len());
+    let mut contents = Vec::with_capacity(paths.len());
+    for path in &paths {
+        let bytes = crate::fsio::read_capped(path, MAX_FILE_BYTES, "IDX file")?;
+        files.push(FileDigest::of(&path.display().to_string(), &bytes));
+        contents.push(bytes);
+    }
+    let [train_images, train_labels, test_images, test_labels] = &paths;
     let train = pair(
-        idx::read_images(&train_images)?,
-        &train_images,
-        idx::read_labels(&train_labels, CLASSES)?,
-        &train_labels,
+        idx::parse_images(&contents[0], train_images)?,
+        train_images,
+        idx::parse_labels(&contents[1], train_labels, CLASSES)?,
+        train_labels,
     )?;
     let test = pair(
-        idx::read_images(&test_images)?,
-        &test_images,
-        idx::read_labels(&test_labels, CLASSES)?,
-        &test_labels,
+        idx::parse_images(&contents[2], test_images)?,
+        test_images,
+        idx::parse_labels(&contents[3], test_labels, CLASSES)?,
+        test_labels,
     )?;
-    check_splits(&train, &train_images, &test, &test_images)?;
+    check_splits(&train, train_images, &test, test_images)?;
     Ok(Dataset {
         name,
         train,
         test,
         source,
         classes: CLASSES,
+        files,
     })
 }
 
@@ -177,6 +189,10 @@ pub fn load_embedded() -> Result<Dataset> {
         test,
         source: DataSource::Embedded,
         classes: CLASSES,
+        files: EMBEDDED_FILES
+            .iter()
+            .map(|(file, bytes)| FileDigest::of(&format!("embedded:{file}"), bytes))
+            .collect(),
     })
 }
 

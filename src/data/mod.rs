@@ -17,7 +17,7 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{Error, Result};
 
-pub use load::{load, load_dir, load_embedded, EMBEDDED_TEST, EMBEDDED_TRAIN};
+pub use load::{load, load_dir, load_embedded, EMBEDDED_TEST, EMBEDDED_TRAIN, MAX_FILE_BYTES};
 
 /// Environment variable naming a directory with the IDX files, used when no
 /// `--data DIR` is given.
@@ -207,4 +207,32 @@ pub struct Dataset {
     pub source: DataSource,
     /// Number of classes. Every label is below it.
     pub classes: usize,
+    /// The files read, with their checksums, in the order train images,
+    /// train labels, test images, test labels.
+    pub files: Vec<FileDigest>,
+}
+
+/// A file read and the SHA-256 checksum of its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FileDigest {
+    /// The path, or `embedded:NAME` for a file compiled into the binary.
+    pub path: String,
+    /// SHA-256 of the file's bytes as stored (gzipped or raw), in lowercase hex.
+    pub sha256: String,
+}
+
+impl FileDigest {
+    /// Computes the checksum of `bytes`, read from `path`.
+    pub fn of(path: &str, bytes: &[u8]) -> Self {
+        FileDigest {
+            path: path.to_string(),
+            sha256: sha256_hex(bytes),
+        }
+    }
+}
+
+/// Returns the SHA-256 checksum of `bytes` in lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -83,6 +83,11 @@ pub struct Network {
     pub layers: Vec<Layer>,
 }
 
+/// Largest number of values one layer may produce per sample (64 MiB in
+/// f32), so that a model file cannot make the forward pass allocate without
+/// bound through a huge padding or width.
+pub const MAX_ACTIVATION_ELEMENTS: usize = 1 << 24;
+
 impl Network {
     /// Builds the MLP `flatten -> hidden... -> classes` with `activation`
     /// after every hidden layer, initialised by `init` from `seed`.
@@ -190,6 +195,14 @@ impl Network {
             if shape.iter().any(|&d| d == 0) {
                 return Err(Error::Shape(format!(
                     "layer {i} ({}) produces an empty output of shape {shape:?}",
+                    layer.kind()
+                )));
+            }
+            let elements = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            if elements.is_none_or(|n| n > MAX_ACTIVATION_ELEMENTS) {
+                return Err(Error::Shape(format!(
+                    "layer {i} ({}) produces an output of shape {shape:?}, more than \
+                     {MAX_ACTIVATION_ELEMENTS} values per sample; check its padding, stride and sizes",
                     layer.kind()
                 )));
             }
