@@ -741,6 +741,12 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             resume,
         } => {
             let effects = effects.to_effects()?;
+            if resume && !effects.is_ideal() {
+                bail!(
+                    "--resume continues only runs without hardware effects (their noise draws are not \
+                     checkpointed); rerun the hardware fine-tuning from its start with --force"
+                );
+            }
             let rule = match optimizer {
                 NonnegOptimizerKind::Projected => {
                     if lr_in.is_some() || lr_out.is_some() {
@@ -811,10 +817,6 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             };
             let report = match &hardware {
                 None => scenario::train_nonneg_checkpointed(&mut network, &dataset, &config, &rule, progress, &checkpointing)?,
-                Some(_) if resume => bail!(
-                    "--resume continues only runs without hardware effects (the noise draws are not checkpointed); \
-                     rerun the hardware fine-tuning from its start with --force"
-                ),
                 Some(h) => scenario::train_nonneg_on_hardware(&mut network, &dataset, &config, &rule, h, progress)?,
             };
             let provenance = provenance::record(

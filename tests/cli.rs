@@ -433,6 +433,19 @@ fn optimizer_flags_must_match() {
 }
 
 #[test]
+fn hardware_training_cannot_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    isonn()
+        .arg("train-nonneg")
+        .arg(tmp.path().join("unused"))
+        .args(["--weight-bits", "4", "--resume", "--out"])
+        .arg(tmp.path().join("out"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("only runs without hardware effects"));
+}
+
+#[test]
 fn bench_writes_json_report() {
     let tmp = tempfile::tempdir().unwrap();
     let report = tmp.path().join("bench.json");

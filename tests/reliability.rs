@@ -39,6 +39,7 @@ fn config(epochs: usize, seed: u64) -> TrainConfig {
         batch_size: 50,
         seed,
         eval_every_epoch: true,
+        shuffle: true,
     }
 }
 
@@ -268,6 +269,7 @@ fn truncated_files_fail_and_good_files_survive() {
             seeds: 1,
             baseline_seeds: None,
             init: Init::Xavier,
+            shuffle: false,
             transform: TransformOptions::default(),
             resume: false,
             report_only: false,
