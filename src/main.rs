@@ -595,6 +595,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 settings: serde_json::json!({
                     "command": "train", "arch": arch, "activation": activation, "hidden": hidden,
                     "init": init, "lr": lr, "momentum": momentum, "data": data_record.files,
+                    "shuffle": !no_shuffle,
                 }),
                 stop: Some(&STOP),
             };
@@ -811,6 +812,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 resume,
                 settings: serde_json::json!({
                     "command": "train-nonneg", "optimizer": rule, "data": data_record.files,
+                    "shuffle": !no_shuffle,
                     "source_model_sha256": isonn::data::sha256_hex(&source_tensors),
                 }),
                 stop: Some(&STOP),

@@ -92,8 +92,8 @@ pub struct Checkpointing<'a> {
 }
 
 /// Trains by minibatches: each epoch shuffles the training set from the
-/// seed (unless `config.shuffle` is off), minimises cross-entropy of `forward` with `optimizer` over `vars`,
-/// and logs one line. `after_step` runs after every update (for audits).
+/// seed (unless `config.shuffle` is off), minimises cross-entropy of
+/// `forward` with `optimizer` over `vars`, and logs one line. `after_step` runs after every update (for audits).
 #[allow(clippy::too_many_arguments)]
 pub fn fit(
     forward: &dyn Fn(&Tensor) -> Result<Tensor>,

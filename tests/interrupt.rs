@@ -123,6 +123,12 @@ fn resume_rejects_changed_settings() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("the checkpoint was written with settings lr 0.02, this run has lr 0.5"), "{stderr}");
+
+    // Another sample order would replay other shuffles than the run saw.
+    let output = command(&out, &["--resume", "--no-shuffle"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("shuffle true, this run has shuffle false"), "{stderr}");
 }
 
 #[test]
