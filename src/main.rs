@@ -1062,6 +1062,12 @@ fn run_hardware(args: HardwareArgs, progress: &Progress) -> Result<()> {
                 a.std,
                 a.accuracies.len()
             );
+            if a.accuracies.len() < seeds.len() {
+                println!(
+                    "{label}: the chosen effects draw no noise, so one evaluation stands for all {} seeds",
+                    seeds.len()
+                );
+            }
         }
         return Ok(());
     };

@@ -315,6 +315,20 @@ fn restore(
              command that started the run, or pass --force to start again"
         ),
     };
+    let command = |settings: &serde_json::Value| settings.get("command").cloned();
+    if let (Some(then), Some(now)) = (command(&position.settings), command(&checkpointing.settings)) {
+        if then != now {
+            return Err(Error::Model {
+                path: path.to_path_buf(),
+                message: format!(
+                    "the checkpoint was written by `isonn {}`, not `isonn {}`; resume it with that command, \
+                     or write this run to another --out",
+                    then.as_str().unwrap_or("?"),
+                    now.as_str().unwrap_or("?")
+                ),
+            });
+        }
+    }
     if position.settings != checkpointing.settings {
         let (then, now) = settings_difference(&position.settings, &checkpointing.settings);
         return Err(mismatch("settings", then, now));

@@ -52,6 +52,26 @@ fn hardware_evaluates_sweeps_and_counts() {
         .assert()
         .success()
         .stdout(predicate::str::contains("200 test images, accuracy").and(predicate::str::contains("2 seed(s)")));
+    // Quantisation alone is deterministic: one evaluation, and the output says why.
+    isonn()
+        .arg("hardware")
+        .arg(&nonneg)
+        .args(subset)
+        .args(["--weight-bits", "4", "--seeds", "2"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("1 seed(s)"))
+        .stdout(predicate::str::contains("draw no noise, so one evaluation stands for all 2 seeds"));
+
+    // A train-nonneg resume pointed at a train run's folder names the command.
+    isonn()
+        .arg("train-nonneg")
+        .arg(&nonneg)
+        .args(["--dataset", "fashion-mnist-subset", "--resume", "--out"])
+        .arg(&regular)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("written by `isonn train`, not `isonn train-nonneg`"));
 
     let sweep = tmp.path().join("sweep");
     isonn()
