@@ -140,11 +140,11 @@ fn fit_nonneg(
     })
 }
 
-/// Trains a non-negative isomorphic network in place. The forward pass is
-/// [`NonnegNetwork::forward_training`], which gives the physical forward
-/// pass's values and gradients with one GEMM per affine layer. `P`, `N` and
-/// the biases are the parameters, while `lo`, `alpha` and the shifts stay
-/// fixed.
+/// Trains a non-negative isomorphic network in place with its physical
+/// forward pass. `P`, `N` and the biases are the parameters, while `lo`,
+/// `alpha` and the shifts stay fixed. The one-GEMM training form
+/// [`NonnegNetwork::forward_training`] is not used here: its gradients
+/// differ from the physical ones on some f32 networks.
 pub fn train_nonneg(
     network: &mut NonnegNetwork,
     data: &Dataset,
@@ -168,7 +168,7 @@ pub fn train_nonneg_checkpointed(
     let vars = network.make_trainable()?;
     let shape = network.input_shape.clone();
     let report = {
-        let forward = |x: &Tensor| network.forward_training(x);
+        let forward = |x: &Tensor| network.forward(x);
         fit_nonneg(&forward, &shape, &vars, optimizer, data, config, progress, checkpointing)?
     };
     *network = network.to_dtype(network.dtype())?;
