@@ -152,7 +152,7 @@ pub fn measure(
 /// Throughput of one GEMM shape through the fast ops' GEMM call.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GemmMeasurement {
-    /// What the shape is, e.g. the layer it comes from.
+    /// Name of the shape, e.g. the layer it comes from.
     pub label: String,
     /// `[m, k] x [k, n]`.
     pub m: usize,
@@ -250,7 +250,7 @@ impl Environment {
 /// Everything one `isonn bench` run measured, as written with `--json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
-    /// Where it ran.
+    /// Machine, thread count and load of the run.
     pub environment: Environment,
     /// One entry per architecture and workload.
     pub measurements: Vec<MeasurementSummary>,

@@ -291,9 +291,9 @@ enum Command {
         /// Initialisation of the regular networks.
         #[arg(long, value_enum, default_value_t = Init::Xavier)]
         init: Init,
-        /// Shuffle the training set every epoch; by default the samples are
-        /// visited in file order, as the method's reference code does
-        /// (recorded in every cell's settings).
+        /// Shuffle the training set every epoch. By default the samples are
+        /// visited in file order, as the method's reference code does. Each
+        /// cell records the setting.
         #[arg(long)]
         shuffle: bool,
         /// Continue an interrupted run in --out, keeping its finished cells.

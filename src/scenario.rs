@@ -465,7 +465,7 @@ pub struct Pretrained {
 }
 
 impl Pretrained {
-    /// How many scenarios took their regular training from here.
+    /// Returns how many scenarios took their regular training from the cache.
     pub fn reused(&self) -> usize {
         self.reused
     }

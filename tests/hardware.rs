@@ -310,7 +310,7 @@ fn adc_quantises_over_full_scale() {
 #[test]
 fn dac_quantises_modulation_levels() {
     // One linear layer reading inputs in [0, 2] (alpha = 2): with 1 input
-    // bit every modulator is fully off or on, so the layer sees 0 or 2.
+    // bit every modulator is fully off or on, so the layer receives 0 or 2.
     let weight = Tensor::new(&[[1.0f64]], &Device::Cpu).unwrap();
     let bias = Tensor::new(&[0.0f64], &Device::Cpu).unwrap();
     let regular = Network {
@@ -455,7 +455,8 @@ fn energies_reject_missing_and_negative() {
     let missing = dir.path().join("missing.json");
     std::fs::write(&missing, r#"{"modulator_j": 1e-12}"#).unwrap();
     let message = Energies::load(&missing).unwrap_err().to_string();
-    assert!(message.contains("missing.json") && message.contains("weight_element_j"), "{message}");
+    assert!(message.contains("missing.json"), "{message}");
+    assert!(message.contains("weight_element_j"), "{message}");
     let negative = dir.path().join("negative.toml");
     std::fs::write(
         &negative,

@@ -52,7 +52,7 @@ fn hardware_evaluates_sweeps_and_counts() {
         .assert()
         .success()
         .stdout(predicate::str::contains("200 test images, accuracy").and(predicate::str::contains("2 seed(s)")));
-    // Quantisation alone is deterministic: one evaluation, and the output says why.
+    // Quantisation alone is deterministic: one evaluation, and the output explains why.
     isonn()
         .arg("hardware")
         .arg(&nonneg)
