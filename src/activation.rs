@@ -44,6 +44,9 @@ pub enum Activation {
     /// `max(x, 0)`: unbounded, so a network using it cannot be transformed
     /// exactly without a bound.
     Relu,
+    /// `tanh(x)`, values in `[-1, 1]`: the usual recurrent activation. Its
+    /// range is negative, so the physical signal carries an offset of -1.
+    Tanh,
 }
 
 impl Activation {
@@ -80,6 +83,7 @@ impl Activation {
                 .sqr()?,
             Activation::ReluN { n } => x.clamp(0.0, *n)?,
             Activation::Relu => x.relu()?,
+            Activation::Tanh => x.tanh()?,
         };
         Ok(y)
     }
@@ -108,6 +112,7 @@ impl Activation {
             }
             Activation::ReluN { n } => x.clamp(0.0, *n),
             Activation::Relu => x.max(0.0),
+            Activation::Tanh => x.tanh(),
         }
     }
 
@@ -118,6 +123,7 @@ impl Activation {
             Activation::PhotonicSinusoidal => Some((0.0, 1.0)),
             Activation::ReluN { n } => Some((0.0, *n)),
             Activation::Relu => None,
+            Activation::Tanh => Some((-1.0, 1.0)),
         }
     }
 
@@ -129,7 +135,7 @@ impl Activation {
             Activation::PhotonicSigmoid => sigmoid_fit::X0,
             Activation::PhotonicSinusoidal => 0.5,
             Activation::ReluN { n } => n / 2.0,
-            Activation::Relu => 0.0,
+            Activation::Relu | Activation::Tanh => 0.0,
         }
     }
 }
@@ -141,6 +147,7 @@ impl fmt::Display for Activation {
             Activation::PhotonicSinusoidal => write!(f, "photonic-sinusoidal"),
             Activation::ReluN { n } => write!(f, "relu-n:{n}"),
             Activation::Relu => write!(f, "relu"),
+            Activation::Tanh => write!(f, "tanh"),
         }
     }
 }
@@ -149,11 +156,12 @@ impl FromStr for Activation {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let valid = "photonic-sigmoid, photonic-sinusoidal, relu-n:N (N > 0) or relu";
+        let valid = "photonic-sigmoid, photonic-sinusoidal, relu-n:N (N > 0), relu or tanh";
         match s {
             "photonic-sigmoid" => Ok(Activation::PhotonicSigmoid),
             "photonic-sinusoidal" => Ok(Activation::PhotonicSinusoidal),
             "relu" => Ok(Activation::Relu),
+            "tanh" => Ok(Activation::Tanh),
             _ => {
                 let Some(bound) = s.strip_prefix("relu-n:") else {
                     return Err(Error::config("activation", s, format!("expected {valid}")));
@@ -176,11 +184,12 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
-    const ALL: [Activation; 4] = [
+    const ALL: [Activation; 5] = [
         Activation::PhotonicSigmoid,
         Activation::PhotonicSinusoidal,
         Activation::ReluN { n: 2.5 },
         Activation::Relu,
+        Activation::Tanh,
     ];
 
     /// Inputs that avoid the kinks (clamp points), where the derivative is

@@ -78,9 +78,11 @@ enum Command {
         /// Activation: photonic-sigmoid, photonic-sinusoidal, relu-n:N or relu.
         #[arg(long, default_value = "photonic-sigmoid")]
         activation: String,
-        /// Hidden layer widths of the MLP, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "100,200")]
-        hidden: Vec<usize>,
+        /// Hidden layer widths of the MLP, comma-separated (default 100,200);
+        /// the width of the residual network (default 16); the state size of
+        /// the Elman network (default 128).
+        #[arg(long, value_delimiter = ',')]
+        hidden: Option<Vec<usize>>,
         /// Weight initialisation.
         #[arg(long, value_enum, default_value_t = Init::Xavier)]
         init: Init,
@@ -572,6 +574,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 shuffle: !no_shuffle,
             };
             config.validate()?;
+            let hidden = hidden.unwrap_or_else(|| arch.default_hidden());
             if hidden.iter().any(|&h| h == 0 || h > MAX_WIDTH) {
                 bail!("invalid --hidden {hidden:?}: every hidden width must lie in 1..={MAX_WIDTH}");
             }
@@ -600,7 +603,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 stop: Some(&STOP),
             };
             let metrics = {
-                let forward = |x: &candle_core::Tensor| network.forward(x);
+                let forward = |x: &candle_core::Tensor, mode| network.forward_mode(x, mode);
                 fit_checkpointed(&forward, &shape, &vars, &mut sgd, &dataset, &config, progress, &mut || Ok(()), &checkpointing)?
             };
             let provenance = provenance::record(
@@ -986,8 +989,8 @@ fn run_bench(
     let mut measurements = Vec::new();
     for &arch in models {
         let count = match arch {
-            Arch::Mlp => batches,
-            Arch::Cnn => (batches / 10).max(2),
+            Arch::Mlp | Arch::Elman => batches,
+            Arch::Cnn | Arch::Resnet => (batches / 10).max(2),
         };
         for &workload in workloads {
             let m = MeasurementSummary::from(bench::measure(arch, workload, count, batch_size, repetitions)?);

@@ -13,7 +13,7 @@ use crate::activation::Activation;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::hardware::{realise, DeviceMapping, HardwareTraining, NoiseSource};
-use crate::model::{Arch, Init, Network};
+use crate::model::{Arch, Init, Mode, Network};
 use crate::nonneg::{inverse, transform, NonnegNetwork, TransformOptions};
 use crate::optim::{Momentum, Optimizer, Projected, Sgd, SignPreserving};
 use crate::progress::Progress;
@@ -122,8 +122,10 @@ fn fit_nonneg(
     };
     // NOTE: `negative` counts the steps of this process only; a resumed run
     // does not carry the count of the steps before the interruption.
+    // Non-negative networks have no layer that trains differently.
+    let forward = |x: &Tensor, _: Mode| forward(x);
     let metrics = fit_checkpointed(
-        forward,
+        &forward,
         input_shape,
         vars,
         built.as_mut(),
@@ -219,7 +221,7 @@ pub fn train_regular(
     let mut sgd = Sgd::new(lr, 0.0, 0.0)?;
     let shape = network.input_shape.clone();
     let metrics = {
-        let forward = |x: &Tensor| network.forward(x);
+        let forward = |x: &Tensor, mode: Mode| network.forward_mode(x, mode);
         fit(&forward, &shape, &vars, &mut sgd, data, config, progress, &mut || Ok(()))?
     };
     *network = network.detached();

@@ -10,8 +10,10 @@ use serde::{Deserialize, Serialize};
 use crate::activation::Activation;
 use crate::error::{Error, Result};
 use crate::fsio;
-use crate::model::{Conv2d, Layer, Linear, Network, Pool, Range};
-use crate::nonneg::{AffineOp, NonnegActivation, NonnegAffine, NonnegLayer, NonnegNetwork};
+use crate::model::{BatchNorm, Conv2d, Elman, Layer, Linear, Network, Pool, Range, Residual};
+use crate::nonneg::{
+    AffineOp, NonnegActivation, NonnegAffine, NonnegElman, NonnegLayer, NonnegNetwork, NonnegResidual,
+};
 
 /// The `format` tag of every `model.json`.
 pub const FORMAT: &str = "isonn-model";
@@ -83,6 +85,8 @@ struct ModelFile {
 struct InputSpec {
     shape: Vec<usize>,
     range: Range,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    channel_ranges: Vec<Range>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -115,9 +119,46 @@ enum LayerSpec {
     Activation {
         activation: Activation,
     },
-    AvgPool2d(Pool),
+    AvgPool2d {
+        #[serde(flatten)]
+        pool: Pool,
+        /// Physical padding value of a non-negative pool, per channel.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pad: Vec<f64>,
+    },
     MaxPool2d(Pool),
     Flatten,
+    BatchNorm {
+        channels: usize,
+        eps: f64,
+        momentum: f64,
+    },
+    Residual {
+        main: Vec<LayerSpec>,
+        shortcut: Vec<LayerSpec>,
+    },
+    Elman {
+        features: usize,
+        hidden: usize,
+        activation: Activation,
+    },
+    GlobalAvgPool,
+    AdaptiveAvgPool2d {
+        size: [usize; 2],
+    },
+    Dropout {
+        p: f64,
+    },
+    NonnegElman {
+        features: usize,
+        hidden: usize,
+        activation: Activation,
+        #[serde(flatten)]
+        nonneg: NonnegSpec,
+        input_offset: f64,
+        output_offset: f64,
+        initial_state: f64,
+    },
     NonnegLinear {
         in_features: usize,
         out_features: usize,
@@ -155,71 +196,14 @@ fn conv_spec(weight: &Tensor, stride: usize, padding: usize, dilation: usize, gr
 pub fn save(dir: &Path, model: &Model, provenance: &serde_json::Value) -> Result<()> {
     fsio::create_dir_all(dir)?;
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    let mut layers = Vec::new();
-    let (kind, input_shape, input_range, output_offset) = match model {
+    let (kind, input_shape, input_range, channel_ranges, layers, output_offset) = match model {
         Model::Regular(n) => {
-            for (i, layer) in n.layers.iter().enumerate() {
-                layers.push(match layer {
-                    Layer::Linear(l) => LayerSpec::Linear {
-                        in_features: l.in_features(),
-                        out_features: l.out_features(),
-                    },
-                    Layer::Conv2d(c) => {
-                        LayerSpec::Conv2d(conv_spec(&c.weight, c.stride, c.padding, c.dilation, c.groups))
-                    }
-                    Layer::Activation(a) => LayerSpec::Activation { activation: *a },
-                    Layer::AvgPool2d(p) => LayerSpec::AvgPool2d(*p),
-                    Layer::MaxPool2d(p) => LayerSpec::MaxPool2d(*p),
-                    Layer::Flatten => LayerSpec::Flatten,
-                });
-                if let Some((w, b)) = layer.weight_and_bias() {
-                    tensors.push((format!("layers.{i}.weight"), w.clone()));
-                    tensors.push((format!("layers.{i}.bias"), b.clone()));
-                }
-            }
-            ("regular", &n.input_shape, n.input_range, 0.0)
+            let layers = regular_specs(&n.layers, "layers", &mut tensors);
+            ("regular", &n.input_shape, n.input_range, &n.channel_ranges, layers, 0.0)
         }
         Model::Nonneg(n) => {
-            for (i, layer) in n.layers.iter().enumerate() {
-                layers.push(match layer {
-                    NonnegLayer::Affine(a) => {
-                        let nonneg = NonnegSpec {
-                            lo: a.lo.clone(),
-                            alpha: a.alpha.clone(),
-                            shift: a.shift,
-                            out_max: a.out_max,
-                        };
-                        for (name, t) in ["positive", "negative", "bias"].iter().zip(a.parameters()) {
-                            tensors.push((format!("layers.{i}.{name}"), t.clone()));
-                        }
-                        match a.op {
-                            AffineOp::Linear => LayerSpec::NonnegLinear {
-                                in_features: a.positive.dims()[1],
-                                out_features: a.positive.dims()[0],
-                                nonneg,
-                            },
-                            AffineOp::Conv2d {
-                                stride,
-                                padding,
-                                dilation,
-                                groups,
-                            } => LayerSpec::NonnegConv2d {
-                                conv: conv_spec(&a.positive, stride, padding, dilation, groups),
-                                nonneg,
-                            },
-                        }
-                    }
-                    NonnegLayer::Activation(a) => LayerSpec::NonnegActivation {
-                        activation: a.activation,
-                        input_offset: a.input_offset,
-                        output_offset: a.output_offset,
-                    },
-                    NonnegLayer::AvgPool2d(p) => LayerSpec::AvgPool2d(*p),
-                    NonnegLayer::MaxPool2d(p) => LayerSpec::MaxPool2d(*p),
-                    NonnegLayer::Flatten => LayerSpec::Flatten,
-                });
-            }
-            ("nonneg", &n.input_shape, n.input_range, n.output_offset)
+            let layers = nonneg_specs(&n.layers, "layers", &mut tensors);
+            ("nonneg", &n.input_shape, n.input_range, &n.channel_ranges, layers, n.output_offset)
         }
     };
     let file = ModelFile {
@@ -229,6 +213,7 @@ pub fn save(dir: &Path, model: &Model, provenance: &serde_json::Value) -> Result
         input: InputSpec {
             shape: input_shape.clone(),
             range: input_range,
+            channel_ranges: channel_ranges.clone(),
         },
         layers,
         output_offset,
@@ -242,6 +227,134 @@ pub fn save(dir: &Path, model: &Model, provenance: &serde_json::Value) -> Result
     let bytes = serialize_tensors(&tensors, None, &tensor_path)?;
     fsio::write_atomic(&tensor_path, &bytes)?;
     fsio::write_json_atomic(&dir.join(MODEL_JSON), &file)
+}
+
+/// Describes regular layers, appending their tensors as `{prefix}.{i}.{name}`.
+fn regular_specs(layers: &[Layer], prefix: &str, tensors: &mut Vec<(String, Tensor)>) -> Vec<LayerSpec> {
+    let mut specs = Vec::with_capacity(layers.len());
+    for (i, layer) in layers.iter().enumerate() {
+        let path = format!("{prefix}.{i}");
+        specs.push(match layer {
+            Layer::Linear(l) => LayerSpec::Linear {
+                in_features: l.in_features(),
+                out_features: l.out_features(),
+            },
+            Layer::Conv2d(c) => LayerSpec::Conv2d(conv_spec(&c.weight, c.stride, c.padding, c.dilation, c.groups)),
+            Layer::Activation(a) => LayerSpec::Activation { activation: *a },
+            Layer::AvgPool2d(p) => LayerSpec::AvgPool2d {
+                pool: *p,
+                pad: Vec::new(),
+            },
+            Layer::MaxPool2d(p) => LayerSpec::MaxPool2d(*p),
+            Layer::Flatten => LayerSpec::Flatten,
+            Layer::BatchNorm(bn) => {
+                let (mean, var) = bn.running_stats();
+                tensors.push((format!("{path}.running_mean"), mean));
+                tensors.push((format!("{path}.running_var"), var));
+                LayerSpec::BatchNorm {
+                    channels: bn.channels(),
+                    eps: bn.eps,
+                    momentum: bn.momentum,
+                }
+            }
+            Layer::Residual(r) => LayerSpec::Residual {
+                main: regular_specs(&r.main, &format!("{path}.main"), tensors),
+                shortcut: regular_specs(&r.shortcut, &format!("{path}.shortcut"), tensors),
+            },
+            Layer::Elman(e) => LayerSpec::Elman {
+                features: e.features(),
+                hidden: e.hidden(),
+                activation: e.activation,
+            },
+            Layer::GlobalAvgPool => LayerSpec::GlobalAvgPool,
+            Layer::AdaptiveAvgPool2d(size) => LayerSpec::AdaptiveAvgPool2d { size: *size },
+            Layer::Dropout(p) => LayerSpec::Dropout { p: *p },
+        });
+        let mut copy = layer.clone();
+        for (name, t) in copy.parameters_mut() {
+            tensors.push((format!("{path}.{name}"), t.clone()));
+        }
+    }
+    specs
+}
+
+fn nonneg_spec(a: &NonnegAffine) -> NonnegSpec {
+    NonnegSpec {
+        lo: a.lo.clone(),
+        alpha: a.alpha.clone(),
+        shift: a.shift,
+        out_max: a.out_max,
+    }
+}
+
+fn push_affine_tensors(a: &NonnegAffine, path: &str, tensors: &mut Vec<(String, Tensor)>) {
+    for (name, t) in ["positive", "negative", "bias"].iter().zip(a.parameters()) {
+        tensors.push((format!("{path}.{name}"), t.clone()));
+    }
+}
+
+/// Describes non-negative layers, appending their tensors.
+fn nonneg_specs(layers: &[NonnegLayer], prefix: &str, tensors: &mut Vec<(String, Tensor)>) -> Vec<LayerSpec> {
+    let mut specs = Vec::with_capacity(layers.len());
+    for (i, layer) in layers.iter().enumerate() {
+        let path = format!("{prefix}.{i}");
+        specs.push(match layer {
+            NonnegLayer::Affine(a) => {
+                push_affine_tensors(a, &path, tensors);
+                match a.op {
+                    AffineOp::Linear => LayerSpec::NonnegLinear {
+                        in_features: a.positive.dims()[1],
+                        out_features: a.positive.dims()[0],
+                        nonneg: nonneg_spec(a),
+                    },
+                    AffineOp::Conv2d {
+                        stride,
+                        padding,
+                        dilation,
+                        groups,
+                    } => LayerSpec::NonnegConv2d {
+                        conv: conv_spec(&a.positive, stride, padding, dilation, groups),
+                        nonneg: nonneg_spec(a),
+                    },
+                }
+            }
+            NonnegLayer::Activation(a) => LayerSpec::NonnegActivation {
+                activation: a.activation,
+                input_offset: a.input_offset,
+                output_offset: a.output_offset,
+            },
+            NonnegLayer::AvgPool2d(p) => LayerSpec::AvgPool2d {
+                pool: *p,
+                pad: Vec::new(),
+            },
+            NonnegLayer::PaddedAvgPool2d { pool, pad } => LayerSpec::AvgPool2d {
+                pool: *pool,
+                pad: pad.clone(),
+            },
+            NonnegLayer::MaxPool2d(p) => LayerSpec::MaxPool2d(*p),
+            NonnegLayer::Flatten => LayerSpec::Flatten,
+            NonnegLayer::Residual(r) => LayerSpec::Residual {
+                main: nonneg_specs(&r.main, &format!("{path}.main"), tensors),
+                shortcut: nonneg_specs(&r.shortcut, &format!("{path}.shortcut"), tensors),
+            },
+            NonnegLayer::Elman(e) => {
+                push_affine_tensors(&e.affine, &format!("{path}.affine"), tensors);
+                LayerSpec::NonnegElman {
+                    features: e.features(),
+                    hidden: e.hidden(),
+                    activation: e.activation.activation,
+                    nonneg: nonneg_spec(&e.affine),
+                    input_offset: e.activation.input_offset,
+                    output_offset: e.activation.output_offset,
+                    initial_state: e.initial_state,
+                }
+            }
+            NonnegLayer::GlobalAvgPool => LayerSpec::GlobalAvgPool,
+            NonnegLayer::AdaptiveAvgPool2d(size) => LayerSpec::AdaptiveAvgPool2d { size: *size },
+            NonnegLayer::Dropout(p) => LayerSpec::Dropout { p: *p },
+        });
+    }
+    specs
 }
 
 /// Largest `model.json` that [`load`] reads.
@@ -364,143 +477,29 @@ pub fn load_bytes(
     }
     Range::new(file.input.range.lo, file.input.range.hi).map_err(|e| bad(format!("input range: {e}")))?;
 
-    let mut tensors = parse_tensors(bytes, tensor_path)?;
-    let mut take = |name: String, shape: &[usize]| -> Result<Tensor> {
-        let t = tensors.remove(&name).ok_or_else(|| Error::Model {
-            path: tensor_path.to_path_buf(),
-            message: format!("missing tensor {name}; model.json and model.safetensors do not belong together"),
-        })?;
-        if t.dims() != shape {
-            return Err(Error::Model {
-                path: tensor_path.to_path_buf(),
-                message: format!("tensor {name} has shape {:?}, model.json implies {shape:?}", t.dims()),
-            });
-        }
-        check_finite(&t, &name, tensor_path)?;
-        Ok(t)
-    };
-    let conv_shape = |c: &ConvSpec| -> Result<Vec<usize>> {
-        const LIMIT: usize = 1 << 16;
-        let settings = [c.kernel[0], c.kernel[1], c.stride, c.dilation, c.padding, c.in_channels, c.out_channels];
-        if settings.iter().any(|&v| v > LIMIT) {
-            return Err(bad(format!(
-                "conv2d settings {settings:?} (kernel, stride, dilation, padding, channels) must each be at most {LIMIT}"
-            )));
-        }
-        if c.kernel.contains(&0) || c.stride == 0 || c.dilation == 0 {
-            return Err(bad(format!(
-                "conv2d kernel size {:?}, stride {} and dilation {} must be at least 1",
-                c.kernel, c.stride, c.dilation
-            )));
-        }
-        if c.groups == 0 || c.in_channels % c.groups != 0 || c.out_channels % c.groups != 0 {
-            return Err(bad(format!(
-                "conv2d with {} groups does not divide {} input and {} output channels",
-                c.groups, c.in_channels, c.out_channels
-            )));
-        }
-        Ok(vec![c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]])
+    let input_shape = file.input.shape.clone();
+    crate::model::check_channel_ranges(file.input.range, &file.input.channel_ranges, &input_shape)
+        .map_err(|m| bad(format!("input: {m}")))?;
+
+    let mut loader = Loader {
+        tensors: parse_tensors(bytes, tensor_path)?,
+        json_path,
+        tensor_path,
     };
     let model = match file.kind.as_str() {
         "regular" => {
-            let mut layers = Vec::new();
-            for (i, spec) in file.layers.iter().enumerate() {
-                let (w, b) = (format!("layers.{i}.weight"), format!("layers.{i}.bias"));
-                layers.push(match spec {
-                    LayerSpec::Linear {
-                        in_features,
-                        out_features,
-                    } => Layer::Linear(Linear {
-                        weight: take(w, &[*out_features, *in_features])?,
-                        bias: take(b, &[*out_features])?,
-                    }),
-                    LayerSpec::Conv2d(c) => Layer::Conv2d(Conv2d {
-                        weight: take(w, &conv_shape(c)?)?,
-                        bias: take(b, &[c.out_channels])?,
-                        stride: c.stride,
-                        padding: c.padding,
-                        dilation: c.dilation,
-                        groups: c.groups,
-                    }),
-                    LayerSpec::Activation { activation } => Layer::Activation(*activation),
-                    LayerSpec::AvgPool2d(p) => Layer::AvgPool2d(*p),
-                    LayerSpec::MaxPool2d(p) => Layer::MaxPool2d(*p),
-                    LayerSpec::Flatten => Layer::Flatten,
-                    other => {
-                        return Err(bad(format!(
-                            "layer {i} is {}, which a regular model cannot contain",
-                            layer_type(other)
-                        )))
-                    }
-                });
-            }
-            let network = Network {
-                input_shape: file.input.shape.clone(),
-                input_range: file.input.range,
-                layers,
-            };
+            let layers = loader.regular_layers(&file.layers, "layers")?;
+            let mut network = Network::new(&input_shape, file.input.range, layers);
+            network.channel_ranges = file.input.channel_ranges.clone();
             network.output_shape().map_err(|e| bad(e.to_string()))?;
             Model::Regular(network)
         }
         "nonneg" => {
-            let mut layers = Vec::new();
-            for (i, spec) in file.layers.iter().enumerate() {
-                let names = ["positive", "negative", "bias"].map(|n| format!("layers.{i}.{n}"));
-                let [p, n, b] = names;
-                let affine = |op, shape: Vec<usize>, spec: &NonnegSpec, take: &mut dyn FnMut(String, &[usize]) -> Result<Tensor>| -> Result<NonnegLayer> {
-                    check_nonneg_spec(i, spec, shape[1] * match op {
-                        AffineOp::Conv2d { groups, .. } => groups,
-                        AffineOp::Linear => 1,
-                    }).map_err(|m| bad(m))?;
-                    Ok(NonnegLayer::Affine(NonnegAffine {
-                        op,
-                        positive: take(p.clone(), &shape)?,
-                        negative: take(n.clone(), &shape)?,
-                        bias: take(b.clone(), &shape[..1])?,
-                        lo: spec.lo.clone(),
-                        alpha: spec.alpha.clone(),
-                        shift: spec.shift,
-                        out_max: spec.out_max,
-                    }))
-                };
-                layers.push(match spec {
-                    LayerSpec::NonnegLinear {
-                        in_features,
-                        out_features,
-                        nonneg,
-                    } => affine(AffineOp::Linear, vec![*out_features, *in_features], nonneg, &mut take)?,
-                    LayerSpec::NonnegConv2d { conv, nonneg } => {
-                        let op = AffineOp::Conv2d {
-                            stride: conv.stride,
-                            padding: conv.padding,
-                            dilation: conv.dilation,
-                            groups: conv.groups,
-                        };
-                        affine(op, conv_shape(conv)?, nonneg, &mut take)?
-                    }
-                    LayerSpec::NonnegActivation {
-                        activation,
-                        input_offset,
-                        output_offset,
-                    } => NonnegLayer::Activation(NonnegActivation {
-                        activation: *activation,
-                        input_offset: *input_offset,
-                        output_offset: *output_offset,
-                    }),
-                    LayerSpec::AvgPool2d(p) => NonnegLayer::AvgPool2d(*p),
-                    LayerSpec::MaxPool2d(p) => NonnegLayer::MaxPool2d(*p),
-                    LayerSpec::Flatten => NonnegLayer::Flatten,
-                    other => {
-                        return Err(bad(format!(
-                            "layer {i} is {}, which a non-negative model cannot contain",
-                            layer_type(other)
-                        )))
-                    }
-                });
-            }
+            let layers = loader.nonneg_layers(&file.layers, "layers")?;
             let network = NonnegNetwork {
-                input_shape: file.input.shape.clone(),
+                input_shape,
                 input_range: file.input.range,
+                channel_ranges: file.input.channel_ranges.clone(),
                 layers,
                 output_offset: file.output_offset,
             };
@@ -515,7 +514,7 @@ pub fn load_bytes(
             )))
         }
     };
-    if let Some(extra) = tensors.keys().next() {
+    if let Some(extra) = loader.tensors.keys().next() {
         return Err(Error::Model {
             path: tensor_path.to_path_buf(),
             message: format!("unexpected tensor {extra} that model.json does not describe"),
@@ -524,7 +523,256 @@ pub fn load_bytes(
     Ok((model, file.provenance))
 }
 
-fn check_nonneg_spec(layer: usize, spec: &NonnegSpec, in_channels: usize) -> std::result::Result<(), String> {
+/// Builds layers from their descriptions, taking their tensors by name.
+struct Loader<'a> {
+    tensors: HashMap<String, Tensor>,
+    json_path: &'a Path,
+    tensor_path: &'a Path,
+}
+
+impl Loader<'_> {
+    fn bad(&self, message: String) -> Error {
+        Error::Model {
+            path: self.json_path.to_path_buf(),
+            message,
+        }
+    }
+
+    /// Removes the tensor `name`, checking its shape and finiteness.
+    fn take(&mut self, name: String, shape: &[usize]) -> Result<Tensor> {
+        let t = self.tensors.remove(&name).ok_or_else(|| Error::Model {
+            path: self.tensor_path.to_path_buf(),
+            message: format!("missing tensor {name}; model.json and model.safetensors do not belong together"),
+        })?;
+        if t.dims() != shape {
+            return Err(Error::Model {
+                path: self.tensor_path.to_path_buf(),
+                message: format!("tensor {name} has shape {:?}, model.json implies {shape:?}", t.dims()),
+            });
+        }
+        check_finite(&t, &name, self.tensor_path)?;
+        Ok(t)
+    }
+
+    fn conv_shape(&self, c: &ConvSpec) -> Result<Vec<usize>> {
+        const LIMIT: usize = 1 << 16;
+        let settings = [c.kernel[0], c.kernel[1], c.stride, c.dilation, c.padding, c.in_channels, c.out_channels];
+        if settings.iter().any(|&v| v > LIMIT) {
+            return Err(self.bad(format!(
+                "conv2d settings {settings:?} (kernel, stride, dilation, padding, channels) must each be at most {LIMIT}"
+            )));
+        }
+        if c.kernel.contains(&0) || c.stride == 0 || c.dilation == 0 {
+            return Err(self.bad(format!(
+                "conv2d kernel size {:?}, stride {} and dilation {} must be at least 1",
+                c.kernel, c.stride, c.dilation
+            )));
+        }
+        if c.groups == 0 || c.in_channels % c.groups != 0 || c.out_channels % c.groups != 0 {
+            return Err(self.bad(format!(
+                "conv2d with {} groups does not divide {} input and {} output channels",
+                c.groups, c.in_channels, c.out_channels
+            )));
+        }
+        Ok(vec![c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]])
+    }
+
+    /// Rejects sizes that would allocate without bound before the shape
+    /// check sees them.
+    fn check_sizes(&self, path: &str, sizes: &[usize]) -> Result<()> {
+        const LIMIT: usize = 1 << 20;
+        if sizes.iter().any(|&v| v == 0 || v > LIMIT) {
+            return Err(self.bad(format!("{path}: sizes {sizes:?} must each be in 1..={LIMIT}")));
+        }
+        Ok(())
+    }
+
+    fn regular_layers(&mut self, specs: &[LayerSpec], prefix: &str) -> Result<Vec<Layer>> {
+        let mut layers = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            let path = format!("{prefix}.{i}");
+            let (w, b) = (format!("{path}.weight"), format!("{path}.bias"));
+            layers.push(match spec {
+                LayerSpec::Linear {
+                    in_features,
+                    out_features,
+                } => Layer::Linear(Linear {
+                    weight: self.take(w, &[*out_features, *in_features])?,
+                    bias: self.take(b, &[*out_features])?,
+                }),
+                LayerSpec::Conv2d(c) => {
+                    let shape = self.conv_shape(c)?;
+                    Layer::Conv2d(Conv2d {
+                        weight: self.take(w, &shape)?,
+                        bias: self.take(b, &[c.out_channels])?,
+                        stride: c.stride,
+                        padding: c.padding,
+                        dilation: c.dilation,
+                        groups: c.groups,
+                    })
+                }
+                LayerSpec::Activation { activation } => Layer::Activation(*activation),
+                LayerSpec::AvgPool2d { pool, pad } if pad.is_empty() => Layer::AvgPool2d(*pool),
+                LayerSpec::MaxPool2d(p) => Layer::MaxPool2d(*p),
+                LayerSpec::Flatten => Layer::Flatten,
+                LayerSpec::BatchNorm {
+                    channels,
+                    eps,
+                    momentum,
+                } => {
+                    self.check_sizes(&path, &[*channels])?;
+                    let weight = self.take(w, &[*channels])?;
+                    let bias = self.take(b, &[*channels])?;
+                    let mean = self.take(format!("{path}.running_mean"), &[*channels])?;
+                    let var = self.take(format!("{path}.running_var"), &[*channels])?;
+                    let smallest = var.to_dtype(DType::F64)?.min_all()?.to_scalar::<f64>()?;
+                    if smallest < 0.0 {
+                        return Err(self.bad(format!(
+                            "{path}: running variance {smallest} is negative; the model is damaged"
+                        )));
+                    }
+                    Layer::BatchNorm(BatchNorm::from_parts(weight, bias, mean, var, *eps, *momentum))
+                }
+                LayerSpec::Residual { main, shortcut } => Layer::Residual(Residual {
+                    main: self.regular_layers(main, &format!("{path}.main"))?,
+                    shortcut: self.regular_layers(shortcut, &format!("{path}.shortcut"))?,
+                }),
+                LayerSpec::Elman {
+                    features,
+                    hidden,
+                    activation,
+                } => {
+                    self.check_sizes(&path, &[*features, *hidden])?;
+                    Layer::Elman(Elman {
+                        input_weight: self.take(format!("{path}.input_weight"), &[*hidden, *features])?,
+                        recurrent_weight: self.take(format!("{path}.recurrent_weight"), &[*hidden, *hidden])?,
+                        bias: self.take(b, &[*hidden])?,
+                        activation: *activation,
+                    })
+                }
+                LayerSpec::GlobalAvgPool => Layer::GlobalAvgPool,
+                LayerSpec::AdaptiveAvgPool2d { size } => Layer::AdaptiveAvgPool2d(*size),
+                LayerSpec::Dropout { p } => Layer::Dropout(*p),
+                other => {
+                    return Err(self.bad(format!(
+                        "layer {path} is {}, which a regular model cannot contain",
+                        layer_type(other)
+                    )))
+                }
+            });
+        }
+        Ok(layers)
+    }
+
+    fn nonneg_affine(&mut self, op: AffineOp, shape: Vec<usize>, spec: &NonnegSpec, path: &str) -> Result<NonnegAffine> {
+        let groups = match op {
+            AffineOp::Conv2d { groups, .. } => groups,
+            AffineOp::Linear => 1,
+        };
+        check_nonneg_spec(path, spec, shape[1] * groups).map_err(|m| self.bad(m))?;
+        Ok(NonnegAffine {
+            op,
+            positive: self.take(format!("{path}.positive"), &shape)?,
+            negative: self.take(format!("{path}.negative"), &shape)?,
+            bias: self.take(format!("{path}.bias"), &shape[..1])?,
+            lo: spec.lo.clone(),
+            alpha: spec.alpha.clone(),
+            shift: spec.shift,
+            out_max: spec.out_max,
+        })
+    }
+
+    fn nonneg_layers(&mut self, specs: &[LayerSpec], prefix: &str) -> Result<Vec<NonnegLayer>> {
+        let mut layers = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            let path = format!("{prefix}.{i}");
+            layers.push(match spec {
+                LayerSpec::NonnegLinear {
+                    in_features,
+                    out_features,
+                    nonneg,
+                } => NonnegLayer::Affine(self.nonneg_affine(
+                    AffineOp::Linear,
+                    vec![*out_features, *in_features],
+                    nonneg,
+                    &path,
+                )?),
+                LayerSpec::NonnegConv2d { conv, nonneg } => {
+                    let op = AffineOp::Conv2d {
+                        stride: conv.stride,
+                        padding: conv.padding,
+                        dilation: conv.dilation,
+                        groups: conv.groups,
+                    };
+                    let shape = self.conv_shape(conv)?;
+                    NonnegLayer::Affine(self.nonneg_affine(op, shape, nonneg, &path)?)
+                }
+                LayerSpec::NonnegActivation {
+                    activation,
+                    input_offset,
+                    output_offset,
+                } => NonnegLayer::Activation(NonnegActivation {
+                    activation: *activation,
+                    input_offset: *input_offset,
+                    output_offset: *output_offset,
+                }),
+                LayerSpec::AvgPool2d { pool, pad } if pad.is_empty() => NonnegLayer::AvgPool2d(*pool),
+                LayerSpec::AvgPool2d { pool, pad } => {
+                    if pad.iter().any(|v| !(v.is_finite() && *v >= 0.0)) || pad.len() > 1 << 16 {
+                        return Err(self.bad(format!("{path}: padding values must be finite and >= 0")));
+                    }
+                    NonnegLayer::PaddedAvgPool2d {
+                        pool: *pool,
+                        pad: pad.clone(),
+                    }
+                }
+                LayerSpec::MaxPool2d(p) => NonnegLayer::MaxPool2d(*p),
+                LayerSpec::Flatten => NonnegLayer::Flatten,
+                LayerSpec::Residual { main, shortcut } => NonnegLayer::Residual(NonnegResidual {
+                    main: self.nonneg_layers(main, &format!("{path}.main"))?,
+                    shortcut: self.nonneg_layers(shortcut, &format!("{path}.shortcut"))?,
+                }),
+                LayerSpec::NonnegElman {
+                    features,
+                    hidden,
+                    activation,
+                    nonneg,
+                    input_offset,
+                    output_offset,
+                    initial_state,
+                } => {
+                    self.check_sizes(&path, &[*features, *hidden])?;
+                    if !(initial_state.is_finite() && *initial_state >= 0.0) {
+                        return Err(self.bad(format!("{path}: initial_state {initial_state} must be finite and >= 0")));
+                    }
+                    let shape = vec![*hidden, features + hidden];
+                    let affine = self.nonneg_affine(AffineOp::Linear, shape, nonneg, &format!("{path}.affine"))?;
+                    NonnegLayer::Elman(NonnegElman {
+                        affine,
+                        activation: NonnegActivation {
+                            activation: *activation,
+                            input_offset: *input_offset,
+                            output_offset: *output_offset,
+                        },
+                        initial_state: *initial_state,
+                    })
+                }
+                LayerSpec::GlobalAvgPool => NonnegLayer::GlobalAvgPool,
+                LayerSpec::AdaptiveAvgPool2d { size } => NonnegLayer::AdaptiveAvgPool2d(*size),
+                LayerSpec::Dropout { p } => NonnegLayer::Dropout(*p),
+                other => {
+                    return Err(self.bad(format!(
+                        "layer {path} is {}, which a non-negative model cannot contain",
+                        layer_type(other)
+                    )))
+                }
+            });
+        }
+        Ok(layers)
+    }
+}
+
+fn check_nonneg_spec(layer: &str, spec: &NonnegSpec, in_channels: usize) -> std::result::Result<(), String> {
     let fits = |v: &[f64]| v.len() == 1 || v.len() == in_channels;
     if !fits(&spec.lo) || !fits(&spec.alpha) {
         return Err(format!(

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::model::Mode;
 pub use crate::optim::{Optimizer, Sgd};
 use crate::progress::Progress;
 use crate::store;
@@ -96,7 +97,7 @@ pub struct Checkpointing<'a> {
 /// `forward` with `optimizer` over `vars`, and logs one line. `after_step` runs after every update (for audits).
 #[allow(clippy::too_many_arguments)]
 pub fn fit(
-    forward: &dyn Fn(&Tensor) -> Result<Tensor>,
+    forward: &dyn Fn(&Tensor, Mode) -> Result<Tensor>,
     input_shape: &[usize],
     vars: &[Var],
     optimizer: &mut dyn Optimizer,
@@ -127,7 +128,7 @@ fn shuffle_epoch(order: &mut [usize], rng: &mut rand::rngs::StdRng, shuffle: boo
 /// rebuilt by replaying the seeded shuffles.
 #[allow(clippy::too_many_arguments)]
 pub fn fit_checkpointed(
-    forward: &dyn Fn(&Tensor) -> Result<Tensor>,
+    forward: &dyn Fn(&Tensor, Mode) -> Result<Tensor>,
     input_shape: &[usize],
     vars: &[Var],
     optimizer: &mut dyn Optimizer,
@@ -199,7 +200,7 @@ pub fn fit_checkpointed(
             let (x, y) = data.train.batch(chunk, &Device::Cpu)?;
             let x = x.to_dtype(dtype)?;
             let t0 = Instant::now();
-            let logits = forward(&x)?;
+            let logits = forward(&x, Mode::Train)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
             let t1 = Instant::now();
             let grads = loss.backward()?;
@@ -243,7 +244,7 @@ pub fn fit_checkpointed(
         let last = batches;
         check_parameters(vars, epoch, last, &last_good)?;
         let test_accuracy = if config.eval_every_epoch || epoch == config.epochs {
-            Some(verify::accuracy(forward, input_shape, &data.test, 1000, dtype, progress)?)
+            Some(verify::accuracy(&|x: &Tensor| forward(x, Mode::Eval), input_shape, &data.test, 1000, dtype, progress)?)
         } else {
             None
         };

@@ -242,19 +242,21 @@ pub fn verify(
     let n = images.len().max(1) as f64;
     let min_signal = signals.iter().map(|s| s.min).fold(f64::INFINITY, f64::min);
     let range_violations = nonneg
-        .affine_layers()
-        .filter(|(i, a)| {
+        .affines()
+        .into_iter()
+        .filter(|(i, prefix, a)| {
             let alpha = a.alpha.iter().copied().fold(0.0f64, f64::max);
+            let signal = format!("{prefix}signal");
             let largest = signals
                 .iter()
-                .find(|s| s.layer == Some(*i) && s.name == "signal")
+                .find(|s| s.layer == Some(*i) && s.name == signal)
                 .map_or(0.0, |s| s.max);
             // Allow the rounding of the model's precision.
             // NOTE: with per-channel ranges this compares against the widest
             // channel, so a narrow channel's overflow goes unreported.
             largest > alpha * (1.0 + 1e-5) + 1e-6
         })
-        .map(|(i, _)| i)
+        .map(|(i, _, _)| i)
         .collect();
     Ok(EquivalenceReport {
         max_abs_diff,

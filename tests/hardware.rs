@@ -314,6 +314,7 @@ fn dac_quantises_modulation_levels() {
     let weight = Tensor::new(&[[1.0f64]], &Device::Cpu).unwrap();
     let bias = Tensor::new(&[0.0f64], &Device::Cpu).unwrap();
     let regular = Network {
+        channel_ranges: Vec::new(),
         input_shape: vec![1, 1, 1],
         input_range: Range::new(0.0, 2.0).unwrap(),
         layers: vec![Layer::Flatten, Layer::Linear(Linear { weight, bias })],
@@ -374,6 +375,7 @@ fn linear(out: usize, inputs: usize, values: Vec<f64>) -> Layer {
 #[test]
 fn cost_table_counts_each_scheme() {
     let network = Network {
+        channel_ranges: Vec::new(),
         input_shape: vec![1, 1, 3],
         input_range: Range::new(0.0, 1.0).unwrap(),
         layers: vec![Layer::Flatten, linear(2, 3, vec![1.0, -2.0, 0.0, 0.5, 0.0, -1.0])],
@@ -435,6 +437,7 @@ fn energies_load_json_and_toml() {
     let b = Energies::load(&toml).unwrap();
     assert_eq!(a, b);
     let network = Network {
+        channel_ranges: Vec::new(),
         input_shape: vec![1, 1, 3],
         input_range: Range::new(0.0, 1.0).unwrap(),
         layers: vec![Layer::Flatten, linear(2, 3, vec![1.0, -2.0, 0.0, 0.5, 0.0, -1.0])],

@@ -62,7 +62,7 @@ fn train(
         stop: None,
     };
     let shape = network.input_shape.clone();
-    let forward = |x: &Tensor| network.forward(x);
+    let forward = |x: &Tensor, mode| network.forward_mode(x, mode);
     fit_checkpointed(&forward, &shape, &vars, &mut sgd, data, config, &Progress::hidden(), &mut || Ok(()), &checkpointing)
 }
 
@@ -290,7 +290,7 @@ fn checkpoint_keeps_optimizer_state() {
     let mut sgd = Sgd::new(0.05, 0.9, 0.0).unwrap();
     let shape = network.input_shape.clone();
     {
-        let forward = |x: &Tensor| network.forward(x);
+        let forward = |x: &Tensor, mode| network.forward_mode(x, mode);
         isonn::train::fit(&forward, &shape, &vars, &mut sgd, &data, &config(1, 3), &Progress::hidden(), &mut || Ok(()))
             .unwrap();
     }

@@ -129,6 +129,7 @@ fn positive_corrected_bias_is_exact() {
     let weight = Tensor::new(&[[0.5f64, 0.25], [-1.0, -0.5]], &device).unwrap();
     let bias = Tensor::new(&[2.0f64, -1.0], &device).unwrap();
     let network = Network {
+        channel_ranges: Vec::new(),
         input_shape: vec![1, 1, 2],
         input_range: Range { lo: 0.0, hi: 1.0 },
         layers: vec![
@@ -201,6 +202,7 @@ fn padding_widens_range_to_zero() {
     use rand::SeedableRng;
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let mut network = Network {
+        channel_ranges: Vec::new(),
         input_shape: vec![1, 6, 6],
         input_range: Range { lo: 0.2, hi: 1.0 },
         layers: vec![

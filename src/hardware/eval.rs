@@ -125,6 +125,7 @@ impl RealisedNetwork<'_> {
                 (NonnegLayer::AvgPool2d(p), _) => v.avg_pool2d_with_stride(p.kernel, p.stride)?,
                 (NonnegLayer::MaxPool2d(p), _) => v.max_pool2d_with_stride(p.kernel, p.stride)?,
                 (NonnegLayer::Flatten, _) => v.flatten_from(1)?,
+                (other, _) => other.forward(&v, "", &mut |_, _| Ok(()))?,
             };
         }
         Ok(v.affine(1.0, self.network.output_offset)?)

@@ -75,6 +75,15 @@ impl DeviceMapping {
     /// number > 0 (a modulator cannot encode an empty range) or a parameter
     /// is not finite.
     pub fn new(network: &NonnegNetwork, granularity: GainGranularity) -> Result<Self> {
+        if !network.is_chain() {
+            // NOTE: residual blocks, recurrent cells and per-channel input
+            // ranges are not modelled on devices yet.
+            return Err(Error::Shape(
+                "the hardware model reads plain chains of layers with one input range; this \
+                 network has a residual block, a recurrent cell or per-channel input ranges"
+                    .into(),
+            ));
+        }
         let layers = network
             .affine_layers()
             .map(|(i, a)| layer_mapping(i, a, granularity))

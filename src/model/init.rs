@@ -1,6 +1,7 @@
 //! Parameter initialisation.
 
 use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
@@ -38,39 +39,59 @@ impl Init {
     /// Draws every parameter of `network` from `seed`, replacing what was there.
     pub fn apply(self, network: &mut Network, seed: u64) -> Result<()> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let mut input_mid = (network.input_range.lo + network.input_range.hi) / 2.0;
-        let count = network.layers.len();
-        for i in 0..count {
+        let input_mid = (network.input_range.lo + network.input_range.hi) / 2.0;
+        self.apply_chain(&mut network.layers, input_mid, &mut rng)?;
+        Ok(())
+    }
+
+    /// Initialises a chain whose input values centre on `input_mid`, and
+    /// returns the centre of its output.
+    fn apply_chain(self, layers: &mut [Layer], mut input_mid: f64, rng: &mut StdRng) -> Result<f64> {
+        for i in 0..layers.len() {
             // The activation this layer feeds, if pooling and flattening
             // are all that lies between them.
-            let next_activation = network.layers[i + 1..]
+            let next_activation = layers[i + 1..]
                 .iter()
-                .find(|l| !matches!(l, Layer::AvgPool2d(_) | Layer::MaxPool2d(_) | Layer::Flatten))
+                .find(|l| !matches!(l, Layer::AvgPool2d(_) | Layer::MaxPool2d(_) | Layer::Flatten | Layer::Dropout(_)))
                 .and_then(|l| match l {
                     Layer::Activation(a) => Some(*a),
                     _ => None,
                 });
-            match &mut network.layers[i] {
-                Layer::Activation(a) => {
-                    input_mid = a
-                        .output_bounds()
-                        .map(|(lo, hi)| (lo + hi) / 2.0)
-                        .unwrap_or(0.5);
+            match &mut layers[i] {
+                Layer::Activation(a) => input_mid = midpoint(a),
+                Layer::Residual(r) => {
+                    self.apply_chain(&mut r.main, input_mid, rng)?;
+                    self.apply_chain(&mut r.shortcut, input_mid, rng)?;
+                }
+                Layer::Elman(e) => {
+                    let (input, _) = xavier(e.input_weight.dims(), rng)?;
+                    let (recurrent, _) = xavier(e.recurrent_weight.dims(), rng)?;
+                    let state_mid = midpoint(&e.activation);
+                    let biases: Vec<f32> = match self {
+                        Init::Photonic => {
+                            let sums = |w: &Tensor| -> Result<Vec<f64>> {
+                                Ok(w.to_dtype(candle_core::DType::F64)?.sum(1)?.to_vec1()?)
+                            };
+                            sums(&input)?
+                                .iter()
+                                .zip(sums(&recurrent)?)
+                                .map(|(a, b)| (e.activation.steepest_input() - input_mid * a - state_mid * b) as f32)
+                                .collect()
+                        }
+                        Init::Xavier => vec![0.0; e.hidden()],
+                    };
+                    e.bias = Tensor::from_vec(biases, e.hidden(), &Device::Cpu)?;
+                    e.input_weight = input;
+                    e.recurrent_weight = recurrent;
+                    input_mid = state_mid;
                 }
                 layer => {
                     let Some((weight, bias)) = layer.weight_and_bias_mut() else {
                         continue;
                     };
                     let dims = weight.dims().to_vec();
-                    let receptive: usize = dims[2..].iter().product();
-                    let fan_in = dims[1] * receptive;
-                    let fan_out = dims[0] * receptive;
-                    let std = (2.0 / (fan_in + fan_out) as f64).sqrt();
-                    let normal = Normal::new(0.0, std).expect("std is finite and > 0");
-                    let values: Vec<f32> = (0..dims.iter().product::<usize>())
-                        .map(|_| normal.sample(&mut rng) as f32)
-                        .collect();
-                    let w = Tensor::from_vec(values.clone(), dims.as_slice(), &Device::Cpu)?;
+                    let (w, values) = xavier(&dims, rng)?;
+                    let fan_in = values.len() / dims[0];
                     let biases: Vec<f32> = match (self, next_activation) {
                         (Init::Photonic, Some(act)) => values
                             .chunks(fan_in)
@@ -86,8 +107,28 @@ impl Init {
                 }
             }
         }
-        Ok(())
+        Ok(input_mid)
     }
+}
+
+/// Returns the centre of an activation's outputs (0.5 when unbounded).
+fn midpoint(activation: &crate::activation::Activation) -> f64 {
+    activation.output_bounds().map(|(lo, hi)| (lo + hi) / 2.0).unwrap_or(0.5)
+}
+
+/// Draws Xavier-normal weights of shape `dims`, `std = sqrt(2 / (fan_in +
+/// fan_out))` with the receptive field counted in both fans.
+fn xavier(dims: &[usize], rng: &mut StdRng) -> Result<(Tensor, Vec<f32>)> {
+    let receptive: usize = dims[2..].iter().product();
+    let fan_in = dims[1] * receptive;
+    let fan_out = dims[0] * receptive;
+    let std = (2.0 / (fan_in + fan_out) as f64).sqrt();
+    let normal = Normal::new(0.0, std).expect("std is finite and > 0");
+    let values: Vec<f32> = (0..dims.iter().product::<usize>())
+        .map(|_| normal.sample(rng) as f32)
+        .collect();
+    let w = Tensor::from_vec(values.clone(), dims, &Device::Cpu)?;
+    Ok((w, values))
 }
 
 #[cfg(test)]

@@ -4,11 +4,18 @@
 //! A [`Network`] is a sequence of [`Layer`]s applied to an input of shape
 //! `[channels, height, width]` whose values lie in a known [`Range`].
 
+mod block;
+mod fold;
 mod init;
 mod layer;
 
+pub use block::sequence;
+pub use fold::fold_batchnorm;
 pub use init::Init;
-pub use layer::{Conv2d, Layer, Linear, Pool};
+pub use layer::{
+    adaptive_average, chain_shape, forward_chain, BatchNorm, Conv2d, Elman, Layer, Linear, Mode, Pool,
+    Residual,
+};
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -61,6 +68,26 @@ pub enum Arch {
     /// The MNIST-size CNN: four 3x3 convolutions (two with stride 2), then
     /// fully connected 1024 -> 128 -> classes.
     Cnn,
+    /// A small residual network of width `w` (`--hidden w`, default 16):
+    /// a 3x3 convolution with batch normalisation, an identity block at
+    /// width `w`, a block to width `2w` at stride 2 with a 1x1 projection
+    /// shortcut, global average pooling and the classifier.
+    Resnet,
+    /// An Elman recurrent network reading the image row by row, with a
+    /// state of `--hidden h` units (default 128), then the classifier.
+    Elman,
+}
+
+impl Arch {
+    /// Returns the default `--hidden` of the architecture.
+    pub fn default_hidden(self) -> Vec<usize> {
+        match self {
+            Arch::Mlp => vec![100, 200],
+            Arch::Cnn => Vec::new(),
+            Arch::Resnet => vec![16],
+            Arch::Elman => vec![128],
+        }
+    }
 }
 
 impl std::fmt::Display for Arch {
@@ -68,6 +95,8 @@ impl std::fmt::Display for Arch {
         f.write_str(match self {
             Arch::Mlp => "mlp",
             Arch::Cnn => "cnn",
+            Arch::Resnet => "resnet",
+            Arch::Elman => "elman",
         })
     }
 }
@@ -79,6 +108,10 @@ pub struct Network {
     pub input_shape: Vec<usize>,
     /// The range every input value lies in (`[0, 1]` for scaled pixels).
     pub input_range: Range,
+    /// Tighter ranges, one per input channel (normalised colour images),
+    /// each within `input_range`; empty when every channel has
+    /// `input_range`.
+    pub channel_ranges: Vec<Range>,
     /// The layers, applied in order; the last produces the logits.
     pub layers: Vec<Layer>,
 }
@@ -128,11 +161,7 @@ impl Network {
             layers.push(Layer::Activation(activation));
         }
         layers.push(Layer::Flatten);
-        let mut probe = Network {
-            input_shape: input_shape.to_vec(),
-            input_range: Range { lo: 0.0, hi: 1.0 },
-            layers: layers.clone(),
-        };
+        let mut probe = Network::new(input_shape, Range { lo: 0.0, hi: 1.0 }, layers.clone());
         let flat = probe.output_shape()?.iter().product::<usize>();
         layers.push(Layer::Linear(Linear::zeros(flat, 128)?));
         layers.push(Layer::Activation(activation));
@@ -154,59 +183,125 @@ impl Network {
         match arch {
             Arch::Mlp => Self::mlp(input_shape, hidden, classes, activation, init, seed),
             Arch::Cnn => Self::cnn(input_shape, classes, activation, init, seed),
+            Arch::Resnet => {
+                let width = hidden.first().copied().unwrap_or(16);
+                Self::resnet(input_shape, width, classes, activation, init, seed)
+            }
+            Arch::Elman => {
+                let state = hidden.first().copied().unwrap_or(128);
+                Self::elman(input_shape, state, classes, activation, init, seed)
+            }
         }
     }
 
-    fn initialised(input_shape: &[usize], layers: Vec<Layer>, init: Init, seed: u64) -> Result<Self> {
-        let mut network = Network {
-            input_shape: input_shape.to_vec(),
-            input_range: Range { lo: 0.0, hi: 1.0 },
-            layers,
+    /// Builds the small residual network of [`Arch::Resnet`]: conv
+    /// `c -> w` k3 p1 + BN + f; block `[conv w -> w k3 p1, BN, f, conv w -> w
+    /// k3 p1, BN] + identity`, f; block `[conv w -> 2w k3 s2 p1, BN, f, conv
+    /// 2w -> 2w k3 p1, BN] + [conv w -> 2w k1 s2, BN]`, f; global average
+    /// pooling; fc `2w -> classes`.
+    pub fn resnet(
+        input_shape: &[usize],
+        width: usize,
+        classes: usize,
+        activation: Activation,
+        init: Init,
+        seed: u64,
+    ) -> Result<Self> {
+        let channels = input_shape.first().copied().unwrap_or(1);
+        let conv = |i, o, kernel, stride, padding| -> Result<Layer> {
+            Ok(Layer::Conv2d(Conv2d::zeros(i, o, kernel, stride, padding, 1, 1)?))
         };
+        let bn = |c| -> Result<Layer> { Ok(Layer::BatchNorm(BatchNorm::new(c)?)) };
+        let f = Layer::Activation(activation);
+        let wide = 2 * width;
+        let layers = vec![
+            conv(channels, width, 3, 1, 1)?,
+            bn(width)?,
+            f.clone(),
+            Layer::Residual(Residual {
+                main: vec![conv(width, width, 3, 1, 1)?, bn(width)?, f.clone(), conv(width, width, 3, 1, 1)?, bn(width)?],
+                shortcut: Vec::new(),
+            }),
+            f.clone(),
+            Layer::Residual(Residual {
+                main: vec![conv(width, wide, 3, 2, 1)?, bn(wide)?, f.clone(), conv(wide, wide, 3, 1, 1)?, bn(wide)?],
+                shortcut: vec![conv(width, wide, 1, 2, 0)?, bn(wide)?],
+            }),
+            f,
+            Layer::GlobalAvgPool,
+            Layer::Linear(Linear::zeros(wide, classes)?),
+        ];
+        Self::initialised(input_shape, layers, init, seed)
+    }
+
+    /// Builds the Elman network of [`Arch::Elman`] for `[c, steps, width]`
+    /// inputs: an Elman cell of `state` units over `c * width` features per
+    /// step, then fc `state -> classes`.
+    pub fn elman(
+        input_shape: &[usize],
+        state: usize,
+        classes: usize,
+        activation: Activation,
+        init: Init,
+        seed: u64,
+    ) -> Result<Self> {
+        let features = match input_shape {
+            [c, _, w] => c * w,
+            _ => return Err(Error::Shape(format!("an Elman network reads [channels, steps, width], got {input_shape:?}"))),
+        };
+        let layers = vec![
+            Layer::Elman(Elman::zeros(features, state, activation)?),
+            Layer::Linear(Linear::zeros(state, classes)?),
+        ];
+        Self::initialised(input_shape, layers, init, seed)
+    }
+
+    fn initialised(input_shape: &[usize], layers: Vec<Layer>, init: Init, seed: u64) -> Result<Self> {
+        let mut network = Network::new(input_shape, Range { lo: 0.0, hi: 1.0 }, layers);
         network.output_shape()?;
         init.apply(&mut network, seed)?;
         Ok(network)
     }
 
-    /// Computes the logits for a batch.
+    /// Builds a network whose inputs all lie in `input_range`.
+    pub fn new(input_shape: &[usize], input_range: Range, layers: Vec<Layer>) -> Self {
+        Network {
+            input_shape: input_shape.to_vec(),
+            input_range,
+            channel_ranges: Vec::new(),
+            layers,
+        }
+    }
+
+    /// Returns the range of each input channel.
+    pub fn input_ranges(&self) -> Vec<Range> {
+        if self.channel_ranges.is_empty() {
+            let channels = self.input_shape.first().copied().unwrap_or(1);
+            vec![self.input_range; channels]
+        } else {
+            self.channel_ranges.clone()
+        }
+    }
+
+    /// Computes the logits for a batch, for inference.
     ///
     /// # Shapes
     /// `x`: `[batch, channels, height, width]` -> `[batch, classes]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
-        for layer in &self.layers {
-            h = layer.forward(&h)?;
-        }
-        Ok(h)
+        self.forward_mode(x, Mode::Eval)
+    }
+
+    /// Computes the logits for a batch in `mode`; training updates the
+    /// running statistics of batch normalisation.
+    pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        forward_chain(&self.layers, x, mode)
     }
 
     /// Returns the shape of one output sample, checking that every layer
     /// accepts the shape the previous one produces.
     pub fn output_shape(&self) -> Result<Vec<usize>> {
-        let mut shape = self.input_shape.clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            if let Layer::Activation(a) = layer {
-                a.validate()
-                    .map_err(|message| Error::Shape(format!("layer {i} (activation): {message}")))?;
-            }
-            shape = layer
-                .output_shape(&shape)
-                .map_err(|message| Error::Shape(format!("layer {i} ({}): {message}", layer.kind())))?;
-            if shape.iter().any(|&d| d == 0) {
-                return Err(Error::Shape(format!(
-                    "layer {i} ({}) produces an empty output of shape {shape:?}",
-                    layer.kind()
-                )));
-            }
-            let elements = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-            if elements.is_none_or(|n| n > MAX_ACTIVATION_ELEMENTS) {
-                return Err(Error::Shape(format!(
-                    "layer {i} ({}) produces an output of shape {shape:?}, more than \
-                     {MAX_ACTIVATION_ELEMENTS} values per sample; check its padding, stride and sizes",
-                    layer.kind()
-                )));
-            }
-        }
+        check_channel_ranges(self.input_range, &self.channel_ranges, &self.input_shape).map_err(Error::Shape)?;
+        let shape = chain_shape(&self.layers, &self.input_shape).map_err(Error::Shape)?;
         if shape.len() != 1 {
             return Err(Error::Shape(format!(
                 "the network produces outputs of shape {shape:?}; the last layer must produce \
@@ -216,43 +311,60 @@ impl Network {
         Ok(shape)
     }
 
-    /// Returns the named parameter tensors (`layers.{i}.weight`, `layers.{i}.bias`).
+    /// Calls `f(path, layer)` on every layer, blocks before the layers
+    /// they contain; paths read `layers.3` or `layers.4.main.0`.
+    pub fn visit(&self, f: &mut dyn FnMut(&str, &Layer)) {
+        visit_chain(&self.layers, "layers", f);
+    }
+
+    /// Like [`visit`](Self::visit), mutably, stopping at the first error.
+    pub fn visit_mut(&mut self, f: &mut dyn FnMut(&str, &mut Layer) -> Result<()>) -> Result<()> {
+        visit_chain_mut(&mut self.layers, "layers", f)
+    }
+
+    /// Returns the named trained tensors (`layers.{i}.weight`,
+    /// `layers.{i}.bias`, `layers.{i}.main.{j}.weight`, ...), in the order
+    /// of [`make_trainable`](Self::make_trainable).
     pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        let mut copy = self.clone();
         let mut out = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            if let Some((w, b)) = layer.weight_and_bias() {
-                out.push((format!("layers.{i}.weight"), w.clone()));
-                out.push((format!("layers.{i}.bias"), b.clone()));
+        let _ = copy.visit_mut(&mut |path, layer| {
+            for (name, t) in layer.parameters_mut() {
+                out.push((format!("{path}.{name}"), t.clone()));
             }
-        }
+            Ok(())
+        });
         out
     }
 
-    /// Turns every parameter into a candle [`Var`] in place and returns them,
-    /// weight then bias for each affine layer in order.
+    /// Turns every trained tensor into a candle [`Var`] in place and
+    /// returns them in the order of [`parameters`](Self::parameters).
     pub fn make_trainable(&mut self) -> Result<Vec<Var>> {
         let mut vars = Vec::new();
-        for layer in &mut self.layers {
-            if let Some((w, b)) = layer.weight_and_bias_mut() {
-                for t in [w, b] {
-                    let var = Var::from_tensor(t)?;
-                    *t = var.as_tensor().clone();
-                    vars.push(var);
-                }
+        self.visit_mut(&mut |_, layer| {
+            for (_, t) in layer.parameters_mut() {
+                let var = Var::from_tensor(t)?;
+                *t = var.as_tensor().clone();
+                vars.push(var);
             }
-        }
+            Ok(())
+        })?;
         Ok(vars)
     }
 
-    /// Returns a copy with every parameter converted to `dtype`.
+    /// Returns a copy with every parameter and buffer converted to `dtype`.
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         let mut out = self.clone();
-        for layer in &mut out.layers {
-            if let Some((w, b)) = layer.weight_and_bias_mut() {
-                *w = w.to_dtype(dtype)?.detach();
-                *b = b.to_dtype(dtype)?.detach();
+        out.visit_mut(&mut |_, layer| {
+            for (_, t) in layer.parameters_mut() {
+                *t = t.to_dtype(dtype)?.detach();
             }
-        }
+            if let Layer::BatchNorm(bn) = layer {
+                let (mean, var) = bn.running_stats();
+                bn.set_running_stats(mean.to_dtype(dtype)?, var.to_dtype(dtype)?);
+            }
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -260,13 +372,21 @@ impl Network {
     /// autograd.
     pub fn detached(&self) -> Self {
         let mut out = self.clone();
-        for layer in &mut out.layers {
-            if let Some((w, b)) = layer.weight_and_bias_mut() {
-                *w = w.copy().map(|t| t.detach()).unwrap_or_else(|_| w.detach());
-                *b = b.copy().map(|t| t.detach()).unwrap_or_else(|_| b.detach());
+        let _ = out.visit_mut(&mut |_, layer| {
+            for (_, t) in layer.parameters_mut() {
+                *t = t.copy().map(|c| c.detach()).unwrap_or_else(|_| t.detach());
             }
-        }
+            Ok(())
+        });
         out
+    }
+
+    /// Returns whether the network is a plain chain: no residual block,
+    /// recurrent cell or batch normalisation.
+    pub fn is_chain(&self) -> bool {
+        self.layers
+            .iter()
+            .all(|l| !matches!(l, Layer::Residual(_) | Layer::Elman(_) | Layer::BatchNorm(_)))
     }
 
     /// Returns the data type of the parameters (f32 unless converted).
@@ -284,4 +404,54 @@ impl Network {
             .map(|(_, t)| t.device().clone())
             .unwrap_or(Device::Cpu)
     }
+}
+
+fn visit_chain(layers: &[Layer], prefix: &str, f: &mut dyn FnMut(&str, &Layer)) {
+    for (i, layer) in layers.iter().enumerate() {
+        let path = format!("{prefix}.{i}");
+        f(&path, layer);
+        for (name, chain) in layer.chains() {
+            visit_chain(chain, &format!("{path}.{name}"), f);
+        }
+    }
+}
+
+fn visit_chain_mut(
+    layers: &mut [Layer],
+    prefix: &str,
+    f: &mut dyn FnMut(&str, &mut Layer) -> Result<()>,
+) -> Result<()> {
+    for (i, layer) in layers.iter_mut().enumerate() {
+        let path = format!("{prefix}.{i}");
+        f(&path, layer)?;
+        for (name, chain) in layer.chains_mut() {
+            visit_chain_mut(chain, &format!("{path}.{name}"), f)?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks per-channel input ranges: one per channel, each finite and
+/// within the network's input range.
+pub fn check_channel_ranges(range: Range, channel_ranges: &[Range], shape: &[usize]) -> std::result::Result<(), String> {
+    if channel_ranges.is_empty() {
+        return Ok(());
+    }
+    let channels = shape.first().copied().unwrap_or(0);
+    if channel_ranges.len() != channels {
+        return Err(format!(
+            "{} per-channel input ranges for {channels} input channels; give one per channel",
+            channel_ranges.len()
+        ));
+    }
+    for (c, r) in channel_ranges.iter().enumerate() {
+        Range::new(r.lo, r.hi).map_err(|e| format!("input channel {c}: {e}"))?;
+        if r.lo < range.lo || r.hi > range.hi {
+            return Err(format!(
+                "input channel {c} range [{}, {}] is not within the input range [{}, {}]",
+                r.lo, r.hi, range.lo, range.hi
+            ));
+        }
+    }
+    Ok(())
 }

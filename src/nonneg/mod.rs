@@ -78,12 +78,88 @@ pub enum NonnegLayer {
     Affine(NonnegAffine),
     /// Shifted activation.
     Activation(NonnegActivation),
-    /// Average pooling (commutes with a constant offset).
+    /// Average pooling without padding (commutes with a constant offset).
     AvgPool2d(Pool),
-    /// Max pooling (commutes with a constant offset).
+    /// Max pooling (commutes with a constant offset). Padding is the
+    /// physical value 0, the lower bound of the edge, so it is never
+    /// selected where the regular network's minus infinity is not.
     MaxPool2d(Pool),
     /// `[batch, c, h, w]` -> `[batch, c * h * w]`.
     Flatten,
+    /// Zero-padded average pooling: a true 0 is the physical value `pad`
+    /// (`-lo` of the edge, one value or one per channel).
+    PaddedAvgPool2d {
+        /// Window, stride and padding.
+        pool: Pool,
+        /// Physical value of the padding.
+        pad: Vec<f64>,
+    },
+    /// A residual block: the physical signals of the branches add, and so
+    /// do their offsets.
+    Residual(NonnegResidual),
+    /// An Elman cell over the rows of its input.
+    Elman(NonnegElman),
+    /// The mean of each channel (commutes with a per-channel offset).
+    GlobalAvgPool,
+    /// Adaptive average pooling to a fixed size.
+    AdaptiveAvgPool2d([usize; 2]),
+    /// Dropout: the identity, in inference and in non-negative training,
+    /// because scaling a physical signal `v = x - o` by `1 / (1 - p)` does
+    /// not scale the true value `x`.
+    Dropout(f64),
+}
+
+/// A residual block of a non-negative network.
+#[derive(Debug, Clone)]
+pub struct NonnegResidual {
+    /// The main branch.
+    pub main: Vec<NonnegLayer>,
+    /// The shortcut; empty for the identity.
+    pub shortcut: Vec<NonnegLayer>,
+}
+
+/// A non-negative Elman cell. At each step one affine layer reads the
+/// step's input `x_t` and the state, `z' = P [u_t; v] + N (alpha - [u_t; v]) + bias`,
+/// and the activation device turns it into the next physical state `v`.
+#[derive(Debug, Clone)]
+pub struct NonnegElman {
+    /// The affine layer over `features + hidden` inputs; its `lo` and
+    /// `alpha` have one value per input.
+    pub affine: NonnegAffine,
+    /// The activation, reading `z'` with offset `-shift` and driving the
+    /// state edge.
+    pub activation: NonnegActivation,
+    /// Physical value of the initial state `h_0 = 0`, that is `-lo` of the
+    /// state edge.
+    pub initial_state: f64,
+}
+
+impl NonnegElman {
+    /// Returns the number of input features per step.
+    pub fn features(&self) -> usize {
+        self.affine.positive.dims()[1] - self.hidden()
+    }
+
+    /// Returns the size of the state.
+    pub fn hidden(&self) -> usize {
+        self.affine.positive.dims()[0]
+    }
+
+    /// Runs the cell on the physical input, observing every step's signals.
+    ///
+    /// # Shapes
+    /// `v`: `[batch, channels, steps, width]` -> `[batch, hidden]`.
+    pub fn forward(&self, v: &Tensor, observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<Tensor> {
+        let batch = v.dims()[0];
+        let mut state = Tensor::full(self.initial_state, (batch, self.hidden()), v.device())?.to_dtype(v.dtype())?;
+        for step in crate::model::sequence(v)? {
+            let u = Tensor::cat(&[&step, &state], 1)?;
+            let z = self.affine.forward(&u, observe)?;
+            state = self.activation.forward(&z)?;
+            observe("state", &state)?;
+        }
+        Ok(state)
+    }
 }
 
 /// A non-negative isomorphic network.
@@ -93,6 +169,9 @@ pub struct NonnegNetwork {
     pub input_shape: Vec<usize>,
     /// Range of the true input; the modulators emit `x - input_range.lo`.
     pub input_range: Range,
+    /// Ranges per input channel, each within `input_range`, or empty; with
+    /// them the modulator of channel `c` emits `x - channel_ranges[c].lo`.
+    pub channel_ranges: Vec<Range>,
     /// The layers.
     pub layers: Vec<NonnegLayer>,
     /// Offset of the last edge: logits are the physical output plus this.
@@ -144,9 +223,9 @@ impl NonnegAffine {
                     .map(|(l, a)| l + a)
                     .collect();
                 let neg_lo: Vec<f64> = self.lo.iter().map(|l| -l).collect();
-                let u = pad_constant(u, padding, &self.channel_tensor(&neg_lo, u)?)?;
+                let u = crate::ops::pad_constant(u, padding, &self.channel_tensor(&neg_lo, u)?)?;
                 let complement =
-                    pad_constant(&complement, padding, &self.channel_tensor(&hi, &complement)?)?;
+                    crate::ops::pad_constant(&complement, padding, &self.channel_tensor(&hi, &complement)?)?;
                 observe("signal", &u)?;
                 observe("complement", &complement)?;
                 let p = crate::ops::conv2d(&u, &self.positive, 0, stride, dilation, groups)?;
@@ -189,7 +268,7 @@ impl NonnegAffine {
                 // Padding with the physical value -lo keeps alpha - u equal to
                 // the complement's pad value hi = alpha + lo.
                 let neg_lo: Vec<f64> = self.lo.iter().map(|l| -l).collect();
-                let u = pad_constant(u, padding, &self.channel_tensor(&neg_lo, u)?)?;
+                let u = crate::ops::pad_constant(u, padding, &self.channel_tensor(&neg_lo, u)?)?;
                 // N alpha is the convolution of N with an image of alpha,
                 // exactly one kernel extent in size.
                 let (out_channels, _, kernel_h, kernel_w) = self.negative.dims4()?;
@@ -223,21 +302,6 @@ impl NonnegAffine {
 fn broadcast_pair<'a>(a: &'a [f64], b: &'a [f64]) -> impl Iterator<Item = (f64, f64)> + 'a {
     let n = a.len().max(b.len());
     (0..n).map(move |i| (a[i.min(a.len() - 1)], b[i.min(b.len() - 1)]))
-}
-
-/// Pads the last two dimensions of `x` by `pad` on every side with `value`
-/// (a scalar or `[1, c, 1, 1]` per channel).
-fn pad_constant(x: &Tensor, pad: usize, value: &Tensor) -> Result<Tensor> {
-    if pad == 0 {
-        return Ok(x.clone());
-    }
-    let padded = x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
-    let (h, w) = (x.dims()[2], x.dims()[3]);
-    let inside = Tensor::ones((1, 1, h, w), x.dtype(), x.device())?
-        .pad_with_zeros(2, pad, pad)?
-        .pad_with_zeros(3, pad, pad)?;
-    let border = inside.affine(-1.0, 1.0)?; // 1 on the border, 0 inside
-    Ok(padded.broadcast_add(&border.broadcast_mul(value)?)?)
 }
 
 impl NonnegActivation {
@@ -297,22 +361,25 @@ impl NonnegNetwork {
         x: &Tensor,
         observe: &mut dyn FnMut(Option<usize>, &str, &Tensor) -> Result<()>,
     ) -> Result<Tensor> {
-        let mut v = x.affine(1.0, -self.input_range.lo)?;
+        let v = self.modulate(x)?;
         observe(None, "modulator", &v)?;
+        let mut v = v;
         for (i, layer) in self.layers.iter().enumerate() {
-            v = match layer {
-                NonnegLayer::Affine(a) => a.forward(&v, &mut |name, t| observe(Some(i), name, t))?,
-                NonnegLayer::Activation(a) => {
-                    let y = a.forward(&v)?;
-                    observe(Some(i), "output", &y)?;
-                    y
-                }
-                NonnegLayer::AvgPool2d(p) => v.avg_pool2d_with_stride(p.kernel, p.stride)?,
-                NonnegLayer::MaxPool2d(p) => v.max_pool2d_with_stride(p.kernel, p.stride)?,
-                NonnegLayer::Flatten => v.flatten_from(1)?,
-            };
+            v = layer.forward(&v, "", &mut |name, t| observe(Some(i), name, t))?;
         }
         Ok(v)
+    }
+
+    /// Returns the modulators' output, the physical input `x - lo`.
+    pub fn modulate(&self, x: &Tensor) -> Result<Tensor> {
+        if self.channel_ranges.is_empty() {
+            return Ok(x.affine(1.0, -self.input_range.lo)?);
+        }
+        let lo: Vec<f64> = self.channel_ranges.iter().map(|r| r.lo).collect();
+        let mut view = vec![1usize; x.rank()];
+        view[1] = lo.len();
+        let lo = Tensor::new(lo.as_slice(), x.device())?.to_dtype(x.dtype())?.reshape(view)?;
+        Ok(x.broadcast_sub(&lo)?)
     }
 
     /// Computes the logits like [`forward`](Self::forward), with every
@@ -323,20 +390,38 @@ impl NonnegNetwork {
     /// # Shapes
     /// `x`: `[batch, channels, height, width]` -> `[batch, classes]`.
     pub fn forward_training(&self, x: &Tensor) -> Result<Tensor> {
-        let mut v = x.affine(1.0, -self.input_range.lo)?;
+        let mut v = self.modulate(x)?;
         for layer in &self.layers {
             v = match layer {
                 NonnegLayer::Affine(a) => a.forward_training(&v)?,
-                NonnegLayer::Activation(a) => a.forward(&v)?,
-                NonnegLayer::AvgPool2d(p) => v.avg_pool2d_with_stride(p.kernel, p.stride)?,
-                NonnegLayer::MaxPool2d(p) => v.max_pool2d_with_stride(p.kernel, p.stride)?,
-                NonnegLayer::Flatten => v.flatten_from(1)?,
+                other => other.forward(&v, "", &mut |_, _| Ok(()))?,
             };
         }
         Ok(v.affine(1.0, self.output_offset)?)
     }
 
-    /// Returns the affine layers with their indices.
+    /// Returns every affine layer, nested ones included, with the index of
+    /// the top-level layer that holds it and the prefix of the names its
+    /// signals are observed under (`""`, `"main.0."`, ...).
+    pub fn affines(&self) -> Vec<(usize, String, &NonnegAffine)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            collect_affines(layer, i, "", &mut out);
+        }
+        out
+    }
+
+    /// Returns every affine layer mutably, in the order of [`affines`](Self::affines).
+    pub fn affines_mut(&mut self) -> Vec<&mut NonnegAffine> {
+        let mut out = Vec::new();
+        for layer in &mut self.layers {
+            collect_affines_mut(layer, &mut out);
+        }
+        out
+    }
+
+    /// Returns the top-level affine layers with their indices; affine
+    /// layers inside blocks are in [`affines`](Self::affines).
     pub fn affine_layers(&self) -> impl Iterator<Item = (usize, &NonnegAffine)> {
         self.layers.iter().enumerate().filter_map(|(i, l)| match l {
             NonnegLayer::Affine(a) => Some((i, a)),
@@ -344,13 +429,37 @@ impl NonnegNetwork {
         })
     }
 
-    /// Named parameters: `layers.{i}.positive`, `.negative` and `.bias`.
+    /// Returns whether the network is a plain chain, with no residual block
+    /// or recurrent cell, and one input range for all channels: what the
+    /// hardware model reads.
+    pub fn is_chain(&self) -> bool {
+        let nested = self
+            .layers
+            .iter()
+            .any(|l| matches!(l, NonnegLayer::Residual(_) | NonnegLayer::Elman(_)));
+        !nested && self.channel_ranges.is_empty()
+    }
+
+    /// Named parameters: `layers.{i}.positive`, `.negative` and `.bias`,
+    /// with nested paths such as `layers.{i}.main.{j}.positive` for
+    /// layers inside blocks.
     pub fn parameters(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
-        for (i, a) in self.affine_layers() {
+        for (path, a) in self.affine_paths() {
             for (name, t) in ["positive", "negative", "bias"].iter().zip(a.parameters()) {
-                out.push((format!("layers.{i}.{name}"), t.clone()));
+                out.push((format!("{path}.{name}"), t.clone()));
             }
+        }
+        out
+    }
+
+    /// Returns every affine layer with its parameter path (`layers.3`,
+    /// `layers.4.main.0`, `layers.2.affine`), in the order of
+    /// [`affines`](Self::affines).
+    pub fn affine_paths(&self) -> Vec<(String, &NonnegAffine)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            collect_paths(layer, &format!("layers.{i}"), &mut out);
         }
         out
     }
@@ -359,13 +468,11 @@ impl NonnegNetwork {
     /// `P`, `N`, bias for each affine layer in order.
     pub fn make_trainable(&mut self) -> Result<Vec<Var>> {
         let mut vars = Vec::new();
-        for layer in &mut self.layers {
-            if let NonnegLayer::Affine(a) = layer {
-                for t in a.parameters_mut() {
-                    let var = Var::from_tensor(t)?;
-                    *t = var.as_tensor().clone();
-                    vars.push(var);
-                }
+        for a in self.affines_mut() {
+            for t in a.parameters_mut() {
+                let var = Var::from_tensor(t)?;
+                *t = var.as_tensor().clone();
+                vars.push(var);
             }
         }
         Ok(vars)
@@ -375,11 +482,9 @@ impl NonnegNetwork {
     /// from autograd.
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
         let mut out = self.clone();
-        for layer in &mut out.layers {
-            if let NonnegLayer::Affine(a) = layer {
-                for t in a.parameters_mut() {
-                    *t = t.to_dtype(dtype)?.detach();
-                }
+        for a in out.affines_mut() {
+            for t in a.parameters_mut() {
+                *t = t.to_dtype(dtype)?.detach();
             }
         }
         Ok(out)
@@ -387,17 +492,17 @@ impl NonnegNetwork {
 
     /// Returns the data type of the parameters.
     pub fn dtype(&self) -> DType {
-        self.affine_layers()
-            .next()
-            .map(|(_, a)| a.positive.dtype())
+        self.affines()
+            .first()
+            .map(|(_, _, a)| a.positive.dtype())
             .unwrap_or(DType::F32)
     }
 
     /// Returns the device of the parameters.
     pub fn device(&self) -> Device {
-        self.affine_layers()
-            .next()
-            .map(|(_, a)| a.positive.device().clone())
+        self.affines()
+            .first()
+            .map(|(_, _, a)| a.positive.device().clone())
             .unwrap_or(Device::Cpu)
     }
 
@@ -406,7 +511,7 @@ impl NonnegNetwork {
     pub fn count_negative(&self) -> Result<(usize, usize)> {
         let mut weights = 0;
         let mut biases = 0;
-        for (_, a) in self.affine_layers() {
+        for (_, _, a) in self.affines() {
             weights += count_negative(&a.positive)? + count_negative(&a.negative)?;
             biases += count_negative(&a.bias)?;
         }
@@ -418,4 +523,99 @@ impl NonnegNetwork {
 pub fn count_negative(t: &Tensor) -> Result<usize> {
     let values: Vec<f64> = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
     Ok(values.iter().filter(|v| !(**v >= 0.0) || !v.is_finite()).count())
+}
+
+impl NonnegLayer {
+    /// Applies the layer to a physical signal, passing the signals it
+    /// produces to `observe` under names that start with `prefix`.
+    pub fn forward(&self, v: &Tensor, prefix: &str, observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<Tensor> {
+        let mut named = |name: &str, t: &Tensor| observe(&format!("{prefix}{name}"), t);
+        Ok(match self {
+            NonnegLayer::Affine(a) => a.forward(v, &mut named)?,
+            NonnegLayer::Activation(a) => {
+                let y = a.forward(v)?;
+                named("output", &y)?;
+                y
+            }
+            NonnegLayer::AvgPool2d(p) => v.avg_pool2d_with_stride(p.kernel, p.stride)?,
+            NonnegLayer::MaxPool2d(p) => p.maximum(v, 0.0)?,
+            NonnegLayer::Flatten => v.flatten_from(1)?,
+            NonnegLayer::PaddedAvgPool2d { pool, pad } => {
+                let pad = Tensor::new(pad.as_slice(), v.device())?.to_dtype(v.dtype())?;
+                let pad = match pad.dims()[0] {
+                    1 => pad.reshape(())?,
+                    n => pad.reshape((1, n, 1, 1))?,
+                };
+                pool.average(v, &pad)?
+            }
+            NonnegLayer::Residual(r) => {
+                let main = forward_branch(&r.main, v, &format!("{prefix}main."), observe)?;
+                let shortcut = forward_branch(&r.shortcut, v, &format!("{prefix}shortcut."), observe)?;
+                let sum = main.add(&shortcut)?;
+                observe(&format!("{prefix}sum"), &sum)?;
+                sum
+            }
+            NonnegLayer::Elman(e) => e.forward(v, &mut named)?,
+            NonnegLayer::GlobalAvgPool => v.flatten_from(2)?.mean(2)?,
+            NonnegLayer::AdaptiveAvgPool2d(size) => crate::model::adaptive_average(v, *size)?,
+            NonnegLayer::Dropout(_) => v.clone(),
+        })
+    }
+}
+
+/// Applies a branch of a block, naming signals `{prefix}{j}.{name}`.
+fn forward_branch(
+    layers: &[NonnegLayer],
+    v: &Tensor,
+    prefix: &str,
+    observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
+) -> Result<Tensor> {
+    let mut h = v.clone();
+    for (j, layer) in layers.iter().enumerate() {
+        h = layer.forward(&h, &format!("{prefix}{j}."), observe)?;
+    }
+    Ok(h)
+}
+
+fn collect_affines<'a>(layer: &'a NonnegLayer, top: usize, prefix: &str, out: &mut Vec<(usize, String, &'a NonnegAffine)>) {
+    match layer {
+        NonnegLayer::Affine(a) => out.push((top, prefix.to_string(), a)),
+        NonnegLayer::Elman(e) => out.push((top, prefix.to_string(), &e.affine)),
+        NonnegLayer::Residual(r) => {
+            for (branch, layers) in [("main", &r.main), ("shortcut", &r.shortcut)] {
+                for (j, l) in layers.iter().enumerate() {
+                    collect_affines(l, top, &format!("{prefix}{branch}.{j}."), out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn collect_affines_mut<'a>(layer: &'a mut NonnegLayer, out: &mut Vec<&'a mut NonnegAffine>) {
+    match layer {
+        NonnegLayer::Affine(a) => out.push(a),
+        NonnegLayer::Elman(e) => out.push(&mut e.affine),
+        NonnegLayer::Residual(r) => {
+            for l in r.main.iter_mut().chain(r.shortcut.iter_mut()) {
+                collect_affines_mut(l, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn collect_paths<'a>(layer: &'a NonnegLayer, path: &str, out: &mut Vec<(String, &'a NonnegAffine)>) {
+    match layer {
+        NonnegLayer::Affine(a) => out.push((path.to_string(), a)),
+        NonnegLayer::Elman(e) => out.push((format!("{path}.affine"), &e.affine)),
+        NonnegLayer::Residual(r) => {
+            for (branch, layers) in [("main", &r.main), ("shortcut", &r.shortcut)] {
+                for (j, l) in layers.iter().enumerate() {
+                    collect_paths(l, &format!("{path}.{branch}.{j}"), out);
+                }
+            }
+        }
+        _ => {}
+    }
 }

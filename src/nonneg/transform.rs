@@ -4,9 +4,10 @@
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{AffineOp, NonnegActivation, NonnegAffine, NonnegLayer, NonnegNetwork};
+use super::{AffineOp, NonnegActivation, NonnegAffine, NonnegElman, NonnegLayer, NonnegNetwork, NonnegResidual};
+use crate::activation::Activation;
 use crate::error::{Error, Result};
-use crate::model::{Conv2d, Layer, Linear, Network, Range};
+use crate::model::{Conv2d, Elman, Layer, Linear, Network, Range, Residual};
 
 /// Margin added to the smallest exact shift, as a fraction of the largest
 /// `|c_i|` of the layer (or an absolute `SHIFT_MARGIN` when every `c_i` is 0).
@@ -67,27 +68,194 @@ pub struct TransformOptions {
 
 /// Transforms `network` into its non-negative isomorphic equivalent.
 ///
-/// For each affine layer `z = W x + b` with input `x` in `[lo, lo + a]`:
-/// `P = max(W, 0)`, `N = max(-W, 0)`, `c = b + W lo 1 - a N 1`, a shift `s`
-/// from `options.shift`, and `z' = P u + N (a - u) + (c + s)` with
-/// `u = x - lo`, so that `z = z' - s` exactly. Parameters keep the network's
-/// data type; `c` and `s` are computed in f64.
+/// Batch normalisation is first folded into the adjacent affine layers
+/// ([`crate::model::fold_batchnorm`]). Then, for each affine layer
+/// `z = W x + b` with input `x` in `[lo, lo + a]` (one range per input
+/// channel or feature): `P = max(W, 0)`, `N = max(-W, 0)`,
+/// `c = b + W lo - N a`, a shift `s` from `options.shift`, and
+/// `z' = P u + N (a - u) + (c + s)` with `u = x - lo`, so that `z = z' - s`
+/// exactly. Parameters keep the network's data type; `c` and `s` are
+/// computed in f64.
 ///
-/// A zero-padded layer needs `lo <= 0 <= hi` so that the pads `-lo` and `hi`
-/// are non-negative, so the range of the edge it reads is widened to include 0.
+/// Every edge carries its range per channel: an affine output reads
+/// `[-s, max z'_i - s]` per unit, which is tighter than one range for the
+/// layer; a residual sum adds the ranges of its branches. A zero-padded
+/// layer needs `lo <= 0 <= hi` so that the pads `-lo` and `hi` are
+/// non-negative, so the range of the edge it reads is widened to include 0.
 pub fn transform(network: &Network, options: &TransformOptions) -> Result<NonnegNetwork> {
     network.output_shape()?;
-    let layers = &network.layers;
-    let mut range = widen_for_consumer(layers, 0, network.input_range);
-    let input_range = range;
+    let folded = crate::model::fold_batchnorm(network)?;
+    let ranges = folded.input_ranges();
+    let mut input = Edge {
+        lo: ranges.iter().map(|r| r.lo).collect(),
+        hi: ranges.iter().map(|r| r.hi).collect(),
+    }
+    .collapsed();
+    if needs_zero(&folded.layers, 0) {
+        input = input.including_zero();
+    }
+    let mut context = Context {
+        options,
+        path: "layers".into(),
+    };
+    let (layers, output) = transform_chain(&folded.layers, &folded.input_shape, input.clone(), &mut context)?;
+    let output_offset = output.scalar_lo().ok_or_else(|| Error::Transform {
+        layer: folded.layers.len().saturating_sub(1),
+        message: "the last layer's output has a different offset per unit; end the network with a \
+                  linear layer"
+            .into(),
+    })?;
+    let enclosing = Range {
+        lo: input.lo.iter().copied().fold(f64::INFINITY, f64::min),
+        hi: input.hi.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    };
+    let channel_ranges = match input.len() {
+        1 => Vec::new(),
+        _ => input.lo.iter().zip(&input.hi).map(|(&lo, &hi)| Range { lo, hi }).collect(),
+    };
+    Ok(NonnegNetwork {
+        input_shape: folded.input_shape.clone(),
+        input_range: enclosing,
+        channel_ranges,
+        layers,
+        output_offset,
+    })
+}
+
+/// The range of a signal edge, one value for all channels or one per
+/// channel (per feature after a flatten): the true value is the physical
+/// one plus `lo`.
+#[derive(Debug, Clone, PartialEq)]
+struct Edge {
+    lo: Vec<f64>,
+    hi: Vec<f64>,
+}
+
+impl Edge {
+    fn scalar(lo: f64, hi: f64) -> Self {
+        Edge { lo: vec![lo], hi: vec![hi] }
+    }
+
+    fn len(&self) -> usize {
+        self.lo.len()
+    }
+
+    /// Returns the common `lo` when every channel has the same one.
+    fn scalar_lo(&self) -> Option<f64> {
+        let first = self.lo[0];
+        self.lo.iter().all(|&l| l == first).then_some(first)
+    }
+
+    /// Replaces equal per-channel values by one.
+    fn collapsed(self) -> Self {
+        let same = |v: &[f64]| v.iter().all(|&x| x == v[0]);
+        if same(&self.lo) && same(&self.hi) {
+            Edge::scalar(self.lo[0], self.hi[0])
+        } else {
+            self
+        }
+    }
+
+    fn alpha(&self) -> Vec<f64> {
+        self.lo.iter().zip(&self.hi).map(|(l, h)| h - l).collect()
+    }
+
+    fn including_zero(&self) -> Self {
+        Edge {
+            lo: self.lo.iter().map(|l| l.min(0.0)).collect(),
+            hi: self.hi.iter().map(|h| h.max(0.0)).collect(),
+        }
+    }
+
+    /// Repeats each channel's range `repeat` times: per channel to per
+    /// feature after a flatten.
+    fn repeated(&self, repeat: usize) -> Self {
+        if self.len() == 1 {
+            return self.clone();
+        }
+        let spread = |v: &[f64]| v.iter().flat_map(|&x| std::iter::repeat_n(x, repeat)).collect();
+        Edge {
+            lo: spread(&self.lo),
+            hi: spread(&self.hi),
+        }
+    }
+
+    /// Returns the value of channel `c`, broadcasting a single one.
+    fn at(values: &[f64], c: usize) -> f64 {
+        values[c.min(values.len() - 1)]
+    }
+
+    /// Returns `n` values of each bound.
+    fn broadcast(&self, n: usize) -> Self {
+        Edge {
+            lo: (0..n).map(|c| Edge::at(&self.lo, c)).collect(),
+            hi: (0..n).map(|c| Edge::at(&self.hi, c)).collect(),
+        }
+    }
+
+    /// The range of the sum of two signals: the bounds add.
+    fn plus(&self, other: &Edge) -> Self {
+        let n = self.len().max(other.len());
+        Edge {
+            lo: (0..n).map(|c| Edge::at(&self.lo, c) + Edge::at(&other.lo, c)).collect(),
+            hi: (0..n).map(|c| Edge::at(&self.hi, c) + Edge::at(&other.hi, c)).collect(),
+        }
+        .collapsed()
+    }
+}
+
+/// Settings and position of the transformation, for error messages.
+struct Context<'a> {
+    options: &'a TransformOptions,
+    path: String,
+}
+
+impl Context<'_> {
+    fn error(&self, index: usize, message: String) -> Error {
+        Error::Transform {
+            layer: index,
+            message: format!("{}.{index}: {message}", self.path),
+        }
+    }
+}
+
+/// Returns whether the first layer from `start` on that reads values,
+/// past those that keep the range, pads with zeros.
+fn needs_zero(layers: &[Layer], start: usize) -> bool {
+    for layer in layers.iter().skip(start) {
+        match layer {
+            Layer::Conv2d(c) => return c.padding > 0,
+            Layer::AvgPool2d(p) if p.padding > 0 => return true,
+            Layer::AvgPool2d(_)
+            | Layer::MaxPool2d(_)
+            | Layer::Flatten
+            | Layer::Dropout(_)
+            | Layer::GlobalAvgPool
+            | Layer::AdaptiveAvgPool2d(_) => continue,
+            Layer::Residual(r) => return needs_zero(&r.main, 0) || needs_zero(&r.shortcut, 0),
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Transforms a chain of layers reading `edge`; returns the layers and the
+/// edge they drive.
+fn transform_chain(
+    layers: &[Layer],
+    input_shape: &[usize],
+    mut edge: Edge,
+    context: &mut Context,
+) -> Result<(Vec<NonnegLayer>, Edge)> {
+    let options = context.options;
+    let mut shape = input_shape.to_vec();
     let mut out = Vec::with_capacity(layers.len());
-    let mut output_offset = range.lo;
     for (i, layer) in layers.iter().enumerate() {
         let next = match layer {
             Layer::Linear(l) => {
-                let affine = transform_affine(&l.weight, &l.bias, AffineOp::Linear, range, options)?;
-                tracing::debug!(layer = i, lo = range.lo, alpha = range.width(), shift = affine.shift, "transformed linear layer");
-                range = widen_for_consumer(layers, i + 1, Range { lo: -affine.shift, hi: affine.out_max - affine.shift });
+                let (affine, output) = transform_affine(&l.weight, &l.bias, AffineOp::Linear, &edge, options)?;
+                tracing::debug!(layer = %format!("{}.{i}", context.path), shift = affine.shift, "transformed linear layer");
+                edge = output;
                 NonnegLayer::Affine(affine)
             }
             Layer::Conv2d(c) => {
@@ -97,133 +265,247 @@ pub fn transform(network: &Network, options: &TransformOptions) -> Result<Nonneg
                     dilation: c.dilation,
                     groups: c.groups,
                 };
-                if c.padding > 0 && !(range.lo <= 0.0 && 0.0 <= range.hi) {
-                    return Err(Error::Transform {
-                        layer: i,
-                        message: format!(
-                            "zero padding needs an input range containing 0, got [{}, {}]",
-                            range.lo, range.hi
-                        ),
-                    });
+                if c.padding > 0 {
+                    edge = padded_edge(&edge).map_err(|m| context.error(i, m))?;
                 }
-                let affine = transform_affine(&c.weight, &c.bias, op, range, options)?;
-                tracing::debug!(layer = i, lo = range.lo, alpha = range.width(), shift = affine.shift, "transformed conv2d layer");
-                range = widen_for_consumer(layers, i + 1, Range { lo: -affine.shift, hi: affine.out_max - affine.shift });
+                let (affine, output) = transform_affine(&c.weight, &c.bias, op, &edge, options)?;
+                tracing::debug!(layer = %format!("{}.{i}", context.path), shift = affine.shift, "transformed conv2d layer");
+                edge = output;
                 NonnegLayer::Affine(affine)
             }
             Layer::Activation(act) => {
-                let Some((f_lo, f_hi)) = act.output_bounds() else {
-                    return Err(Error::Transform {
-                        layer: i,
-                        message: format!(
-                            "activation {act} is unbounded, so the next layer has no input range; \
-                             train with a bounded version instead (e.g. --activation relu-n:6)"
+                let input_offset = edge.scalar_lo().ok_or_else(|| {
+                    context.error(
+                        i,
+                        format!(
+                            "activation {act} reads a signal with a different offset per channel; \
+                             put an affine layer before it"
                         ),
-                    });
-                };
-                let lo = match options.activation_range {
-                    ActivationRange::Method => f_lo.min(0.0),
-                    ActivationRange::Tight => f_lo,
-                };
-                let input_offset = range.lo;
-                range = widen_for_consumer(layers, i + 1, Range { lo, hi: f_hi });
-                tracing::debug!(layer = i, activation = %act, input_offset, output_lo = range.lo, "shifted activation");
+                    )
+                })?;
+                let (lo, hi) = activation_range(act, options).map_err(|m| context.error(i, m))?;
+                edge = Edge::scalar(lo, hi);
+                if needs_zero(layers, i + 1) {
+                    edge = edge.including_zero();
+                }
+                tracing::debug!(activation = %act, input_offset, output_lo = edge.lo[0], "shifted activation");
                 NonnegLayer::Activation(NonnegActivation {
                     activation: *act,
                     input_offset,
-                    output_offset: range.lo,
+                    output_offset: edge.lo[0],
                 })
+            }
+            Layer::AvgPool2d(p) if p.padding > 0 => {
+                edge = padded_edge(&edge).map_err(|m| context.error(i, m))?;
+                NonnegLayer::PaddedAvgPool2d {
+                    pool: *p,
+                    pad: edge.lo.iter().map(|l| -l).collect(),
+                }
             }
             Layer::AvgPool2d(p) => NonnegLayer::AvgPool2d(*p),
             Layer::MaxPool2d(p) => NonnegLayer::MaxPool2d(*p),
-            Layer::Flatten => NonnegLayer::Flatten,
+            Layer::Flatten => {
+                edge = edge.repeated(shape[1..].iter().product());
+                NonnegLayer::Flatten
+            }
+            Layer::GlobalAvgPool => NonnegLayer::GlobalAvgPool,
+            Layer::AdaptiveAvgPool2d(size) => NonnegLayer::AdaptiveAvgPool2d(*size),
+            Layer::Dropout(p) => NonnegLayer::Dropout(*p),
+            Layer::Residual(r) => {
+                let outer = std::mem::take(&mut context.path);
+                context.path = format!("{outer}.{i}.main");
+                let (main, main_edge) = transform_chain(&r.main, &shape, edge.clone(), context)?;
+                context.path = format!("{outer}.{i}.shortcut");
+                let (shortcut, shortcut_edge) = transform_chain(&r.shortcut, &shape, edge.clone(), context)?;
+                context.path = outer;
+                edge = main_edge.plus(&shortcut_edge);
+                NonnegLayer::Residual(NonnegResidual { main, shortcut })
+            }
+            Layer::Elman(e) => {
+                let elman = transform_elman(e, &shape, &edge, options).map_err(|m| context.error(i, m))?;
+                edge = Edge::scalar(-elman.initial_state, elman.activation_hi());
+                NonnegLayer::Elman(elman)
+            }
+            Layer::BatchNorm(_) => {
+                return Err(context.error(i, "batch normalisation was not folded; this is a bug".into()))
+            }
         };
-        output_offset = range.lo;
+        shape = layer.output_shape(&shape).map_err(|m| context.error(i, m))?;
         out.push(next);
     }
-    Ok(NonnegNetwork {
-        input_shape: network.input_shape.clone(),
-        input_range,
-        layers: out,
-        output_offset,
+    Ok((out, edge))
+}
+
+/// Returns the range given to an activation's output.
+fn activation_range(act: &Activation, options: &TransformOptions) -> std::result::Result<(f64, f64), String> {
+    let Some((f_lo, f_hi)) = act.output_bounds() else {
+        return Err(format!(
+            "activation {act} is unbounded, so the next layer has no input range; \
+             train with a bounded version instead (e.g. --activation relu-n:6)"
+        ));
+    };
+    let lo = match options.activation_range {
+        ActivationRange::Method => f_lo.min(0.0),
+        ActivationRange::Tight => f_lo,
+    };
+    Ok((lo, f_hi))
+}
+
+/// Widens the upper bounds of an edge read by a zero-padded layer to
+/// include 0, which changes no physical value; an edge whose true values
+/// are all above 0 cannot represent the pad and is rejected.
+fn padded_edge(edge: &Edge) -> std::result::Result<Edge, String> {
+    if let Some(lo) = edge.lo.iter().find(|&&l| l > 0.0) {
+        return Err(format!(
+            "zero padding needs an input range containing 0, but the signal's lower bound is {lo}, \
+             and only an activation or the input can move it; pad after an activation"
+        ));
+    }
+    Ok(edge.including_zero())
+}
+
+/// Transforms an Elman cell reading `edge` (per channel of its
+/// `[channels, steps, width]` input).
+fn transform_elman(
+    cell: &Elman,
+    shape: &[usize],
+    edge: &Edge,
+    options: &TransformOptions,
+) -> std::result::Result<NonnegElman, String> {
+    let (features, hidden) = (cell.features(), cell.hidden());
+    let width = shape.get(2).copied().unwrap_or(1);
+    let (state_lo, state_hi) = activation_range(&cell.activation, options)?;
+    // The state starts at h_0 = 0, so its range must contain 0.
+    let state = Edge::scalar(state_lo.min(0.0), state_hi.max(0.0)).broadcast(hidden);
+    let input = edge.repeated(width).broadcast(features);
+    let combined = Edge {
+        lo: input.lo.iter().chain(&state.lo).copied().collect(),
+        hi: input.hi.iter().chain(&state.hi).copied().collect(),
+    };
+    let weight = Tensor::cat(&[&cell.input_weight, &cell.recurrent_weight], 1).map_err(|e| e.to_string())?;
+    let (affine, _) =
+        transform_affine(&weight, &cell.bias, AffineOp::Linear, &combined, options).map_err(|e| e.to_string())?;
+    let activation = NonnegActivation {
+        activation: cell.activation,
+        input_offset: -affine.shift,
+        output_offset: state.lo[0],
+    };
+    Ok(NonnegElman {
+        affine,
+        activation,
+        initial_state: -state.lo[0],
     })
 }
 
-/// Widens `range` to contain 0 when the next affine layer from `start` on,
-/// past layers that keep the range, is zero-padded.
-fn widen_for_consumer(layers: &[Layer], start: usize, range: Range) -> Range {
-    let consumer = layers[start.min(layers.len())..]
-        .iter()
-        .find(|l| !matches!(l, Layer::AvgPool2d(_) | Layer::MaxPool2d(_) | Layer::Flatten));
-    match consumer {
-        Some(Layer::Conv2d(c)) if c.padding > 0 => range.including(0.0),
-        _ => range,
+impl NonnegElman {
+    /// Returns the upper bound of the state's true value.
+    fn activation_hi(&self) -> f64 {
+        let hi = self.activation.activation.output_bounds().map_or(0.0, |(_, hi)| hi);
+        hi.max(0.0)
     }
 }
 
-/// Splits one affine layer; see [`transform`].
+/// Returns the input channel (or feature) that entry `j` of row `i` of a
+/// flattened weight reads.
+fn channel_of(op: AffineOp, out_units: usize, group_inputs: usize, receptive: usize, i: usize, j: usize) -> usize {
+    let groups = match op {
+        AffineOp::Linear => 1,
+        AffineOp::Conv2d { groups, .. } => groups,
+    };
+    let group = i / (out_units / groups).max(1);
+    group * group_inputs + j / receptive
+}
+
+/// Splits one affine layer reading `edge`; see [`transform`]. Returns the
+/// layer and the edge it drives, `[-s, max z'_i - s]` per unit.
 fn transform_affine(
     weight: &Tensor,
     bias: &Tensor,
     op: AffineOp,
-    range: Range,
+    edge: &Edge,
     options: &TransformOptions,
-) -> Result<NonnegAffine> {
+) -> Result<(NonnegAffine, Edge)> {
     let dtype = weight.dtype();
-    let out_units = weight.dims()[0];
+    let dims = weight.dims().to_vec();
+    let (out_units, group_inputs) = (dims[0], dims[1]);
+    let receptive: usize = dims[2..].iter().product();
     let rows: Vec<Vec<f64>> = weight
         .reshape((out_units, ()))?
         .to_dtype(DType::F64)?
         .to_vec2()?;
     let b: Vec<f64> = bias.to_dtype(DType::F64)?.to_vec1()?;
-    let (lo, alpha) = (range.lo, range.width());
+    let alpha = edge.alpha();
+    let channel = |i: usize, j: usize| channel_of(op, out_units, group_inputs, receptive, i, j);
 
-    // c_i = b_i + lo * sum_j W_ij - alpha * sum_j N_ij
+    // c_i = b_i + sum_j W_ij lo_j - sum_j N_ij alpha_j
     let c: Vec<f64> = rows
         .iter()
         .zip(&b)
-        .map(|(row, bi)| {
-            let sum: f64 = row.iter().sum();
-            let negative: f64 = row.iter().map(|w| (-w).max(0.0)).sum();
-            bi + lo * sum - alpha * negative
+        .enumerate()
+        .map(|(i, (row, bi))| {
+            let offset: f64 = row.iter().enumerate().map(|(j, w)| w * Edge::at(&edge.lo, channel(i, j))).sum();
+            let negative: f64 = row
+                .iter()
+                .enumerate()
+                .map(|(j, w)| (-w).max(0.0) * Edge::at(&alpha, channel(i, j)))
+                .sum();
+            bi + offset - negative
         })
         .collect();
     let shift = options.shift.shift(&c);
     let shifted: Vec<f64> = c.iter().map(|ci| (ci + shift).max(0.0)).collect();
 
-    // Full scale of z'_i: alpha * sum_j |W_ij| + c_i + s.
-    let out_max = rows
+    // Full scale of z'_i: sum_j |W_ij| alpha_j + c_i + s.
+    let unit_max: Vec<f64> = rows
         .iter()
         .zip(&shifted)
-        .map(|(row, bias)| alpha * row.iter().map(|w| w.abs()).sum::<f64>() + bias)
-        .fold(0.0f64, f64::max);
+        .enumerate()
+        .map(|(i, (row, bias))| {
+            let swing: f64 = row.iter().enumerate().map(|(j, w)| w.abs() * Edge::at(&alpha, channel(i, j))).sum();
+            swing + bias
+        })
+        .collect();
+    let out_max = unit_max.iter().copied().fold(0.0f64, f64::max);
 
     let positive = weight.relu()?.detach();
     let negative = weight.neg()?.relu()?.detach();
     let bias = Tensor::new(shifted.as_slice(), weight.device())?
         .to_dtype(dtype)?
         .relu()?; // rounding to f32 cannot make a bias negative
-    Ok(NonnegAffine {
+    let output = Edge {
+        lo: vec![-shift; out_units],
+        hi: unit_max.iter().map(|m| m - shift).collect(),
+    }
+    .collapsed();
+    let affine = NonnegAffine {
         op,
         positive,
         negative,
         bias,
-        lo: vec![lo],
-        alpha: vec![alpha],
+        lo: edge.lo.clone(),
+        alpha,
         shift,
         out_max,
-    })
+    };
+    Ok((affine, output))
 }
 
 /// Maps a non-negative network back to the regular network it implements:
-/// `W = P - N`, `b = (c + s) - s + alpha N 1 - W lo 1`.
+/// `W = P - N`, `b = (c + s) - s + N alpha - W lo`.
 ///
 /// Useful after non-negative training, to check that the network stayed
 /// isomorphic, and to run it on signed hardware.
 pub fn inverse(network: &NonnegNetwork) -> Result<Network> {
-    let mut layers = Vec::with_capacity(network.layers.len());
-    for layer in &network.layers {
-        layers.push(match layer {
+    let layers = inverse_chain(&network.layers)?;
+    let mut out = Network::new(&network.input_shape, network.input_range, layers);
+    out.channel_ranges = network.channel_ranges.clone();
+    Ok(out)
+}
+
+fn inverse_chain(layers: &[NonnegLayer]) -> Result<Vec<Layer>> {
+    let mut out = Vec::with_capacity(layers.len());
+    for layer in layers {
+        out.push(match layer {
             NonnegLayer::Affine(a) => {
                 let weight = a.positive.sub(&a.negative)?;
                 let bias = inverse_bias(a, &weight)?;
@@ -246,15 +528,31 @@ pub fn inverse(network: &NonnegNetwork) -> Result<Network> {
             }
             NonnegLayer::Activation(a) => Layer::Activation(a.activation),
             NonnegLayer::AvgPool2d(p) => Layer::AvgPool2d(*p),
+            NonnegLayer::PaddedAvgPool2d { pool, .. } => Layer::AvgPool2d(*pool),
             NonnegLayer::MaxPool2d(p) => Layer::MaxPool2d(*p),
             NonnegLayer::Flatten => Layer::Flatten,
+            NonnegLayer::GlobalAvgPool => Layer::GlobalAvgPool,
+            NonnegLayer::AdaptiveAvgPool2d(size) => Layer::AdaptiveAvgPool2d(*size),
+            NonnegLayer::Dropout(p) => Layer::Dropout(*p),
+            NonnegLayer::Residual(r) => Layer::Residual(Residual {
+                main: inverse_chain(&r.main)?,
+                shortcut: inverse_chain(&r.shortcut)?,
+            }),
+            NonnegLayer::Elman(e) => {
+                let a = &e.affine;
+                let weight = a.positive.sub(&a.negative)?;
+                let bias = inverse_bias(a, &weight)?;
+                let features = e.features();
+                Layer::Elman(Elman {
+                    input_weight: weight.narrow(1, 0, features)?.contiguous()?,
+                    recurrent_weight: weight.narrow(1, features, e.hidden())?.contiguous()?,
+                    bias,
+                    activation: e.activation.activation,
+                })
+            }
         });
     }
-    Ok(Network {
-        input_shape: network.input_shape.clone(),
-        input_range: network.input_range,
-        layers,
-    })
+    Ok(out)
 }
 
 /// `b = bias - s + sum_j N_ij alpha_j - sum_j W_ij lo_j`, per input channel
@@ -263,24 +561,15 @@ fn inverse_bias(a: &NonnegAffine, weight: &Tensor) -> Result<Tensor> {
     let dims = weight.dims();
     let (out_units, group_inputs) = (dims[0], dims[1]);
     let receptive: usize = dims[2..].iter().product();
-    let groups = match a.op {
-        AffineOp::Linear => 1,
-        AffineOp::Conv2d { groups, .. } => groups,
-    };
     let w: Vec<Vec<f64>> = weight.reshape((out_units, ()))?.to_dtype(DType::F64)?.to_vec2()?;
     let n: Vec<Vec<f64>> = a.negative.reshape((out_units, ()))?.to_dtype(DType::F64)?.to_vec2()?;
     let stored: Vec<f64> = a.bias.to_dtype(DType::F64)?.to_vec1()?;
     let b: Vec<f64> = (0..out_units)
         .map(|i| {
-            // Entry j of row i reads input channel g * group_inputs + j / receptive.
-            let group = i / (out_units / groups);
-            let channel_value = |values: &[f64], j: usize| {
-                let channel = group * group_inputs + j / receptive;
-                values[channel.min(values.len() - 1)]
-            };
+            let channel = |j: usize| channel_of(a.op, out_units, group_inputs, receptive, i, j);
             let len = w[i].len();
-            let complement: f64 = (0..len).map(|j| n[i][j] * channel_value(&a.alpha, j)).sum();
-            let offset: f64 = (0..len).map(|j| w[i][j] * channel_value(&a.lo, j)).sum();
+            let complement: f64 = (0..len).map(|j| n[i][j] * Edge::at(&a.alpha, channel(j))).sum();
+            let offset: f64 = (0..len).map(|j| w[i][j] * Edge::at(&a.lo, channel(j))).sum();
             stored[i] - a.shift + complement - offset
         })
         .collect();

@@ -16,6 +16,7 @@ pub mod activation;
 pub mod bias;
 pub mod conv;
 pub mod linear;
+pub mod pad;
 pub mod update;
 
 #[cfg(test)]
@@ -25,4 +26,5 @@ pub use activation::{shifted_activation, ShiftedActivation};
 pub use bias::add_channel_bias;
 pub use conv::conv2d;
 pub use linear::linear;
+pub use pad::pad_constant;
 pub use update::sign_preserving_update;

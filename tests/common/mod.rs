@@ -72,6 +72,7 @@ pub fn random_mlp(seed: u64, dtype: DType, range: Range) -> Network {
     }
     layers.push(Layer::Linear(Linear::zeros(width, rng.gen_range(2..6)).unwrap()));
     let mut network = Network {
+        channel_ranges: Vec::new(),
         input_shape: vec![1, side, side],
         input_range: range,
         layers,
@@ -107,13 +108,13 @@ pub fn random_cnn(seed: u64, dtype: DType, range: Range) -> Network {
         layers.push(Layer::Conv2d(conv));
         if side >= 2 && rng.gen_bool(0.3) {
             // Pooling straight after the convolution, before the activation.
-            let pool = Pool { kernel: 2, stride: rng.gen_range(1..3) };
+            let pool = Pool::new(2, rng.gen_range(1..3));
             layers.push(if rng.gen_bool(0.5) { Layer::MaxPool2d(pool) } else { Layer::AvgPool2d(pool) });
             side = (side - 2) / pool.stride + 1;
         }
         layers.push(Layer::Activation(act));
         if side >= 2 && rng.gen_bool(0.3) {
-            let pool = Pool { kernel: 2, stride: 2 };
+            let pool = Pool::new(2, 2);
             layers.push(if rng.gen_bool(0.5) { Layer::MaxPool2d(pool) } else { Layer::AvgPool2d(pool) });
             side = (side - 2) / 2 + 1;
         }
@@ -125,6 +126,7 @@ pub fn random_cnn(seed: u64, dtype: DType, range: Range) -> Network {
     layers.push(Layer::Activation(act));
     layers.push(Layer::Linear(Linear::zeros(hidden, 4).unwrap()));
     let mut network = Network {
+        channel_ranges: Vec::new(),
         input_shape,
         input_range: range,
         layers,
