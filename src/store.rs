@@ -98,6 +98,8 @@ struct ConvSpec {
     padding: usize,
     dilation: usize,
     groups: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pad_value: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,6 +108,8 @@ struct NonnegSpec {
     alpha: Vec<f64>,
     shift: f64,
     out_max: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pad: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -188,6 +192,7 @@ fn conv_spec(weight: &Tensor, stride: usize, padding: usize, dilation: usize, gr
         padding,
         dilation,
         groups,
+        pad_value: Vec::new(),
     }
 }
 
@@ -239,7 +244,10 @@ fn regular_specs(layers: &[Layer], prefix: &str, tensors: &mut Vec<(String, Tens
                 in_features: l.in_features(),
                 out_features: l.out_features(),
             },
-            Layer::Conv2d(c) => LayerSpec::Conv2d(conv_spec(&c.weight, c.stride, c.padding, c.dilation, c.groups)),
+            Layer::Conv2d(c) => LayerSpec::Conv2d(ConvSpec {
+                pad_value: c.pad_value.clone(),
+                ..conv_spec(&c.weight, c.stride, c.padding, c.dilation, c.groups)
+            }),
             Layer::Activation(a) => LayerSpec::Activation { activation: *a },
             Layer::AvgPool2d(p) => LayerSpec::AvgPool2d {
                 pool: *p,
@@ -284,6 +292,7 @@ fn nonneg_spec(a: &NonnegAffine) -> NonnegSpec {
         alpha: a.alpha.clone(),
         shift: a.shift,
         out_max: a.out_max,
+        pad: a.pad.clone(),
     }
 }
 
@@ -609,6 +618,7 @@ impl Loader<'_> {
                         padding: c.padding,
                         dilation: c.dilation,
                         groups: c.groups,
+                        pad_value: c.pad_value.clone(),
                     })
                 }
                 LayerSpec::Activation { activation } => Layer::Activation(*activation),
@@ -679,6 +689,7 @@ impl Loader<'_> {
             alpha: spec.alpha.clone(),
             shift: spec.shift,
             out_max: spec.out_max,
+            pad: spec.pad.clone(),
         })
     }
 
@@ -786,6 +797,22 @@ fn check_nonneg_spec(layer: &str, spec: &NonnegSpec, in_channels: usize) -> std:
         return Err(format!(
             "layer {layer}: lo, alpha, shift and out_max must be finite, alpha and shift >= 0"
         ));
+    }
+    if !(spec.pad.is_empty() || fits(&spec.pad)) {
+        return Err(format!("layer {layer}: pad needs 0, 1 or {in_channels} values, got {}", spec.pad.len()));
+    }
+    let at = |v: &[f64], c: usize| v[c.min(v.len() - 1)];
+    for (c, &q) in spec.pad.iter().enumerate() {
+        let (lo, alpha) = (at(&spec.lo, c), at(&spec.alpha, c));
+        // Allow the rounding of lo + alpha when a pad lies on a bound.
+        let slack = 1e-9 * (1.0 + lo.abs() + alpha);
+        if !(q.is_finite() && lo - slack <= q && q <= lo + alpha + slack) {
+            return Err(format!(
+                "layer {layer}: padding value {q} of channel {c} is outside the input range \
+                 [{lo}, {}], so a physical pad would be negative",
+                lo + alpha
+            ));
+        }
     }
     Ok(())
 }

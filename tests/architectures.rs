@@ -129,6 +129,7 @@ fn random_resnet(seed: u64, dtype: DType, range: Range) -> Network {
     }));
     layers.push(act.clone());
     layers.extend([bn(wide), conv(wide, wide, 1, 1, 0, 1), act.clone()]);
+    layers.extend([bn(wide), conv(wide, wide, 3, 1, 1, 1), act.clone()]);
     let classes = 3;
     if rng.gen_bool(0.5) {
         layers.extend([Layer::GlobalAvgPool, linear(wide, classes)]);
@@ -379,18 +380,35 @@ fn batchnorm_between_pooling_is_rejected() {
 }
 
 #[test]
-fn batchnorm_before_padded_conv_is_rejected() {
-    let layers = vec![
-        bn(1),
-        conv(1, 2, 3, 1, 1, 1),
-        Layer::Activation(Activation::PhotonicSigmoid),
-        Layer::Flatten,
-        linear(2 * 36, 2),
-    ];
-    let network = finish(&[1, 6, 6], Range { lo: 0.0, hi: 1.0 }, layers, 1, DType::F64);
-    let message = transform(&network, &TransformOptions::default()).unwrap_err().to_string();
-    assert!(message.contains("layers.0 (batch-norm)"), "{message}");
-    assert!(message.contains("zero-padded"), "{message}");
+fn batchnorm_before_padded_conv_pads_with_its_preimage() {
+    for dtype in [DType::F64, DType::F32] {
+        let layers = vec![
+            Layer::Activation(Activation::PhotonicSigmoid),
+            bn(2),
+            conv(2, 3, 3, 1, 1, 1),
+            Layer::Activation(Activation::PhotonicSinusoidal),
+            Layer::Flatten,
+            linear(3 * 25, 2),
+        ];
+        let network = finish(&[2, 5, 5], Range { lo: -1.0, hi: 1.0 }, layers, 9, dtype);
+        let folded = fold_batchnorm(&network).unwrap();
+        let Layer::Conv2d(c) = &folded.layers[1] else {
+            panic!("the convolution is not the second layer after folding");
+        };
+        // The pad is the input that the normalisation maps to 0.
+        let (scale, offset) = match &network.layers[1] {
+            Layer::BatchNorm(bn) => bn.inference_affine().unwrap(),
+            _ => unreachable!(),
+        };
+        for (q, (g, beta)) in c.pad_value.iter().zip(scale.iter().zip(&offset)) {
+            assert!((g * q + beta).abs() < 1e-12, "pad {q} maps to {}", g * q + beta);
+        }
+        let x = inputs(&network, 9, 4, dtype);
+        let diff = max_abs(&network.forward(&x).unwrap().sub(&folded.forward(&x).unwrap()).unwrap());
+        let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+        assert!(diff < tolerance, "folded network differs by {diff:e}");
+        check(&network, dtype, TransformOptions::default(), 9).unwrap();
+    }
 }
 
 #[test]

@@ -359,6 +359,7 @@ fn huge_layer_output_is_rejected() {
             padding: 3000,
             dilation: 1,
             groups: 1,
+            pad_value: Vec::new(),
         }),
     );
     let error = network.output_shape().unwrap_err().to_string();

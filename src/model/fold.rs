@@ -4,10 +4,10 @@
 //! with `g = weight / sqrt(var + eps)` and `beta = bias - g mean`
 //! ([`BatchNorm::inference_affine`]). After an affine layer `z = W x + b` it
 //! folds into `W' = diag(g) W`, `b' = g b + beta`; before one it folds into
-//! `W' = W diag(g)`, `b' = b + W beta`. Both are exact, except that a
-//! zero-padded layer after the normalisation pads `y` with 0, which the
-//! folded layer can only reproduce with a per-channel padding value, so
-//! that case is rejected.
+//! `W' = W diag(g)`, `b' = b + W beta`. Both are exact. A zero-padded
+//! convolution after the normalisation pads `y` with 0, which is the input
+//! `x = -beta / g`, so the folded convolution pads channel `c` with
+//! `-beta_c / g_c` ([`Conv2d::pad_value`](super::Conv2d::pad_value)).
 
 use candle_core::{DType, Tensor};
 
@@ -35,16 +35,6 @@ fn fold_chain(layers: &[Layer], path: &str) -> Result<Vec<Layer>> {
         if let Some((index, bn)) = pending.take() {
             if layer.weight_and_bias().is_none() {
                 return Err(unfoldable(path, index, &format!("it is followed by a {} layer", layer.kind())));
-            }
-            if let Layer::Conv2d(c) = &layer {
-                if c.padding > 0 {
-                    return Err(unfoldable(
-                        path,
-                        index,
-                        "the convolution after it is zero-padded, which would need a per-channel \
-                         padding value; put the normalisation after the convolution",
-                    ));
-                }
             }
             fold_before(&bn, &mut layer).map_err(|m| unfoldable(path, index, &m))?;
             out.push(layer);
@@ -106,6 +96,11 @@ fn fold_after(bn: &BatchNorm, layer: &mut Layer) -> std::result::Result<(), Stri
 /// of its group (per feature for a linear layer).
 fn fold_before(bn: &BatchNorm, layer: &mut Layer) -> std::result::Result<(), String> {
     let (scale, offset) = bn.inference_affine().map_err(|e| e.to_string())?;
+    if let Layer::Conv2d(c) = layer {
+        if c.padding > 0 {
+            c.pad_value = input_pad(&c.pad_value, &scale, &offset)?;
+        }
+    }
     let groups = match layer {
         Layer::Conv2d(c) => c.groups,
         _ => 1,
@@ -139,4 +134,27 @@ fn fold_before(bn: &BatchNorm, layer: &mut Layer) -> std::result::Result<(), Str
         Ok(())
     };
     run().map_err(|e| e.to_string())
+}
+
+/// Returns the inputs `x_c = (v_c - offset_c) / scale_c` that the
+/// normalisation maps to the padding values `v` (zeros when empty).
+fn input_pad(values: &[f64], scale: &[f64], offset: &[f64]) -> std::result::Result<Vec<f64>, String> {
+    (0..scale.len())
+        .map(|c| {
+            let v = if values.is_empty() { 0.0 } else { values[c.min(values.len() - 1)] };
+            let (g, beta) = (scale[c], offset[c]);
+            if g == 0.0 {
+                // The channel is the constant beta: a pad equal to it is
+                // any input, and any other pad is none.
+                return if beta == v {
+                    Ok(0.0)
+                } else {
+                    Err(format!(
+                        "channel {c} has scale 0, so no input gives the padded convolution's pad {v}"
+                    ))
+                };
+            }
+            Ok((v - beta) / g)
+        })
+        .collect()
 }

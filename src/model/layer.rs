@@ -35,7 +35,8 @@ impl Linear {
     }
 }
 
-/// A 2-D convolution with zero padding, as in PyTorch's `Conv2d`.
+/// A 2-D convolution with zero padding, as in PyTorch's `Conv2d`, or with
+/// a padding value per input channel.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     /// Kernels, `[out_channels, in_channels / groups, kernel, kernel]`.
@@ -50,6 +51,11 @@ pub struct Conv2d {
     pub dilation: usize,
     /// Number of channel groups; each output channel reads one group.
     pub groups: usize,
+    /// Value of the padding, one for all input channels or one per
+    /// channel; empty for zeros. Folding a batch normalisation into the
+    /// convolution after it sets it to the input that the normalisation
+    /// maps to 0.
+    pub pad_value: Vec<f64>,
 }
 
 impl Conv2d {
@@ -75,6 +81,7 @@ impl Conv2d {
             padding,
             dilation,
             groups,
+            pad_value: Vec::new(),
         })
     }
 
@@ -87,7 +94,16 @@ impl Conv2d {
     /// Applies the convolution to the weights `weight` (the layer's own
     /// settings, someone else's kernel); used by the non-negative layer too.
     pub fn convolve(&self, x: &Tensor, weight: &Tensor, padding: usize) -> Result<Tensor> {
-        crate::ops::conv2d(x, weight, padding, self.stride, self.dilation, self.groups)
+        if self.pad_value.is_empty() || padding == 0 {
+            return crate::ops::conv2d(x, weight, padding, self.stride, self.dilation, self.groups);
+        }
+        let values = Tensor::new(self.pad_value.as_slice(), x.device())?.to_dtype(x.dtype())?;
+        let values = match self.pad_value.len() {
+            1 => values.reshape(())?,
+            n => values.reshape((1, n, 1, 1))?,
+        };
+        let padded = crate::ops::pad_constant(x, padding, &values)?;
+        crate::ops::conv2d(&padded, weight, 0, self.stride, self.dilation, self.groups)
     }
 
     /// Checks the settings against an input of `[channels, height, width]`
@@ -103,6 +119,12 @@ impl Conv2d {
         const LIMIT: usize = 1 << 16;
         if [kh, kw, self.stride, self.dilation, self.padding].iter().any(|&v| v > LIMIT) {
             return Err(format!("kernel, stride, dilation and padding must be at most {LIMIT}"));
+        }
+        if !(self.pad_value.len() <= 1 || self.pad_value.len() == *c) || self.pad_value.iter().any(|v| !v.is_finite()) {
+            return Err(format!(
+                "{} padding values for {c} input channels; give none, one or one per channel, all finite",
+                self.pad_value.len()
+            ));
         }
         if group_c * self.groups != *c || out_c % self.groups != 0 {
             return Err(format!(

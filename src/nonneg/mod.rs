@@ -58,6 +58,10 @@ pub struct NonnegAffine {
     pub shift: f64,
     /// Upper bound of `z'` over all units: the detector's full scale.
     pub out_max: f64,
+    /// True value of a convolution's padding, one value or one per input
+    /// channel; empty for zeros. The signal is padded with `pad - lo` and
+    /// the complement with `lo + alpha - pad`.
+    pub pad: Vec<f64>,
 }
 
 /// An activation device operated with its input shifted.
@@ -217,15 +221,15 @@ impl NonnegAffine {
                 dilation,
                 groups,
             } => {
-                // A true zero pad is u = -lo on the signal and alpha + lo = hi
+                // A true pad q is u = q - lo on the signal and lo + alpha - q
                 // on the complement.
-                let hi: Vec<f64> = broadcast_pair(&self.lo, &self.alpha)
-                    .map(|(l, a)| l + a)
-                    .collect();
-                let neg_lo: Vec<f64> = self.lo.iter().map(|l| -l).collect();
-                let u = crate::ops::pad_constant(u, padding, &self.channel_tensor(&neg_lo, u)?)?;
-                let complement =
-                    crate::ops::pad_constant(&complement, padding, &self.channel_tensor(&hi, &complement)?)?;
+                let (signal_pad, complement_pad) = self.pad_values();
+                let u = crate::ops::pad_constant(u, padding, &self.channel_tensor(&signal_pad, u)?)?;
+                let complement = crate::ops::pad_constant(
+                    &complement,
+                    padding,
+                    &self.channel_tensor(&complement_pad, &complement)?,
+                )?;
                 observe("signal", &u)?;
                 observe("complement", &complement)?;
                 let p = crate::ops::conv2d(&u, &self.positive, 0, stride, dilation, groups)?;
@@ -265,10 +269,10 @@ impl NonnegAffine {
                 dilation,
                 groups,
             } => {
-                // Padding with the physical value -lo keeps alpha - u equal to
-                // the complement's pad value hi = alpha + lo.
-                let neg_lo: Vec<f64> = self.lo.iter().map(|l| -l).collect();
-                let u = crate::ops::pad_constant(u, padding, &self.channel_tensor(&neg_lo, u)?)?;
+                // Padding with the physical value q - lo keeps alpha - u equal
+                // to the complement's pad value lo + alpha - q.
+                let (signal_pad, _) = self.pad_values();
+                let u = crate::ops::pad_constant(u, padding, &self.channel_tensor(&signal_pad, u)?)?;
                 // N alpha is the convolution of N with an image of alpha,
                 // exactly one kernel extent in size.
                 let (out_channels, _, kernel_h, kernel_w) = self.negative.dims4()?;
@@ -287,6 +291,22 @@ impl NonnegAffine {
         }
     }
 
+    /// Returns the physical padding values of the signal and of the
+    /// complement, one or one per input channel.
+    fn pad_values(&self) -> (Vec<f64>, Vec<f64>) {
+        let pad = if self.pad.is_empty() { &[0.0][..] } else { &self.pad[..] };
+        let n = self.lo.len().max(self.alpha.len()).max(pad.len());
+        let at = |v: &[f64], c: usize| v[c.min(v.len() - 1)];
+        // A pad on a bound of the range rounds to about -1 ulp; the
+        // transformation checks that every pad lies within the range, so
+        // clamping at 0 changes only that rounding.
+        let signal = (0..n).map(|c| (at(pad, c) - at(&self.lo, c)).max(0.0)).collect();
+        let complement = (0..n)
+            .map(|c| (at(&self.lo, c) + at(&self.alpha, c) - at(pad, c)).max(0.0))
+            .collect();
+        (signal, complement)
+    }
+
     /// Returns the three parameter tensors, mutably.
     pub fn parameters_mut(&mut self) -> [&mut Tensor; 3] {
         [&mut self.positive, &mut self.negative, &mut self.bias]
@@ -296,12 +316,6 @@ impl NonnegAffine {
     pub fn parameters(&self) -> [&Tensor; 3] {
         [&self.positive, &self.negative, &self.bias]
     }
-}
-
-/// Pairs per-channel `a` and `b`, repeating a single value to the other's length.
-fn broadcast_pair<'a>(a: &'a [f64], b: &'a [f64]) -> impl Iterator<Item = (f64, f64)> + 'a {
-    let n = a.len().max(b.len());
-    (0..n).map(move |i| (a[i.min(a.len() - 1)], b[i.min(b.len() - 1)]))
 }
 
 impl NonnegActivation {

@@ -91,8 +91,8 @@ pub fn transform(network: &Network, options: &TransformOptions) -> Result<Nonneg
         hi: ranges.iter().map(|r| r.hi).collect(),
     }
     .collapsed();
-    if needs_zero(&folded.layers, 0) {
-        input = input.including_zero();
+    if let Some(values) = pad_values(&folded.layers, 0) {
+        input = input.including_all(&values);
     }
     let mut context = Context {
         options,
@@ -160,10 +160,13 @@ impl Edge {
         self.lo.iter().zip(&self.hi).map(|(l, h)| h - l).collect()
     }
 
-    fn including_zero(&self) -> Self {
+    /// Widens every channel's range to contain every value in `values`.
+    fn including_all(&self, values: &[f64]) -> Self {
+        let smallest = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let largest = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         Edge {
-            lo: self.lo.iter().map(|l| l.min(0.0)).collect(),
-            hi: self.hi.iter().map(|h| h.max(0.0)).collect(),
+            lo: self.lo.iter().map(|l| l.min(smallest)).collect(),
+            hi: self.hi.iter().map(|h| h.max(largest)).collect(),
         }
     }
 
@@ -219,24 +222,33 @@ impl Context<'_> {
     }
 }
 
-/// Returns whether the first layer from `start` on that reads values,
-/// past those that keep the range, pads with zeros.
-fn needs_zero(layers: &[Layer], start: usize) -> bool {
+/// Returns the true padding values, one or one per channel, that the
+/// first layer from `start` on that reads values, past those that keep the
+/// range, pads its input with; `None` when it does not pad.
+fn pad_values(layers: &[Layer], start: usize) -> Option<Vec<f64>> {
     for layer in layers.iter().skip(start) {
         match layer {
-            Layer::Conv2d(c) => return c.padding > 0,
-            Layer::AvgPool2d(p) if p.padding > 0 => return true,
+            Layer::Conv2d(c) if c.padding > 0 => {
+                return Some(if c.pad_value.is_empty() { vec![0.0] } else { c.pad_value.clone() })
+            }
+            Layer::AvgPool2d(p) if p.padding > 0 => return Some(vec![0.0]),
             Layer::AvgPool2d(_)
             | Layer::MaxPool2d(_)
             | Layer::Flatten
             | Layer::Dropout(_)
             | Layer::GlobalAvgPool
             | Layer::AdaptiveAvgPool2d(_) => continue,
-            Layer::Residual(r) => return needs_zero(&r.main, 0) || needs_zero(&r.shortcut, 0),
-            _ => return false,
+            Layer::Residual(r) => {
+                let mut values: Vec<f64> = Vec::new();
+                for branch in [&r.main, &r.shortcut] {
+                    values.extend(pad_values(branch, 0).unwrap_or_default());
+                }
+                return (!values.is_empty()).then_some(values);
+            }
+            _ => return None,
         }
     }
-    false
+    None
 }
 
 /// Transforms a chain of layers reading `edge`; returns the layers and the
@@ -265,10 +277,12 @@ fn transform_chain(
                     dilation: c.dilation,
                     groups: c.groups,
                 };
+                let pad = if c.padding > 0 { c.pad_value.clone() } else { Vec::new() };
                 if c.padding > 0 {
-                    edge = padded_edge(&edge).map_err(|m| context.error(i, m))?;
+                    edge = padded_edge(&edge, &pad).map_err(|m| context.error(i, m))?;
                 }
-                let (affine, output) = transform_affine(&c.weight, &c.bias, op, &edge, options)?;
+                let (mut affine, output) = transform_affine(&c.weight, &c.bias, op, &edge, options)?;
+                affine.pad = pad;
                 tracing::debug!(layer = %format!("{}.{i}", context.path), shift = affine.shift, "transformed conv2d layer");
                 edge = output;
                 NonnegLayer::Affine(affine)
@@ -285,8 +299,8 @@ fn transform_chain(
                 })?;
                 let (lo, hi) = activation_range(act, options).map_err(|m| context.error(i, m))?;
                 edge = Edge::scalar(lo, hi);
-                if needs_zero(layers, i + 1) {
-                    edge = edge.including_zero();
+                if let Some(values) = pad_values(layers, i + 1) {
+                    edge = edge.including_all(&values);
                 }
                 tracing::debug!(activation = %act, input_offset, output_lo = edge.lo[0], "shifted activation");
                 NonnegLayer::Activation(NonnegActivation {
@@ -296,7 +310,7 @@ fn transform_chain(
                 })
             }
             Layer::AvgPool2d(p) if p.padding > 0 => {
-                edge = padded_edge(&edge).map_err(|m| context.error(i, m))?;
+                edge = padded_edge(&edge, &[]).map_err(|m| context.error(i, m))?;
                 NonnegLayer::PaddedAvgPool2d {
                     pool: *p,
                     pad: edge.lo.iter().map(|l| -l).collect(),
@@ -351,17 +365,28 @@ fn activation_range(act: &Activation, options: &TransformOptions) -> std::result
     Ok((lo, f_hi))
 }
 
-/// Widens the upper bounds of an edge read by a zero-padded layer to
-/// include 0, which changes no physical value; an edge whose true values
-/// are all above 0 cannot represent the pad and is rejected.
-fn padded_edge(edge: &Edge) -> std::result::Result<Edge, String> {
-    if let Some(lo) = edge.lo.iter().find(|&&l| l > 0.0) {
-        return Err(format!(
-            "zero padding needs an input range containing 0, but the signal's lower bound is {lo}, \
-             and only an activation or the input can move it; pad after an activation"
-        ));
+/// Widens the upper bounds of an edge read by a padded layer to include
+/// its true padding values `pad` (zeros when empty), which changes no
+/// physical value. An edge whose lower bound is above a padding value
+/// cannot represent that pad and is rejected.
+fn padded_edge(edge: &Edge, pad: &[f64]) -> std::result::Result<Edge, String> {
+    let pad = if pad.is_empty() { &[0.0][..] } else { pad };
+    let n = edge.len().max(pad.len());
+    let wide = edge.broadcast(n);
+    for c in 0..n {
+        let (lo, q) = (wide.lo[c], Edge::at(pad, c));
+        if lo > q {
+            return Err(format!(
+                "padding value {q} of channel {c} is below the signal's lower bound {lo}, and only an \
+                 activation or the input can move that bound; pad after an activation"
+            ));
+        }
     }
-    Ok(edge.including_zero())
+    Ok(Edge {
+        lo: wide.lo.clone(),
+        hi: (0..n).map(|c| wide.hi[c].max(Edge::at(pad, c))).collect(),
+    }
+    .collapsed())
 }
 
 /// Transforms an Elman cell reading `edge` (per channel of its
@@ -486,6 +511,7 @@ fn transform_affine(
         alpha,
         shift,
         out_max,
+        pad: Vec::new(),
     };
     Ok((affine, output))
 }
@@ -523,6 +549,7 @@ fn inverse_chain(layers: &[NonnegLayer]) -> Result<Vec<Layer>> {
                         padding,
                         dilation,
                         groups,
+                        pad_value: a.pad.clone(),
                     }),
                 }
             }
