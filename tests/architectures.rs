@@ -7,10 +7,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::max_abs;
+use common::{compare, max_abs};
 use isonn::activation::Activation;
 use isonn::model::{fold_batchnorm, BatchNorm, Conv2d, Elman, Layer, Linear, Network, Pool, Range, Residual};
-use isonn::nonneg::{inverse, transform, ActivationRange, NonnegNetwork, ShiftPolicy, TransformOptions};
+use isonn::nonneg::{inverse, transform, ActivationRange, ShiftPolicy, TransformOptions};
 use isonn::store::{self, Model};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -87,7 +87,7 @@ fn finish(shape: &[usize], range: Range, layers: Vec<Layer>, seed: u64, dtype: D
     network
 }
 
-/// A VGG-style network: padded 3x3 convolutions (one grouped), max pooling
+/// Builds a VGG-style network: padded 3x3 convolutions (one grouped), max pooling
 /// with and without padding, zero-padded average pooling, dropout.
 fn random_vgg(seed: u64, dtype: DType, range: Range) -> Network {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -109,9 +109,10 @@ fn random_vgg(seed: u64, dtype: DType, range: Range) -> Network {
     finish(&[1, side, side], range, layers, seed, dtype)
 }
 
-/// A residual network: batch normalisation after convolutions, an identity
-/// block, a block with a strided projection shortcut, a normalisation
-/// before an unpadded convolution, and global or adaptive average pooling.
+/// Builds a residual network: batch normalisation after convolutions, an
+/// identity block, a block with a strided projection shortcut,
+/// normalisations before an unpadded and a padded convolution, and global
+/// or adaptive average pooling.
 fn random_resnet(seed: u64, dtype: DType, range: Range) -> Network {
     let mut rng = StdRng::seed_from_u64(seed);
     let act = Layer::Activation(ACTIVATIONS[rng.gen_range(0..ACTIVATIONS.len())]);
@@ -139,7 +140,7 @@ fn random_resnet(seed: u64, dtype: DType, range: Range) -> Network {
     finish(&[2, side, side], range, layers, seed, dtype)
 }
 
-/// An Elman network reading `[channels, steps, width]` row by row.
+/// Builds an Elman network reading `[channels, steps, width]` row by row.
 fn random_elman(seed: u64, dtype: DType, range: Range) -> Network {
     let mut rng = StdRng::seed_from_u64(seed);
     let activation = ACTIVATIONS[rng.gen_range(0..ACTIVATIONS.len())];
@@ -152,7 +153,7 @@ fn random_elman(seed: u64, dtype: DType, range: Range) -> Network {
     finish(&[c, steps, width], range, layers, seed, dtype)
 }
 
-/// A CNN reading three channels normalised per channel (each range
+/// Builds a CNN reading three channels normalised per channel (each range
 /// negative below its mean), with a padded first convolution and a
 /// batch normalisation before the classifier.
 fn random_normalised(seed: u64, dtype: DType) -> Network {
@@ -222,20 +223,6 @@ fn options(published: bool, tight: bool) -> TransformOptions {
     }
 }
 
-/// Returns the relative logit difference and the smallest physical signal.
-fn compare(regular: &Network, nonneg: &NonnegNetwork, x: &Tensor) -> (f64, f64) {
-    let a = regular.forward(x).unwrap();
-    let mut min_signal = f64::INFINITY;
-    let b = nonneg
-        .forward_observed(x, &mut |_, _, t| {
-            let m = t.min_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            min_signal = min_signal.min(m);
-            Ok(())
-        })
-        .unwrap();
-    (max_abs(&a.sub(&b).unwrap()) / max_abs(&a).max(1.0), min_signal)
-}
-
 fn check(network: &Network, dtype: DType, opts: TransformOptions, seed: u64) -> Result<(), TestCaseError> {
     let nonneg = transform(network, &opts).unwrap();
     let (weights, biases) = nonneg.count_negative().unwrap();
@@ -256,7 +243,7 @@ fn check(network: &Network, dtype: DType, opts: TransformOptions, seed: u64) -> 
     Ok(())
 }
 
-/// The inverse map recovers the folded network's parameters.
+/// Checks that the inverse map recovers the folded network's parameters.
 fn check_inverse(network: &Network) -> Result<(), TestCaseError> {
     let folded = fold_batchnorm(network).unwrap();
     let back = inverse(&transform(network, &TransformOptions::default()).unwrap()).unwrap();
@@ -269,7 +256,7 @@ fn check_inverse(network: &Network) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-/// Writing and reading a model gives the same logits, bit for bit.
+/// Checks that writing and reading a model keeps its logits, bit for bit.
 fn check_store(network: &Network, seed: u64) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let nonneg = transform(network, &TransformOptions::default()).unwrap();
@@ -448,4 +435,58 @@ fn adaptive_pool_matches_windows() {
     let x = Tensor::arange(0f64, 5.0, &Device::Cpu).unwrap().reshape((1, 1, 1, 5)).unwrap();
     let y: Vec<f64> = isonn::model::adaptive_average(&x, [1, 2]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(y, vec![1.0, 3.0]);
+}
+
+/// Trains `network` for one epoch on a slice of the embedded subset, then
+/// checks that its transformation agrees on every test image.
+fn train_and_verify(mut network: Network, lr: f64, epochs: usize) -> isonn::verify::EquivalenceReport {
+    use isonn::progress::Progress;
+    use isonn::train::{fit, Sgd, TrainConfig};
+    let full = isonn::data::load_embedded().unwrap();
+    let data = isonn::data::Dataset {
+        train: full.train.take(1024),
+        test: full.test.take(500),
+        ..full
+    };
+    let config = TrainConfig {
+        epochs,
+        batch_size: 64,
+        seed: 1,
+        eval_every_epoch: false,
+        shuffle: true,
+    };
+    let vars = network.make_trainable().unwrap();
+    let mut sgd = Sgd::new(lr, 0.9, 0.0).unwrap();
+    let shape = network.input_shape.clone();
+    let forward = |x: &Tensor, mode| network.forward_mode(x, mode);
+    let metrics = fit(&forward, &shape, &vars, &mut sgd, &data, &config, &Progress::hidden(), &mut || Ok(())).unwrap();
+    assert!(metrics.test_accuracy > 0.2, "training did not learn: test accuracy {}", metrics.test_accuracy);
+    let network = network.detached();
+    let nonneg = transform(&network, &TransformOptions::default()).unwrap();
+    isonn::verify::verify(&network, &nonneg, &data.test, 100, isonn::verify::Precision::F64, &Progress::hidden()).unwrap()
+}
+
+#[test]
+fn trained_resnet_transforms_exactly() {
+    let network =
+        Network::build(isonn::model::Arch::Resnet, &[1, 28, 28], &[4], 10, Activation::PhotonicSinusoidal, isonn::model::Init::Photonic, 2)
+            .unwrap();
+    let report = train_and_verify(network, 0.1, 3);
+    assert_eq!(report.argmax_agreement, 1.0);
+    assert_eq!(report.negative_weights + report.negative_biases, 0);
+    assert!(report.min_signal >= 0.0, "physical signal {}", report.min_signal);
+    // The model is stored in f32, so its biases c + s are rounded to f32.
+    assert!(report.max_rel_diff < 1e-4, "relative logit difference {:e}", report.max_rel_diff);
+}
+
+#[test]
+fn trained_elman_transforms_exactly() {
+    let network =
+        Network::build(isonn::model::Arch::Elman, &[1, 28, 28], &[16], 10, Activation::Tanh, isonn::model::Init::Xavier, 2).unwrap();
+    let report = train_and_verify(network, 0.05, 1);
+    assert_eq!(report.argmax_agreement, 1.0);
+    assert_eq!(report.negative_weights + report.negative_biases, 0);
+    assert!(report.min_signal >= 0.0, "physical signal {}", report.min_signal);
+    // The model is stored in f32, so its biases c + s are rounded to f32.
+    assert!(report.max_rel_diff < 1e-4, "relative logit difference {:e}", report.max_rel_diff);
 }

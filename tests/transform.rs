@@ -17,22 +17,6 @@ const TOLERANCE_F32: f64 = 2e-5;
 /// The same for f64 parameters.
 const TOLERANCE_F64: f64 = 1e-11;
 
-/// Runs both networks and returns (relative logit difference, smallest
-/// physical signal).
-fn compare(regular: &Network, nonneg: &NonnegNetwork, x: &Tensor) -> (f64, f64) {
-    let a = regular.forward(x).unwrap();
-    let mut min_signal = f64::INFINITY;
-    let b = nonneg
-        .forward_observed(x, &mut |_, _, t| {
-            let m = t.min_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            min_signal = min_signal.min(m);
-            Ok(())
-        })
-        .unwrap();
-    let diff = max_abs(&a.sub(&b).unwrap());
-    (diff / max_abs(&a).max(1.0), min_signal)
-}
-
 fn check_all_non_negative(nonneg: &NonnegNetwork) {
     let (weights, biases) = nonneg.count_negative().unwrap();
     assert_eq!(weights, 0, "negative weights");

@@ -21,6 +21,11 @@ use crate::error::{Error, Result};
 pub fn fold_batchnorm(network: &Network) -> Result<Network> {
     let mut out = network.detached();
     out.layers = fold_chain(&out.layers, "layers")?;
+    let mut count = 0;
+    network.visit(&mut |_, layer| count += matches!(layer, Layer::BatchNorm(_)) as usize);
+    if count > 0 {
+        tracing::info!("folded {count} batch normalisations into the adjacent affine layers");
+    }
     Ok(out)
 }
 
@@ -144,8 +149,8 @@ fn input_pad(values: &[f64], scale: &[f64], offset: &[f64]) -> std::result::Resu
             let v = if values.is_empty() { 0.0 } else { values[c.min(values.len() - 1)] };
             let (g, beta) = (scale[c], offset[c]);
             if g == 0.0 {
-                // The channel is the constant beta: a pad equal to it is
-                // any input, and any other pad is none.
+                // The channel is the constant beta, so any input gives a
+                // pad equal to beta and no input gives another pad.
                 return if beta == v {
                     Ok(0.0)
                 } else {

@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use isonn::activation::Activation;
 use isonn::model::{Conv2d, Layer, Linear, Network, Pool, Range};
+use isonn::nonneg::NonnegNetwork;
 use rand::{Rng, SeedableRng};
 
 /// The bounded activations the transformation supports.
@@ -168,3 +169,20 @@ pub fn max_abs(t: &Tensor) -> f64 {
         .to_scalar::<f64>()
         .unwrap()
 }
+
+/// Runs both networks and returns (relative logit difference, smallest
+/// physical signal).
+pub fn compare(regular: &Network, nonneg: &NonnegNetwork, x: &Tensor) -> (f64, f64) {
+    let a = regular.forward(x).unwrap();
+    let mut min_signal = f64::INFINITY;
+    let b = nonneg
+        .forward_observed(x, &mut |_, _, t| {
+            let m = t.min_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            min_signal = min_signal.min(m);
+            Ok(())
+        })
+        .unwrap();
+    let diff = max_abs(&a.sub(&b).unwrap());
+    (diff / max_abs(&a).max(1.0), min_signal)
+}
+
