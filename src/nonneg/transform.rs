@@ -117,7 +117,8 @@ pub fn transform(network: &Network, options: &TransformOptions) -> Result<Nonneg
                         layer: i,
                         message: format!(
                             "activation {act} is unbounded, so the next layer has no input range; \
-                             train with a bounded version instead (e.g. --activation relu-n:6)"
+                             bound it first with `isonn bound` (ReLU-N with a fixed or calibrated N) or train \
+                             with a bounded version (e.g. --activation relu-n:6)"
                         ),
                     });
                 };
