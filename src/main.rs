@@ -411,11 +411,11 @@ struct BoundArgs {
     #[arg(long, value_name = "STATISTIC")]
     calibrate: Option<String>,
     /// Relative margin of a calibrated bound: bound = statistic * (1 + margin) [default: 0].
-    #[arg(long, value_name = "F", requires = "calibrate", allow_negative_numbers = true)]
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
     margin: Option<f64>,
     /// One calibrated bound per layer, or per channel (conv output channel,
     /// linear unit), folded into the weights [default: layer].
-    #[arg(long, value_enum, requires = "calibrate")]
+    #[arg(long, value_enum)]
     per: Option<Granularity>,
     #[command(flatten)]
     data: DataArgs,
@@ -1076,6 +1076,9 @@ fn bound_reference(regular: &Path) -> Result<Option<String>> {
 /// Builds the bound mode from the command line, checking its values.
 fn bound_mode(args: &BoundArgs) -> Result<BoundMode> {
     let mode = match (args.relu_n, &args.calibrate) {
+        (Some(_), None) if args.margin.is_some() || args.per.is_some() => {
+            bail!("--margin and --per set a calibrated bound: pass them with --calibrate, not with --relu-n")
+        }
         (Some(n), None) => BoundMode::Fixed { n },
         (None, Some(statistic)) => BoundMode::Calibrate {
             statistic: statistic.parse::<Statistic>()?,

@@ -126,7 +126,9 @@ fn check_bound_then_transform(network: &Network, mode: BoundMode, samples: usize
     let nonneg = transform(&bounded.network, &TransformOptions::default()).unwrap();
     let report = isonn::verify::verify(&bounded.network, &nonneg, &test, 100, Default::default(), &progress).unwrap();
     assert_eq!(report.argmax_agreement, 1.0, "{}", report.summary());
-    assert!(report.passes(1e-4), "{}", report.summary());
+    // f32 models meet 1e-4, f64 ones 1e-9, as `isonn verify` requires.
+    let tolerance = if network.dtype() == DType::F64 { 1e-9 } else { 1e-4 };
+    assert!(report.passes(tolerance), "{}", report.summary());
     assert!(
         (report.accuracy_original - record.accuracy_bounded).abs() < 1e-12,
         "verify compares with the bounded network"
@@ -154,9 +156,15 @@ fn bounded_mlp_transforms_exactly() {
     }
 }
 
+/// In f64, because per-channel folding with bounds that differ by a factor of
+/// 100 or more raises the shift, and so the f32 rounding, past 1e-4 (see
+/// docs/RELU.md).
 #[test]
 fn bounded_cnn_transforms_exactly() {
-    let network = Network::cnn(&[1, 28, 28], 10, Activation::Relu, Init::Xavier, 2).unwrap();
+    let network = Network::cnn(&[1, 28, 28], 10, Activation::Relu, Init::Xavier, 2)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     for mode in [
         calibrated(Statistic::Max, 0.0, Granularity::Channel),
         calibrated(Statistic::Percentile(99.9), 0.1, Granularity::Layer),
