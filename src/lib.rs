@@ -1,6 +1,7 @@
 //! isonn: non-negative isomorphic neural networks.
 pub mod activation;
 pub mod bench;
+pub mod bound;
 pub mod checkpoint;
 pub mod data;
 pub mod error;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use indicatif::MultiProgress;
 
 use isonn::activation::Activation;
+use isonn::bound::{self, BoundMode, BoundRecord, Granularity, Statistic};
 use isonn::data::{self, DatasetName};
 use isonn::experiment::{self, ReproduceConfig};
 use isonn::hardware::{self, Effects, GainGranularity, Sweep};
@@ -149,6 +150,9 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Replace the ReLU activations of a regular model by ReLU-N, with a
+    /// fixed or a calibrated bound, so that `isonn transform` accepts it.
+    Bound(BoundArgs),
     /// Compare a regular model with its non-negative counterpart on a data set.
     Verify {
         /// The regular model directory.
@@ -390,6 +394,40 @@ struct HardwareArgs {
     /// Title of the sweep plot; default names the parameter.
     #[arg(long)]
     title: Option<String>,
+}
+
+/// Options of `isonn bound`. docs/RELU.md describes the modes.
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["relu_n", "calibrate"])))]
+struct BoundArgs {
+    /// The regular model directory, e.g. from `isonn train --activation relu`.
+    model: PathBuf,
+    /// Output model directory for the bounded network and bound.json.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Fixed bound: every ReLU becomes ReLU-N, min(max(x, 0), N), N > 0.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    relu_n: Option<f64>,
+    /// Calibrated bound: max, or percentile:P with 0 < P <= 100, of the
+    /// pre-activations on the calibration images.
+    #[arg(long, value_name = "STATISTIC")]
+    calibrate: Option<String>,
+    /// Relative margin of a calibrated bound: bound = statistic * (1 + margin) [default: 0].
+    #[arg(long, value_name = "F", allow_negative_numbers = true)]
+    margin: Option<f64>,
+    /// One calibrated bound per layer, or per channel (conv output channel,
+    /// linear unit), folded into the weights [default: layer].
+    #[arg(long, value_enum)]
+    per: Option<Granularity>,
+    #[command(flatten)]
+    data: DataArgs,
+    /// Calibration images: the first K of the training split (all when fewer).
+    #[arg(long, value_name = "K", default_value_t = 10_000)]
+    calibration_samples: usize,
+    /// Write into a non-empty output directory, replacing the files isonn
+    /// writes there; other files are kept.
+    #[arg(long)]
+    force: bool,
 }
 
 /// Place where the sign-preserving optimizer applies momentum.
@@ -661,6 +699,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 warn_data_mismatch(&model, &source_provenance, record);
             }
             let nonneg = transform(&network, &options)?;
+            let reference = bound_reference(&model)?;
             let provenance = provenance::record(
                 &command_line(),
                 None,
@@ -670,12 +709,14 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                     "transform": options,
                     "source_model": model,
                     "source_seed": source_provenance.get("seed"),
+                    "reference": reference,
                 }),
             );
             store::save(&out, &Model::Nonneg(nonneg.clone()), &provenance)?;
             println!("non-negative model written to {}", out.display());
             if let Some(dataset) = dataset {
-                let report = verify::verify(&network, &nonneg, &dataset.test, 1000, precision, progress)?;
+                let mut report = verify::verify(&network, &nonneg, &dataset.test, 1000, precision, progress)?;
+                report.reference = reference;
                 isonn::fsio::write_json_atomic(&out.join("equivalence.json"), &report)?;
                 println!("{}", report.summary());
                 return Ok(verdict(&report, nonneg.dtype()));
@@ -703,13 +744,15 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             let record = DataRecord::of(&dataset);
             warn_data_mismatch(&regular, &provenance_a, &record);
             warn_data_mismatch(&nonneg, &provenance_b, &record);
-            let result = verify::verify(&a, &b, &dataset.test, 1000, precision, progress)?;
+            let mut result = verify::verify(&a, &b, &dataset.test, 1000, precision, progress)?;
+            result.reference = bound_reference(&regular)?;
             let path = report.unwrap_or_else(|| nonneg.join("equivalence.json"));
             isonn::fsio::write_json_atomic(&path, &result)?;
             println!("{}", result.summary());
             println!("report written to {}", path.display());
             return Ok(verdict(&result, b.dtype()));
         }
+        Command::Bound(args) => run_bound(args, progress)?,
         Command::Eval { model, data } => {
             let (loaded, model_provenance) = load_model(&model)?;
             let dataset = data.load()?;
@@ -1022,6 +1065,108 @@ fn run_bench(
         isonn::fsio::write_json_atomic(path, &report)?;
         println!("report written to {}", path.display());
     }
+    Ok(())
+}
+
+/// Returns the network a bounded regular model implements, from the
+/// `bound.json` in its directory, or `None` for a model as trained.
+fn bound_reference(regular: &Path) -> Result<Option<String>> {
+    let record = BoundRecord::load(regular)
+        .with_context(|| format!("cannot read the bound record of model {}", regular.display()))?;
+    Ok(record.map(|r| r.reference))
+}
+
+/// Builds the bound mode from the command line, checking its values.
+fn bound_mode(args: &BoundArgs) -> Result<BoundMode> {
+    let mode = match (args.relu_n, &args.calibrate) {
+        (Some(_), None) if args.margin.is_some() || args.per.is_some() => {
+            bail!("--margin and --per set a calibrated bound: pass them with --calibrate, not with --relu-n")
+        }
+        (Some(n), None) => BoundMode::Fixed { n },
+        (None, Some(statistic)) => BoundMode::Calibrate {
+            statistic: statistic.parse::<Statistic>()?,
+            margin: args.margin.unwrap_or(0.0),
+            granularity: args.per.unwrap_or(Granularity::Layer),
+        },
+        _ => bail!("pass exactly one of --relu-n N and --calibrate max|percentile:P"),
+    };
+    mode.validate()?;
+    Ok(mode)
+}
+
+/// Runs `isonn bound`: writes the bounded model and its bound.json.
+fn run_bound(args: BoundArgs, progress: &Progress) -> Result<()> {
+    let mode = bound_mode(&args)?;
+    if args.calibration_samples == 0 {
+        bail!("invalid --calibration-samples 0: calibrate on at least one image");
+    }
+    let (loaded, source_provenance) = load_model(&args.model)?;
+    let Model::Regular(network) = loaded else {
+        bail!(
+            "{} is a non-negative model; bound the regular ReLU model it came from, then transform the result",
+            args.model.display()
+        );
+    };
+    if bound::relu_layers(&network).is_empty() {
+        bail!(
+            "{} has no ReLU layer, so there is nothing to bound; transform it directly with `isonn transform`",
+            args.model.display()
+        );
+    }
+    if matches!(mode, BoundMode::Calibrate { granularity: Granularity::Channel, .. }) {
+        bound::check_per_channel(&network)?;
+    }
+    check_output(&args.out, args.force, false)?;
+    let dataset = args.data.load()?;
+    let data_record = DataRecord::of(&dataset);
+    warn_data_mismatch(&args.model, &source_provenance, &data_record);
+    if args.calibration_samples > dataset.train.len() {
+        tracing::info!(
+            "--calibration-samples {} is more than the {} training images; calibrating on all of them",
+            args.calibration_samples,
+            dataset.train.len()
+        );
+    }
+    let calibration = dataset.train.take(args.calibration_samples);
+    tracing::info!("bounding {}: {}", args.model.display(), mode.reference());
+    let bounded = bound::bound_network(&network, &mode, &calibration, &dataset.test, progress)?;
+    let record = &bounded.record;
+    let provenance = provenance::record(
+        &command_line(),
+        None,
+        Some(&data_record),
+        serde_json::json!({
+            "trained_on": source_provenance.get("trained_on"),
+            "source_model": args.model,
+            "source_seed": source_provenance.get("seed"),
+            "bound": { "mode": mode, "reference": record.reference },
+        }),
+    );
+    store::save(&args.out, &Model::Regular(bounded.network), &provenance)?;
+    record.save(&args.out)?;
+    println!("{}", record.reference);
+    for layer in &record.layers {
+        println!(
+            "layer {:<3} {} bound(s) in [{:.4}, {:.4}]  clip rate calibration {:.6}  test {:.6}",
+            layer.layer,
+            layer.bounds.len(),
+            layer.bounds.iter().copied().fold(f64::INFINITY, f64::min),
+            layer.bounds.iter().copied().fold(0.0, f64::max),
+            layer.calibration.rate,
+            layer.test.rate
+        );
+    }
+    println!(
+        "clip rate          calibration {:.6} ({} images), test {:.6} ({} images)",
+        record.clip_rate_calibration, record.calibration_samples, record.clip_rate_test, record.test_samples
+    );
+    println!(
+        "test accuracy      unbounded {:.4}, bounded {:.4} (change {:+.4})",
+        record.accuracy_unbounded,
+        record.accuracy_bounded,
+        record.accuracy_bounded - record.accuracy_unbounded
+    );
+    println!("bounded model written to {}", args.out.display());
     Ok(())
 }
 

@@ -108,6 +108,11 @@ pub struct EquivalenceReport {
     pub range_violations: Vec<usize>,
     /// Per-layer signal extremes.
     pub layers: Vec<LayerSignals>,
+    /// The function the regular model implements when it is not the network
+    /// as trained, such as a ReLU network bounded by `isonn bound`: the
+    /// comparison is with that network. `None` for a model as trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
 }
 
 impl EquivalenceReport {
@@ -144,8 +149,12 @@ impl EquivalenceReport {
 
     /// Formats the report as aligned lines for the terminal.
     pub fn summary(&self) -> String {
+        let reference = match &self.reference {
+            Some(r) => format!("reference          {r}\n"),
+            None => String::new(),
+        };
         format!(
-            "samples            {}\n\
+            "{reference}samples            {}\n\
              precision          {}\n\
              max_abs_diff       {:.3e}\n\
              max_rel_diff       {:.3e}\n\
@@ -271,6 +280,7 @@ pub fn verify(
         range_violations,
         precision: format!("{dtype:?}").to_lowercase(),
         layers: signals,
+        reference: None,
     })
 }
 
@@ -332,6 +342,7 @@ mod tests {
             precision: "f32".into(),
             range_violations: vec![],
             layers: vec![LayerSignals { layer: Some(1), name: "signal".into(), min: -0.5, max: f64::INFINITY }],
+            reference: None,
         };
         let text = serde_json::to_string(&report).unwrap();
         assert!(text.contains(r#""max_abs_diff":"inf""#), "{text}");
