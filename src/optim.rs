@@ -106,6 +106,10 @@ impl Sgd {
 }
 
 /// Returns `mu v + g` (storing it in `velocity`), or `g` when `mu` is 0.
+///
+/// `g` must be detached: candle's backward pass computes some gradients
+/// (of a broadcast product, for example) from tensors of the forward graph,
+/// and a velocity that kept one would keep every batch's graph alive.
 fn with_momentum(velocity: &mut Option<Tensor>, momentum: f64, g: Tensor) -> Result<Tensor> {
     if momentum == 0.0 {
         return Ok(g);
@@ -123,7 +127,7 @@ impl Optimizer for Sgd {
         self.velocity.resize(vars.len(), None);
         for (var, velocity) in vars.iter().zip(&mut self.velocity) {
             let Some(g) = grads.get(var) else { continue };
-            let mut g = g.clone();
+            let mut g = g.detach();
             if self.weight_decay > 0.0 {
                 g = (g + var.as_tensor().affine(self.weight_decay, 0.0)?)?;
             }
@@ -175,7 +179,7 @@ impl Optimizer for Projected {
         self.velocity.resize(vars.len(), None);
         for (var, velocity) in vars.iter().zip(&mut self.velocity) {
             let Some(g) = grads.get(var) else { continue };
-            let v = with_momentum(velocity, self.momentum, g.clone())?;
+            let v = with_momentum(velocity, self.momentum, g.detach())?;
             var.set(&(var.as_tensor() - v.affine(self.lr, 0.0)?)?.relu()?)?;
         }
         Ok(())
@@ -263,6 +267,7 @@ impl Optimizer for SignPreserving {
         self.state.resize(vars.len(), None);
         for (var, state) in vars.iter().zip(&mut self.state) {
             let Some(g) = grads.get(var) else { continue };
+            let g = &g.detach();
             let p = var.as_tensor();
             if self.momentum == Momentum::None {
                 if let Some((updated, zeroed)) = crate::ops::sign_preserving_update(p, g, self.lr_in, self.lr_out)? {
