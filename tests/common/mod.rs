@@ -170,7 +170,7 @@ pub fn max_abs(t: &Tensor) -> f64 {
 }
 
 /// Returns the `isonn` binary as a command, with `ISONN_DATA` removed so
-/// the tests read the embedded subset.
+/// that a developer's setting cannot change the files a test reads.
 pub fn isonn() -> assert_cmd::Command {
     let mut cmd = assert_cmd::Command::cargo_bin("isonn").unwrap();
     cmd.env_remove("ISONN_DATA");
