@@ -8,6 +8,7 @@ pub mod error;
 pub mod experiment;
 pub mod fsio;
 pub mod hardware;
+pub mod inspect;
 pub mod model;
 pub mod nonneg;
 pub mod optim;

@@ -168,6 +168,25 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
     },
+    /// Print the per-layer report of a model: weight routing, shift, bias,
+    /// detector full scale and, on data, the observed signals. A regular
+    /// model is transformed in memory with both shift policies.
+    Inspect {
+        /// The model directory (from `isonn train` or `isonn transform`).
+        model: PathBuf,
+        /// Observe the signals on this data set's test images.
+        #[arg(long)]
+        dataset: Option<String>,
+        /// Directory with the IDX files.
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// Observe only the first N test images [default: all].
+        #[arg(long, value_name = "N")]
+        samples: Option<usize>,
+        /// Also write the report as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
     /// Print the test accuracy of a model of either kind.
     Eval {
         /// The model directory.
@@ -719,6 +738,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 report.reference = reference;
                 isonn::fsio::write_json_atomic(&out.join("equivalence.json"), &report)?;
                 println!("{}", report.summary());
+                print_layer_table(&report);
                 return Ok(verdict(&report, nonneg.dtype()));
             }
         }
@@ -749,10 +769,18 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             let path = report.unwrap_or_else(|| nonneg.join("equivalence.json"));
             isonn::fsio::write_json_atomic(&path, &result)?;
             println!("{}", result.summary());
+            print_layer_table(&result);
             println!("report written to {}", path.display());
             return Ok(verdict(&result, b.dtype()));
         }
         Command::Bound(args) => run_bound(args, progress)?,
+        Command::Inspect {
+            model,
+            dataset,
+            data,
+            samples,
+            json,
+        } => run_inspect(&model, dataset, data, samples, json.as_deref(), progress)?,
         Command::Eval { model, data } => {
             let (loaded, model_provenance) = load_model(&model)?;
             let dataset = data.load()?;
@@ -1004,6 +1032,77 @@ fn verdict(report: &verify::EquivalenceReport, stored: candle_core::DType) -> st
         println!("verification FAILED: {}", failures.join("; "));
         std::process::ExitCode::from(1)
     }
+}
+
+/// Prints the per-layer table of an equivalence report, after a blank line.
+fn print_layer_table(report: &verify::EquivalenceReport) {
+    if let Some(table) = report.layer_table() {
+        println!("\n{table}");
+    }
+}
+
+/// Runs `isonn inspect`: prints the structure and signal tables of the
+/// model in `dir` and writes the JSON report when `json` is given.
+fn run_inspect(
+    dir: &Path,
+    dataset: Option<String>,
+    data: Option<PathBuf>,
+    samples: Option<usize>,
+    json: Option<&Path>,
+    progress: &Progress,
+) -> Result<()> {
+    if dataset.is_none() && (data.is_some() || samples.is_some()) {
+        bail!("--data and --samples need --dataset: name the data set to observe, e.g. --dataset fashion-mnist");
+    }
+    if samples == Some(0) {
+        bail!("invalid --samples 0: observe at least one test image, or leave out --dataset for the figures without data");
+    }
+
+    let (model, model_provenance) = load_model(dir)?;
+    let images = match dataset {
+        Some(name) => {
+            let dataset = DataArgs { dataset: name, data }.load()?;
+            warn_data_mismatch(dir, &model_provenance, &DataRecord::of(&dataset));
+            let images = match samples {
+                Some(n) => dataset.test.take(n),
+                None => dataset.test.clone(),
+            };
+            verify::check_images(model.input_shape(), &images)?;
+            Some((dataset.name.to_string(), images))
+        }
+        None => None,
+    };
+
+    let reports = isonn::inspect::inspect_model(
+        &model,
+        &model_provenance,
+        images.as_ref().map(|(_, i)| i),
+        1000,
+        progress,
+    )?;
+    let first = &reports[0].network;
+    match &images {
+        Some((name, i)) => println!("{} model {}, {} {name} test images\n", model.kind(), dir.display(), i.len()),
+        None => println!("{} model {}, no data (pass --dataset to observe the signals)\n", model.kind(), dir.display()),
+    }
+    println!("{}", isonn::inspect::format_structure(first));
+    let columns: Vec<(&str, &isonn::inspect::NetworkReport)> = reports
+        .iter()
+        .map(|r| (isonn::inspect::policy_name(r.policy), &r.network))
+        .collect();
+    print!("{}", isonn::inspect::format_signals(&columns));
+
+    if let Some(path) = json {
+        let report = isonn::inspect::InspectReport {
+            model: dir.display().to_string(),
+            kind: model.kind().into(),
+            dataset: images.map(|(name, _)| name),
+            policies: reports,
+        };
+        isonn::fsio::write_json_atomic(path, &report)?;
+        println!("\nreport written to {}", path.display());
+    }
+    Ok(())
 }
 
 /// Runs `isonn bench`: prints one table row per model and workload, then the

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Images;
 use crate::error::{Error, Result};
+use crate::inspect::{self, NetworkReport, SignalStats};
 use crate::model::Network;
 use crate::nonneg::NonnegNetwork;
 use crate::progress::Progress;
@@ -39,7 +40,7 @@ pub struct LayerSignals {
 /// JSON has no infinity or NaN (serde_json writes them as `null`, which
 /// reads back as an error): these figures are written as numbers when
 /// finite and as the strings `"inf"`, `"-inf"` and `"NaN"` otherwise.
-mod json_f64 {
+pub(crate) mod json_f64 {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(value: &f64, serializer: S) -> Result<S::Ok, S::Error> {
@@ -113,6 +114,11 @@ pub struct EquivalenceReport {
     /// comparison is with that network. `None` for a model as trained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
+    /// The per-layer report of the non-negative network on the same
+    /// samples: routing, shift, bias, full scale and swing ratio of every
+    /// affine layer. `None` in reports written before it was added.
+    #[serde(default)]
+    pub inspection: Option<NetworkReport>,
 }
 
 impl EquivalenceReport {
@@ -178,6 +184,15 @@ impl EquivalenceReport {
             self.range_violations
         )
     }
+
+    /// Formats the per-layer signals of the non-negative network (shift,
+    /// bias, full scale, observed `z'` and swing ratio) as a Markdown table,
+    /// or returns `None` for a report without them.
+    pub fn layer_table(&self) -> Option<String> {
+        self.inspection
+            .as_ref()
+            .map(|report| inspect::format_signals(&[("", report)]))
+    }
 }
 
 /// Runs `regular` and `nonneg` on every sample of `images` and compares
@@ -210,6 +225,7 @@ pub fn verify(
     let mut max_abs_logit = 0.0f64;
     let (mut agree, mut correct_regular, mut correct_nonneg) = (0usize, 0usize, 0usize);
     let mut signals: Vec<LayerSignals> = Vec::new();
+    let mut stats = SignalStats::new(&nonneg);
     let bar = progress.bar(images.len() as u64, "verify");
     let indices: Vec<usize> = (0..images.len()).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
@@ -217,6 +233,7 @@ pub fn verify(
         let x = x.to_dtype(dtype)?;
         let a = regular.forward(&x)?;
         let b = nonneg.forward_observed(&x, &mut |layer, name, t| {
+            stats.observe(layer, name, t)?;
             let min = t.min_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let max = t.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             match signals.iter_mut().find(|s| s.layer == layer && s.name == name) {
@@ -281,6 +298,7 @@ pub fn verify(
         precision: format!("{dtype:?}").to_lowercase(),
         layers: signals,
         reference: None,
+        inspection: Some(inspect::report(&nonneg, Some(&stats))?),
     })
 }
 
@@ -343,6 +361,7 @@ mod tests {
             range_violations: vec![],
             layers: vec![LayerSignals { layer: Some(1), name: "signal".into(), min: -0.5, max: f64::INFINITY }],
             reference: None,
+            inspection: None,
         };
         let text = serde_json::to_string(&report).unwrap();
         assert!(text.contains(r#""max_abs_diff":"inf""#), "{text}");

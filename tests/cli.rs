@@ -1,27 +1,12 @@
 //! The command line, end to end on the embedded Fashion-MNIST subset, and
 //! its errors on bad input.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
-use assert_cmd::Command;
+use common::{isonn, train_small};
 use predicates::prelude::*;
-
-fn isonn() -> Command {
-    let mut cmd = Command::cargo_bin("isonn").unwrap();
-    cmd.env_remove("ISONN_DATA");
-    cmd
-}
-
-/// Trains a one-epoch MLP on the embedded subset into `dir`.
-fn train_small(dir: &Path, activation: &str) {
-    isonn()
-        .args(["train", "--dataset", "fashion-mnist-subset", "--epochs", "1", "--lr", "0.16"])
-        .args(["--activation", activation, "--hidden", "32,16", "--out"])
-        .arg(dir)
-        .assert()
-        .success()
-        .stdout(predicate::str::contains("test_accuracy"));
-}
 
 fn subset_copy(dir: &Path) -> PathBuf {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist-subset");

@@ -1,6 +1,8 @@
 //! Random networks and inputs shared by the integration tests.
 #![allow(dead_code)]
 
+use std::path::Path;
+
 use candle_core::{DType, Device, Tensor};
 use isonn::activation::Activation;
 use isonn::model::{Conv2d, Layer, Linear, Network, Pool, Range};
@@ -186,3 +188,21 @@ pub fn compare(regular: &Network, nonneg: &NonnegNetwork, x: &Tensor) -> (f64, f
     (diff / max_abs(&a).max(1.0), min_signal)
 }
 
+/// Returns the `isonn` binary as a command, with `ISONN_DATA` removed so
+/// that a developer's setting cannot change the files a test reads.
+pub fn isonn() -> assert_cmd::Command {
+    let mut cmd = assert_cmd::Command::cargo_bin("isonn").unwrap();
+    cmd.env_remove("ISONN_DATA");
+    cmd
+}
+
+/// Trains a one-epoch 784-32-16-10 MLP on the embedded subset into `dir`.
+pub fn train_small(dir: &Path, activation: &str) {
+    isonn()
+        .args(["train", "--dataset", "fashion-mnist-subset", "--epochs", "1", "--lr", "0.16"])
+        .args(["--activation", activation, "--hidden", "32,16", "--out"])
+        .arg(dir)
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("test_accuracy"));
+}
