@@ -124,7 +124,7 @@ pub struct Observed {
 /// Figures of one non-negative affine layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerReport {
-    /// Row key, from [`layer_label`].
+    /// Row key: the parameter path of the layer (`layers.3`, or `layers.4.main.0` inside a block).
     pub label: String,
     /// `linear` or `conv2d`.
     pub kind: String,
@@ -211,8 +211,9 @@ struct UnitExtremes {
 /// modulator levels and of every affine layer's output `z'`.
 #[derive(Debug, Clone)]
 pub struct SignalStats {
-    affine: Vec<usize>,
-    signals: HashMap<Option<usize>, UnitExtremes>,
+    /// Top-level index and signal-name prefix of every affine layer.
+    affine: Vec<(usize, String)>,
+    signals: HashMap<Option<(usize, String)>, UnitExtremes>,
     samples: usize,
 }
 
@@ -220,7 +221,7 @@ impl SignalStats {
     /// Starts empty statistics for `network`.
     pub fn new(network: &NonnegNetwork) -> Self {
         SignalStats {
-            affine: network.affine_layers().map(|(i, _)| i).collect(),
+            affine: network.affines().into_iter().map(|(i, prefix, _)| (i, prefix)).collect(),
             signals: HashMap::new(),
             samples: 0,
         }
@@ -232,18 +233,22 @@ impl SignalStats {
     /// # Shapes
     /// `t`: `[batch, units]` or `[batch, channels, h, w]`.
     pub fn observe(&mut self, layer: Option<usize>, name: &str, t: &Tensor) -> Result<()> {
-        let recorded = match layer {
-            None => name == "modulator",
-            Some(i) => name == "output" && self.affine.contains(&i),
+        let key = match layer {
+            None if name == "modulator" => None,
+            Some(i) => {
+                let found = self.affine.iter().find(|(j, prefix)| *j == i && name.strip_prefix(prefix.as_str()) == Some("output"));
+                match found {
+                    Some(key) => Some(key.clone()),
+                    None => return Ok(()),
+                }
+            }
+            None => return Ok(()),
         };
-        if !recorded {
-            return Ok(());
-        }
-        if layer.is_none() {
+        if key.is_none() {
             self.samples += t.dims()[0];
         }
         let (min, max) = unit_extremes(t)?;
-        let entry = self.signals.entry(layer).or_default();
+        let entry = self.signals.entry(key).or_default();
         if entry.min.is_empty() {
             *entry = UnitExtremes { min, max };
             return Ok(());
@@ -327,7 +332,7 @@ fn weight_routing(layer: &NonnegAffine) -> Result<WeightRouting> {
 }
 
 /// Builds the figures of one affine layer.
-fn layer_report(index: usize, layer: &NonnegAffine, observed: Option<Observed>) -> Result<LayerReport> {
+fn layer_report(label: String, layer: &NonnegAffine, observed: Option<Observed>) -> Result<LayerReport> {
     let (kind, conv) = match layer.op {
         AffineOp::Linear => ("linear", None),
         AffineOp::Conv2d {
@@ -347,7 +352,7 @@ fn layer_report(index: usize, layer: &NonnegAffine, observed: Option<Observed>) 
     };
     let bias: Vec<f64> = layer.bias.to_dtype(DType::F64)?.to_vec1()?;
     Ok(LayerReport {
-        label: layer_label(index),
+        label,
         kind: kind.into(),
         shape: layer.positive.dims().to_vec(),
         conv,
@@ -365,7 +370,7 @@ fn layer_report(index: usize, layer: &NonnegAffine, observed: Option<Observed>) 
 /// Builds the report of `network`, with the observed figures from `stats`
 /// when given.
 pub fn report(network: &NonnegNetwork, stats: Option<&SignalStats>) -> Result<NetworkReport> {
-    let observed = |layer: Option<usize>, full_scale: f64| {
+    let observed = |layer: Option<(usize, String)>, full_scale: f64| {
         stats
             .and_then(|s| s.signals.get(&layer))
             .map(|e| summarise(e, full_scale))
@@ -378,8 +383,8 @@ pub fn report(network: &NonnegNetwork, stats: Option<&SignalStats>) -> Result<Ne
         observed: observed(None, alpha),
     };
     let mut layers = Vec::new();
-    for (i, layer) in network.affine_layers() {
-        layers.push(layer_report(i, layer, observed(Some(i), layer.out_max))?);
+    for ((i, prefix, layer), (path, _)) in network.affines().into_iter().zip(network.affine_paths()) {
+        layers.push(layer_report(path, layer, observed(Some((i, prefix)), layer.out_max))?);
     }
     Ok(NetworkReport {
         samples: stats.map_or(0, SignalStats::samples),
