@@ -86,7 +86,8 @@ impl Measurement {
 }
 
 /// Times `workload` on `arch` with the photonic sigmoid: three warm-up batches,
-/// then `repetitions` runs of `batches` batches of random images in [0, 1].
+/// then `repetitions` runs of `batches` batches of random images in [0, 1],
+/// 3x32x32 for the CIFAR-10 CNN and 1x28x28 otherwise.
 pub fn measure(
     arch: Arch,
     workload: Workload,
@@ -94,11 +95,15 @@ pub fn measure(
     batch_size: usize,
     repetitions: usize,
 ) -> Result<Measurement> {
-    let shape = [1usize, 28, 28];
+    let shape = match arch {
+        Arch::CifarCnn => [3usize, 32, 32],
+        _ => [1, 28, 28],
+    };
     let mut network = Network::build(arch, &shape, &[100, 200], 10, Activation::PhotonicSigmoid, Init::Xavier, 0)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let pixels: Vec<f32> = (0..batch_size * 784).map(|_| rng.gen::<f32>()).collect();
-    let x = Tensor::from_vec(pixels, (batch_size, 1, 28, 28), &Device::Cpu)?;
+    let values = batch_size * shape.iter().product::<usize>();
+    let pixels: Vec<f32> = (0..values).map(|_| rng.gen::<f32>()).collect();
+    let x = Tensor::from_vec(pixels, (batch_size, shape[0], shape[1], shape[2]), &Device::Cpu)?;
     let labels: Vec<u32> = (0..batch_size).map(|_| rng.gen_range(0..10)).collect();
     let y = Tensor::from_vec(labels, batch_size, &Device::Cpu)?;
     let mut nonneg = transform(&network, &TransformOptions::default())?;

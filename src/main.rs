@@ -53,11 +53,15 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct DataArgs {
     /// Data set: fashion-mnist (full set if installed, else the embedded
-    /// subset), fashion-mnist-subset (always the embedded subset) or mnist.
+    /// subset), fashion-mnist-subset (always the embedded subset), mnist,
+    /// cifar10 (3x32x32, normalised per channel) or cifar10-gray (1x32x32
+    /// luma in [0, 1]).
     #[arg(long, default_value = "fashion-mnist")]
     dataset: String,
-    /// Directory with the IDX files (train-images-idx3-ubyte[.gz] ...);
-    /// overrides the ISONN_DATA environment variable.
+    /// Directory with the data set's files: the IDX files
+    /// (train-images-idx3-ubyte[.gz] ...) or the CIFAR-10 binary version
+    /// (data_batch_1.bin ... test_batch.bin, or its cifar-10-batches-bin
+    /// folder); overrides the ISONN_DATA environment variable.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
 }
@@ -108,6 +112,11 @@ enum Command {
         /// method's reference code does, instead of shuffling them.
         #[arg(long)]
         no_shuffle: bool,
+        /// Shift every training image by a random crop with 4 pixels of
+        /// black padding and mirror it with probability 1/2, drawn from
+        /// --seed, as the method's protocol does for CIFAR-10.
+        #[arg(long)]
+        augment: bool,
         /// Output model directory; it must be empty or missing unless
         /// --resume or --force is given.
         #[arg(long, value_name = "DIR")]
@@ -131,7 +140,8 @@ enum Command {
         /// Verify on this data set's test images and write equivalence.json.
         #[arg(long)]
         dataset: Option<String>,
-        /// Directory with the IDX files.
+        /// Directory with the data set's files: the IDX files or the CIFAR-10
+        /// binary version.
         #[arg(long, value_name = "DIR")]
         data: Option<PathBuf>,
         /// Shift policy: minimal (smallest exact shift plus a 1% margin) or
@@ -232,6 +242,11 @@ enum Command {
         /// method's reference code does, instead of shuffling them.
         #[arg(long)]
         no_shuffle: bool,
+        /// Shift every training image by a random crop with 4 pixels of
+        /// black padding and mirror it with probability 1/2, drawn from
+        /// --seed, as the method's protocol does for CIFAR-10.
+        #[arg(long)]
+        augment: bool,
         /// Output model directory; it must be empty or missing unless
         /// --resume or --force is given.
         #[arg(long, value_name = "DIR")]
@@ -618,6 +633,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             batch_size,
             seed,
             no_shuffle,
+            augment,
             out,
             force,
             resume,
@@ -629,6 +645,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 seed,
                 eval_every_epoch: true,
                 shuffle: !no_shuffle,
+                augment,
             };
             config.validate()?;
             let hidden = hidden.unwrap_or_else(|| arch.default_hidden());
@@ -646,6 +663,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             let shape = dataset.train.sample_shape();
             let mut network =
                 Network::build(arch, &shape, &hidden, dataset.classes, activation, init, seed)?;
+            scenario::use_input_range_of(&mut network, &dataset, init, seed)?;
             tracing::info!("training {arch} with {activation}, init {init}, lr {lr}, batch {batch_size}, seed {seed}");
             let vars = network.make_trainable()?;
             isonn::fsio::create_dir_all(&out)?;
@@ -655,7 +673,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 settings: serde_json::json!({
                     "command": "train", "arch": arch, "activation": activation, "hidden": hidden,
                     "init": init, "lr": lr, "momentum": momentum, "data": data_record.files,
-                    "shuffle": !no_shuffle,
+                    "shuffle": !no_shuffle, "augment": augment,
                 }),
                 stop: Some(&STOP),
             };
@@ -809,6 +827,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             batch_size,
             seed,
             no_shuffle,
+            augment,
             out,
             force,
             effects,
@@ -856,6 +875,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 seed,
                 eval_every_epoch: true,
                 shuffle: !no_shuffle,
+                augment,
             };
             config.validate()?;
             let (loaded, source_provenance) = load_model(&model)?;
@@ -886,7 +906,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 resume,
                 settings: serde_json::json!({
                     "command": "train-nonneg", "optimizer": rule, "data": data_record.files,
-                    "shuffle": !no_shuffle,
+                    "shuffle": !no_shuffle, "augment": augment,
                     "source_model_sha256": isonn::data::sha256_hex(&source_tensors),
                 }),
                 stop: Some(&STOP),
@@ -1132,7 +1152,7 @@ fn run_bench(
     for &arch in models {
         let count = match arch {
             Arch::Mlp | Arch::Elman => batches,
-            Arch::Cnn | Arch::Resnet => (batches / 10).max(2),
+            Arch::Cnn | Arch::Resnet | Arch::CifarCnn => (batches / 10).max(2),
         };
         for &workload in workloads {
             let m = MeasurementSummary::from(bench::measure(arch, workload, count, batch_size, repetitions)?);

@@ -209,6 +209,24 @@ pub fn train_nonneg_on_hardware(
     Ok(report)
 }
 
+/// Sets the input range of a new `network` to the enclosing range of
+/// `data`'s channels, drawing its parameters again from `init` and `seed`
+/// when the range changes, because the photonic initialisation centres each
+/// first-layer bias on the range's midpoint. Channels normalised apart get
+/// their own, tighter ranges ([`Dataset::input_ranges`]), which the
+/// transformation uses per channel.
+pub fn use_input_range_of(network: &mut Network, data: &Dataset, init: Init, seed: u64) -> Result<()> {
+    let range = data.enclosing_input_range();
+    let channels = data.input_ranges();
+    let same = channels.iter().all(|r| *r == range);
+    network.channel_ranges = if same { Vec::new() } else { channels };
+    if range != network.input_range {
+        network.input_range = range;
+        init.apply(network, seed)?;
+    }
+    Ok(())
+}
+
 /// Trains a regular network in place with SGD.
 pub fn train_regular(
     network: &mut Network,
@@ -497,12 +515,14 @@ pub fn run_scenario(
 ) -> Result<(ScenarioResult, ScenarioModels)> {
     let shape = data.train.sample_shape();
     let mut network = Network::build(arch, &shape, &[100, 200], data.classes, activation, init, seed)?;
+    use_input_range_of(&mut network, data, init, seed)?;
     let config = |epochs| TrainConfig {
         epochs,
         batch_size: settings.batch_size,
         seed,
         eval_every_epoch: true,
         shuffle: settings.shuffle,
+        augment: false,
     };
     let mut curve = Vec::new();
     if settings.regular_epochs > 0 {

@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
-use crate::data::Dataset;
+use crate::data::{augment, Dataset};
 use crate::error::{Error, Result};
 use crate::model::Mode;
 pub use crate::optim::{Optimizer, Sgd};
@@ -33,6 +33,11 @@ pub struct TrainConfig {
     /// visits the samples in file order, as the method's reference code does.
     #[serde(default = "crate::train::yes")]
     pub shuffle: bool,
+    /// Crop and flip every training image at random, as
+    /// [`crate::data::augment`] describes. The draws depend on `seed`, the
+    /// epoch and the batch only, and test images are never augmented.
+    #[serde(default)]
+    pub augment: bool,
 }
 
 /// Serde default of settings that were always on before they became options.
@@ -93,8 +98,10 @@ pub struct Checkpointing<'a> {
 }
 
 /// Trains by minibatches: each epoch shuffles the training set from the
-/// seed (unless `config.shuffle` is off), minimises cross-entropy of
-/// `forward` with `optimizer` over `vars`, and logs one line. `after_step` runs after every update (for audits).
+/// seed (unless `config.shuffle` is off), augments each batch when
+/// `config.augment` is on, minimises cross-entropy of `forward` with
+/// `optimizer` over `vars`, and logs one line. `after_step` runs after
+/// every update (for audits).
 #[allow(clippy::too_many_arguments)]
 pub fn fit(
     forward: &dyn Fn(&Tensor, Mode) -> Result<Tensor>,
@@ -197,7 +204,12 @@ pub fn fit_checkpointed(
         let batch_bar = progress.bar(order.len() as u64, "batches");
         batch_bar.inc((skip_batches * config.batch_size).min(order.len()) as u64);
         for (b, chunk) in order.chunks(config.batch_size).enumerate().skip(std::mem::take(&mut skip_batches)) {
-            let (x, y) = data.train.batch(chunk, &Device::Cpu)?;
+            let (x, y) = if config.augment {
+                let augmentations = augment::for_batch(config.seed, epoch, b, chunk.len());
+                data.train.augmented_batch(chunk, &augmentations, &Device::Cpu)?
+            } else {
+                data.train.batch(chunk, &Device::Cpu)?
+            };
             let x = x.to_dtype(dtype)?;
             let t0 = Instant::now();
             let logits = forward(&x, Mode::Train)?;

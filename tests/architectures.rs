@@ -454,6 +454,7 @@ fn train_and_verify(mut network: Network, lr: f64, epochs: usize) -> isonn::veri
         seed: 1,
         eval_every_epoch: false,
         shuffle: true,
+        augment: false,
     };
     let vars = network.make_trainable().unwrap();
     let mut sgd = Sgd::new(lr, 0.9, 0.0).unwrap();

@@ -239,10 +239,10 @@ fn dataset_name_round_trip() {
 
 #[test]
 fn dataset_name_unknown_lists_valid() {
-    let message = "cifar10".parse::<DatasetName>().unwrap_err().to_string();
-    assert!(message.contains("cifar10"), "{message}");
+    let message = "cifar100".parse::<DatasetName>().unwrap_err().to_string();
+    assert!(message.contains("cifar100"), "{message}");
     assert!(
-        message.contains("fashion-mnist, fashion-mnist-subset, mnist"),
+        message.contains("fashion-mnist, fashion-mnist-subset, mnist, cifar10, cifar10-gray"),
         "{message}"
     );
 }
@@ -323,10 +323,12 @@ fn embedded_subset_matches_system_prefix() {
 fn tiny_images() -> Images {
     Images {
         n: 3,
+        channels: 1,
         rows: 1,
         cols: 2,
         pixels: vec![0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
         labels: vec![7, 8, 9],
+        normalisation: None,
     }
 }
 

@@ -493,6 +493,7 @@ fn train_small(effects: Option<Effects>) -> NonnegNetwork {
         seed: 0,
         eval_every_epoch: false,
         shuffle: true,
+        augment: false,
     };
     let optimizer = NonnegOptimizer::Projected { lr: 0.01, momentum: 0.0 };
     let progress = Progress::hidden();

@@ -27,6 +27,7 @@ fn config(epochs: usize, seed: u64) -> TrainConfig {
         seed,
         eval_every_epoch: true,
         shuffle: true,
+        augment: false,
     }
 }
 

@@ -375,10 +375,12 @@ mod tests {
     fn images(rows: &[Vec<f32>]) -> Images {
         Images {
             n: rows.len(),
+            channels: 1,
             rows: 1,
             cols: rows[0].len(),
             pixels: rows.concat(),
             labels: vec![0; rows.len()],
+            normalisation: None,
         }
     }
 

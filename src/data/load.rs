@@ -1,9 +1,10 @@
-//! Finding and reading the four IDX files of a data set.
+//! Finding a data set's files, and reading the four IDX files of the MNIST
+//! data sets.
 
 use std::path::{Path, PathBuf};
 
 use super::idx::{self, IdxImages};
-use super::{DataSource, Dataset, DatasetName, FileDigest, Images, CLASSES, ENV_VAR, SYSTEM_DIR};
+use super::{cifar, DataSource, Dataset, DatasetName, FileDigest, Images, CLASSES, ENV_VAR, SYSTEM_DIR};
 use crate::error::{Error, Result};
 
 /// Number of training images in the embedded Fashion-MNIST subset.
@@ -47,13 +48,14 @@ const FILE_STEMS: [&str; 4] = [
 
 /// Loads a data set, logging where it came from.
 ///
-/// `fashion-mnist` and `mnist` are read from `data_dir` (the `--data DIR`
-/// option) when it is given, else from the directory in the environment
-/// variable [`ENV_VAR`] when that is set and not empty. Given either, the
-/// files must be there: a missing directory or file is an error, never a
-/// fallback. Without both, `fashion-mnist` is read from [`SYSTEM_DIR`] when
-/// that directory exists and otherwise falls back to the embedded subset,
-/// while `mnist` is an error.
+/// `fashion-mnist`, `mnist`, `cifar10` and `cifar10-gray` are read from
+/// `data_dir` (the `--data DIR` option) when it is given, else from the
+/// directory in the environment variable [`ENV_VAR`] when that is set and
+/// not empty. Given either, the files must be there: a missing directory or
+/// file is an error, never a fallback. Without both, `fashion-mnist` is read
+/// from [`SYSTEM_DIR`] when that directory exists and otherwise falls back
+/// to the embedded subset, while the other data sets are an error: no
+/// Debian package installs MNIST or CIFAR-10.
 ///
 /// `fashion-mnist-subset` is always the embedded subset, whatever `data_dir`
 /// and the environment set, so results with it do not depend on the machine.
@@ -101,6 +103,14 @@ pub(super) fn resolve(
              {ENV_VAR}=DIR, where DIR contains {}",
             expected_names()
         ))),
+        DatasetName::Cifar10 | DatasetName::Cifar10Gray => Err(Error::DataNotFound(format!(
+            "{name} is not bundled and has no system location: pass --data DIR or set \
+             {ENV_VAR}=DIR, where DIR contains {} and {}; download the \"CIFAR-10 binary \
+             version (suitable for C programs)\" from {}",
+            cifar::TRAIN_FILES.join(", "),
+            cifar::TEST_FILE,
+            cifar::DOWNLOAD_URL
+        ))),
         _ if system_dir.is_dir() => load_dir(
             system_dir,
             name,
@@ -118,13 +128,17 @@ pub(super) fn resolve(
     }
 }
 
-/// Loads the four IDX files of a data set from `dir`.
+/// Loads the files of data set `name` from `dir`.
 ///
-/// `dir` contains `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
-/// `t10k-images-idx3-ubyte` and `t10k-labels-idx1-ubyte`, each raw or
-/// gzipped, with or without a `.gz` suffix. `source` is recorded in the
-/// result and named in errors.
+/// For `cifar10` and `cifar10-gray`, see [`cifar::load_dir`]. For the
+/// others, `dir` contains `train-images-idx3-ubyte`,
+/// `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte` and
+/// `t10k-labels-idx1-ubyte`, each raw or gzipped, with or without a `.gz`
+/// suffix. `source` is recorded in the result and named in errors.
 pub fn load_dir(dir: &Path, name: DatasetName, source: DataSource) -> Result<Dataset> {
+    if name.is_cifar() {
+        return cifar::load_dir(dir, name, source);
+    }
     if !dir.is_dir() {
         return Err(Error::DataNotFound(format!(
             "data directory {source} does not exist or is not a directory; it must \
@@ -243,10 +257,12 @@ fn pair(
     }
     Ok(Images {
         n: images.n,
+        channels: 1,
         rows: images.rows,
         cols: images.cols,
         pixels: images.pixels,
         labels,
+        normalisation: None,
     })
 }
 
@@ -413,6 +429,20 @@ mod tests {
         assert!(error.contains("mnist"), "{error}");
         assert!(error.contains("--data DIR"), "{error}");
         assert!(error.contains("ISONN_DATA=DIR"), "{error}");
+    }
+
+    #[test]
+    fn resolve_cifar_without_dir_is_error() {
+        // A system directory with Fashion-MNIST must not be read as CIFAR-10.
+        let system = tempfile::tempdir().unwrap();
+        write_dataset(system.path());
+        for name in [DatasetName::Cifar10, DatasetName::Cifar10Gray] {
+            let error = resolve(name, None, None, system.path()).unwrap_err().to_string();
+            assert!(error.contains(&format!("{name} is not bundled")), "{error}");
+            assert!(error.contains("ISONN_DATA=DIR"), "{error}");
+            assert!(error.contains("data_batch_1.bin"), "{error}");
+            assert!(error.contains(cifar::DOWNLOAD_URL), "{error}");
+        }
     }
 
     #[test]

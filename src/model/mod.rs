@@ -76,6 +76,10 @@ pub enum Arch {
     /// An Elman recurrent network reading the image row by row, with a
     /// state of `--hidden h` units (default 128), then the classifier.
     Elman,
+    /// The CIFAR-10 CNN: four 3x3 convolutions with a 2x2 average pool after
+    /// the second and the fourth, then fully connected 6400 -> 512 ->
+    /// classes.
+    CifarCnn,
 }
 
 impl Arch {
@@ -86,6 +90,7 @@ impl Arch {
             Arch::Cnn => Vec::new(),
             Arch::Resnet => vec![16],
             Arch::Elman => vec![128],
+            Arch::CifarCnn => Vec::new(),
         }
     }
 }
@@ -97,6 +102,7 @@ impl std::fmt::Display for Arch {
             Arch::Cnn => "cnn",
             Arch::Resnet => "resnet",
             Arch::Elman => "elman",
+            Arch::CifarCnn => "cifar-cnn",
         })
     }
 }
@@ -170,6 +176,53 @@ impl Network {
         Self::initialised(input_shape, probe.layers, init, seed)
     }
 
+    /// Builds the method's CIFAR-10 CNN for `[3, 32, 32]` inputs: conv 3->32
+    /// k3, conv 32->64 k3, average pool 2, conv 64->128 k3, conv 128->256
+    /// k3, average pool 2, fc 6400->512, fc 512->classes, with `activation`
+    /// after every convolution and hidden fully connected layer.
+    ///
+    /// Each pool comes after the activation of the convolution before it,
+    /// as in `avg_pool2d(f(conv(x)))`, so it averages bounded non-negative
+    /// activation outputs. Pooling before the activation gives the same
+    /// shapes: 32 -> 30 -> 28 -> 14 -> 12 -> 10 -> 5, and 256 * 5 * 5 =
+    /// 6400 inputs to the first fully connected layer. Other input sizes
+    /// work too, with the first fully connected layer sized to fit.
+    ///
+    /// # Shapes
+    /// `[channels, height, width]` -> `[classes]`.
+    pub fn cifar_cnn(
+        input_shape: &[usize],
+        classes: usize,
+        activation: Activation,
+        init: Init,
+        seed: u64,
+    ) -> Result<Self> {
+        let channels = input_shape.first().copied().unwrap_or(3);
+        let conv = |i, o| Conv2d::zeros(i, o, 3, 1, 0, 1, 1);
+        let pool = Pool::new(2, 2);
+        let mut layers = Vec::new();
+        for (i, o, pooled) in [(channels, 32, false), (32, 64, true), (64, 128, false), (128, 256, true)] {
+            layers.push(Layer::Conv2d(conv(i, o)?));
+            layers.push(Layer::Activation(activation));
+            if pooled {
+                layers.push(Layer::AvgPool2d(pool));
+            }
+        }
+        layers.push(Layer::Flatten);
+
+        let mut shape = input_shape.to_vec();
+        for (i, layer) in layers.iter().enumerate() {
+            shape = layer
+                .output_shape(&shape)
+                .map_err(|message| Error::Shape(format!("cifar-cnn layer {i} ({}): {message}", layer.kind())))?;
+        }
+        let flat = shape.iter().product::<usize>();
+        layers.push(Layer::Linear(Linear::zeros(flat, 512)?));
+        layers.push(Layer::Activation(activation));
+        layers.push(Layer::Linear(Linear::zeros(512, classes)?));
+        Self::initialised(input_shape, layers, init, seed)
+    }
+
     /// Builds `arch` for the given input shape and class count.
     pub fn build(
         arch: Arch,
@@ -191,6 +244,7 @@ impl Network {
                 let state = hidden.first().copied().unwrap_or(128);
                 Self::elman(input_shape, state, classes, activation, init, seed)
             }
+            Arch::CifarCnn => Self::cifar_cnn(input_shape, classes, activation, init, seed),
         }
     }
 
