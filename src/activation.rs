@@ -47,7 +47,22 @@ pub enum Activation {
     /// `tanh(x)`, values in `[-1, 1]`: the usual recurrent activation. Its
     /// range is negative, so the physical signal carries an offset of -1.
     Tanh,
+    /// GELU in its exact form `x Phi(x) = x (1 + erf(x / sqrt 2)) / 2`, as
+    /// PyTorch's `nn.GELU()` computes it: unbounded above, like ReLU, so a
+    /// network using it needs a bound before the transformation.
+    Gelu,
+    /// `min(gelu(x), n)`: GELU bounded above, values in `[GELU_MIN, n]`.
+    /// Its lower bound is negative, so the physical signal carries an
+    /// offset, as for tanh.
+    GeluN {
+        /// The upper bound `N`.
+        n: f64,
+    },
 }
+
+/// A lower bound of GELU, `min_x x Phi(x) = -0.16997...` at `x = -0.75179...`,
+/// rounded down so that `[GELU_MIN, n]` contains every output.
+pub const GELU_MIN: f64 = -0.17;
 
 impl Activation {
     /// Applies the activation elementwise, as one fused node for the
@@ -84,6 +99,8 @@ impl Activation {
             Activation::ReluN { n } => x.clamp(0.0, *n)?,
             Activation::Relu => x.relu()?,
             Activation::Tanh => x.tanh()?,
+            Activation::Gelu => x.gelu_erf()?,
+            Activation::GeluN { n } => x.gelu_erf()?.minimum(*n)?,
         };
         Ok(y)
     }
@@ -93,6 +110,9 @@ impl Activation {
         match self {
             Activation::ReluN { n } if !(n.is_finite() && *n > 0.0) => {
                 Err(format!("relu-n bound {n} must be a finite number > 0"))
+            }
+            Activation::GeluN { n } if !(n.is_finite() && *n > 0.0) => {
+                Err(format!("gelu-n bound {n} must be a finite number > 0"))
             }
             _ => Ok(()),
         }
@@ -113,7 +133,25 @@ impl Activation {
             Activation::ReluN { n } => x.clamp(0.0, *n),
             Activation::Relu => x.max(0.0),
             Activation::Tanh => x.tanh(),
+            Activation::Gelu => gelu(x),
+            Activation::GeluN { n } => gelu(x).min(*n),
         }
+    }
+
+    /// Returns the bounded version of an unbounded activation with upper
+    /// bound `n` (ReLU-N for ReLU, GELU-N for GELU), `None` for an
+    /// activation that is bounded already.
+    pub fn bounded(&self, n: f64) -> Option<Activation> {
+        match self {
+            Activation::Relu => Some(Activation::ReluN { n }),
+            Activation::Gelu => Some(Activation::GeluN { n }),
+            _ => None,
+        }
+    }
+
+    /// Returns whether the activation has no upper bound (ReLU, GELU).
+    pub fn is_unbounded(&self) -> bool {
+        self.output_bounds().is_none()
     }
 
     /// Returns the tight range `[min f, max f]` of the outputs, `None` when unbounded.
@@ -124,6 +162,8 @@ impl Activation {
             Activation::ReluN { n } => Some((0.0, *n)),
             Activation::Relu => None,
             Activation::Tanh => Some((-1.0, 1.0)),
+            Activation::Gelu => None,
+            Activation::GeluN { n } => Some((GELU_MIN, *n)),
         }
     }
 
@@ -135,7 +175,8 @@ impl Activation {
             Activation::PhotonicSigmoid => sigmoid_fit::X0,
             Activation::PhotonicSinusoidal => 0.5,
             Activation::ReluN { n } => n / 2.0,
-            Activation::Relu | Activation::Tanh => 0.0,
+            Activation::Relu | Activation::Tanh | Activation::Gelu => 0.0,
+            Activation::GeluN { n } => n / 2.0,
         }
     }
 }
@@ -148,6 +189,8 @@ impl fmt::Display for Activation {
             Activation::ReluN { n } => write!(f, "relu-n:{n}"),
             Activation::Relu => write!(f, "relu"),
             Activation::Tanh => write!(f, "tanh"),
+            Activation::Gelu => write!(f, "gelu"),
+            Activation::GeluN { n } => write!(f, "gelu-n:{n}"),
         }
     }
 }
@@ -156,22 +199,28 @@ impl FromStr for Activation {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let valid = "photonic-sigmoid, photonic-sinusoidal, relu-n:N (N > 0), relu or tanh";
+        let valid = "photonic-sigmoid, photonic-sinusoidal, relu-n:N (N > 0), relu, tanh, gelu or gelu-n:N";
         match s {
             "photonic-sigmoid" => Ok(Activation::PhotonicSigmoid),
             "photonic-sinusoidal" => Ok(Activation::PhotonicSinusoidal),
             "relu" => Ok(Activation::Relu),
             "tanh" => Ok(Activation::Tanh),
+            "gelu" => Ok(Activation::Gelu),
             _ => {
-                let Some(bound) = s.strip_prefix("relu-n:") else {
+                let (prefix, unbounded) = if s.starts_with("relu-n:") {
+                    ("relu-n", Activation::Relu)
+                } else if s.starts_with("gelu-n:") {
+                    ("gelu-n", Activation::Gelu)
+                } else {
                     return Err(Error::config("activation", s, format!("expected {valid}")));
                 };
+                let bound = &s[prefix.len() + 1..];
                 match bound.parse::<f64>() {
-                    Ok(n) if n.is_finite() && n > 0.0 => Ok(Activation::ReluN { n }),
+                    Ok(n) if n.is_finite() && n > 0.0 => Ok(unbounded.bounded(n).expect("relu and gelu have bounded versions")),
                     _ => Err(Error::config(
                         "activation",
                         s,
-                        "the bound N of relu-n:N must be a finite number > 0, e.g. relu-n:6",
+                        format!("the bound N of {prefix}:N must be a finite number > 0, e.g. {prefix}:6"),
                     )),
                 }
             }
@@ -179,17 +228,25 @@ impl FromStr for Activation {
     }
 }
 
+/// Returns GELU `x Phi(x) = x (1 + erf(x / sqrt 2)) / 2` in f64, with
+/// candle's `erf`, the function its `gelu_erf` kernel uses.
+pub fn gelu(x: f64) -> f64 {
+    0.5 * x * (1.0 + candle_core::cpu::erf::erf_f64(x / std::f64::consts::SQRT_2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
-    const ALL: [Activation; 5] = [
+    const ALL: [Activation; 7] = [
         Activation::PhotonicSigmoid,
         Activation::PhotonicSinusoidal,
         Activation::ReluN { n: 2.5 },
         Activation::Relu,
         Activation::Tanh,
+        Activation::Gelu,
+        Activation::GeluN { n: 0.9 },
     ];
 
     /// Inputs that avoid the kinks (clamp points), where the derivative is
@@ -199,7 +256,8 @@ mod tests {
             .map(|i| -1.3 + i as f64 * 0.011 + 0.0007)
             .filter(|x| {
                 let kinks = [0.0, 1.0, 2.5, sigmoid_fit::X0 + sigmoid_fit::CUTOFF];
-                kinks.iter().all(|k| (x - k).abs() > 1e-4)
+                // GELU-N 0.9 has its kink where gelu(x) = 0.9, near x = 1.053.
+                kinks.iter().all(|k| (x - k).abs() > 1e-4) && (gelu(*x) - 0.9).abs() > 1e-3
             })
             .collect()
     }
@@ -266,12 +324,47 @@ mod tests {
         }
     }
 
+    /// Reference values `0.5 x (1 + math.erf(x / math.sqrt(2)))` from Python
+    /// 3.11's `math.erf`.
+    #[test]
+    fn gelu_matches_reference_values() {
+        let cases = [
+            (1.0, 0.841_344_746_068_542_9),
+            (-1.0, -0.158_655_253_931_457_05),
+            (0.5, 0.345_731_230_637_006_56),
+            (-3.0, -0.004_049_694_094_890_31),
+        ];
+        for (x, want) in cases {
+            let got = gelu(x);
+            assert!((got - want).abs() <= 1e-12, "gelu({x}) = {got}, expected {want}");
+        }
+    }
+
+    #[test]
+    fn gelu_min_is_tight_lower_bound() {
+        let lowest = (0..200_000)
+            .map(|i| -3.0 + i as f64 * 2e-5)
+            .map(gelu)
+            .fold(f64::INFINITY, f64::min);
+        assert!(lowest >= GELU_MIN, "gelu reaches {lowest} below GELU_MIN {GELU_MIN}");
+        assert!(lowest - GELU_MIN <= 1e-3, "GELU_MIN {GELU_MIN} is loose: gelu's minimum is {lowest}");
+    }
+
+    #[test]
+    fn bounded_versions_of_unbounded() {
+        assert_eq!(Activation::Relu.bounded(3.0), Some(Activation::ReluN { n: 3.0 }));
+        assert_eq!(Activation::Gelu.bounded(3.0), Some(Activation::GeluN { n: 3.0 }));
+        assert_eq!(Activation::Tanh.bounded(3.0), None);
+        let unbounded: Vec<_> = ALL.iter().filter(|a| a.is_unbounded()).collect();
+        assert_eq!(unbounded, [&Activation::Relu, &Activation::Gelu]);
+    }
+
     #[test]
     fn parse_round_trips_and_rejects() {
         for act in ALL {
             assert_eq!(act.to_string().parse::<Activation>().unwrap(), act);
         }
-        for bad in ["sigmoid", "relu-n:", "relu-n:-1", "relu-n:nan", "relu-n:inf"] {
+        for bad in ["sigmoid", "relu-n:", "relu-n:-1", "relu-n:nan", "relu-n:inf", "gelu-n:0", "gelu-n:x"] {
             let message = bad.parse::<Activation>().unwrap_err().to_string();
             assert!(message.contains(bad), "{message}");
         }

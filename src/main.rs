@@ -80,7 +80,8 @@ enum Command {
         /// Architecture.
         #[arg(long, value_enum, default_value_t = Arch::Mlp)]
         arch: Arch,
-        /// Activation: photonic-sigmoid, photonic-sinusoidal, relu-n:N or relu.
+        /// Activation: photonic-sigmoid, photonic-sinusoidal, relu-n:N, relu,
+        /// tanh, gelu or gelu-n:N.
         #[arg(long, default_value = "photonic-sigmoid")]
         activation: String,
         /// Hidden layer widths of the MLP, comma-separated (default 100,200);
@@ -439,18 +440,21 @@ struct BoundArgs {
     /// Output model directory for the bounded network and bound.json.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    /// Fixed bound: every ReLU becomes ReLU-N, min(max(x, 0), N), N > 0.
+    /// Fixed bound: every ReLU becomes ReLU-N, min(max(x, 0), N), and every
+    /// GELU becomes GELU-N, min(gelu(x), N), N > 0.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     relu_n: Option<f64>,
     /// Calibrated bound: max, or percentile:P with 0 < P <= 100, of the
-    /// pre-activations on the calibration images.
+    /// activation outputs on the calibration images (for ReLU, of the
+    /// pre-activations).
     #[arg(long, value_name = "STATISTIC")]
     calibrate: Option<String>,
     /// Relative margin of a calibrated bound: bound = statistic * (1 + margin) [default: 0].
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     margin: Option<f64>,
     /// One calibrated bound per layer, or per channel (conv output channel,
-    /// linear unit), folded into the weights [default: layer].
+    /// linear unit), folded into the weights; per channel needs ReLU
+    /// [default: layer].
     #[arg(long, value_enum)]
     per: Option<Granularity>,
     #[command(flatten)]

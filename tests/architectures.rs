@@ -25,11 +25,12 @@ const TOLERANCE_F32: f64 = 1e-4;
 /// The same for f64 parameters.
 const TOLERANCE_F64: f64 = 1e-9;
 
-const ACTIVATIONS: [Activation; 4] = [
+const ACTIVATIONS: [Activation; 5] = [
     Activation::PhotonicSigmoid,
     Activation::PhotonicSinusoidal,
     Activation::ReluN { n: 2.0 },
     Activation::Tanh,
+    Activation::GeluN { n: 1.5 },
 ];
 
 fn uniform(rng: &mut StdRng, shape: &[usize], scale: f64, dtype: DType) -> Tensor {

@@ -204,6 +204,72 @@ fn network_without_relu_is_rejected() {
     let message = bound_network(&network, &BoundMode::Fixed { n: 2.0 }, &images, &images, &progress)
         .unwrap_err()
         .to_string();
-    assert!(message.contains("without relu layers"), "{message}");
+    assert!(message.contains("without relu or gelu layers"), "{message}");
     assert!(message.contains("transform it directly"), "{message}");
+}
+
+#[test]
+fn bounded_gelu_mlp_transforms_exactly() {
+    for dtype in [DType::F32, DType::F64] {
+        let network = Network::mlp(&[1, 28, 28], &[32, 16], 10, Activation::Gelu, Init::Xavier, 4)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        for mode in [
+            BoundMode::Fixed { n: 0.5 },
+            calibrated(Statistic::Max, 0.05, Granularity::Layer),
+            calibrated(Statistic::Percentile(99.0), 0.0, Granularity::Layer),
+        ] {
+            check_bound_then_transform(&network, mode, 300);
+        }
+    }
+}
+
+#[test]
+fn gelu_layers_become_gelu_n() {
+    let network = Network::mlp(&[1, 28, 28], &[12, 8], 10, Activation::Gelu, Init::Xavier, 5).unwrap();
+    let data = isonn::data::load_embedded().unwrap();
+    let images = data.train.take(200);
+    let bounds = calibrate(&network, &images, Statistic::Max, 0.0, Granularity::Layer, 64).unwrap();
+    assert_eq!(bounds.len(), 2);
+    let (bounded, rescalings) = apply_bounds(&network, &bounds).unwrap();
+    assert!(rescalings.is_empty());
+    for b in &bounds {
+        let n = b.bounds[0];
+        assert!(
+            matches!(bounded.layers[b.layer], Layer::Activation(Activation::GeluN { n: m }) if m == n),
+            "layer {} is {:?}",
+            b.layer,
+            bounded.layers[b.layer]
+        );
+    }
+}
+
+/// The max of the GELU outputs is the bound, so no calibration value lies
+/// above it, while half of it clips some.
+#[test]
+fn gelu_max_bound_clips_nothing() {
+    let network = Network::mlp(&[1, 28, 28], &[16], 10, Activation::Gelu, Init::Xavier, 6).unwrap();
+    let data = isonn::data::load_embedded().unwrap();
+    let images = data.train.take(100);
+    let bounds = calibrate(&network, &images, Statistic::Max, 0.0, Granularity::Layer, 50).unwrap();
+    let rates = isonn::bound::clip_rates(&network, &bounds, &images, 50).unwrap();
+    assert_eq!(rates.clipped, 0);
+    let mut halved = bounds.clone();
+    halved[0].bounds[0] /= 2.0;
+    let rates = isonn::bound::clip_rates(&network, &halved, &images, 50).unwrap();
+    assert!(rates.clipped > 0, "half the max clipped nothing");
+    assert_eq!(rates.values, 100 * 16);
+}
+
+#[test]
+fn gelu_per_channel_is_rejected() {
+    let network = Network::mlp(&[1, 28, 28], &[8], 10, Activation::Gelu, Init::Xavier, 0).unwrap();
+    let data = isonn::data::load_embedded().unwrap();
+    let images = data.train.take(20);
+    let message = calibrate(&network, &images, Statistic::Max, 0.0, Granularity::Channel, 10)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("gelu"), "{message}");
+    assert!(message.contains("--per layer"), "{message}");
 }

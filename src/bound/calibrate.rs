@@ -1,4 +1,5 @@
-//! Calibration of ReLU bounds on data, and the clip rate of a bounded network.
+//! Calibration of the bounds of ReLU and GELU layers on data, and the clip
+//! rate of a bounded network.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -7,7 +8,6 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{check_has_relu, check_per_channel, Granularity, LayerBounds, Statistic};
-use crate::activation::Activation;
 use crate::data::Images;
 use crate::error::{Error, Result};
 use crate::model::{Layer, Network};
@@ -16,10 +16,14 @@ use crate::model::{Layer, Network};
 /// memory over all layers and channels, 2^25 (256 MiB as f64).
 pub const MAX_KEPT_VALUES: usize = 1 << 25;
 
-/// Runs `network` on `x`, calling `observe(layer, z)` with the
-/// pre-activation `z` of every plain ReLU layer. A ReLU layer listed in
-/// `bounds` is applied as `min(max(z, 0), N)` with its per-layer or
-/// per-channel bounds; an unlisted one stays `max(z, 0)`.
+/// Runs `network` on `x`, calling `observe(layer, y)` with the output
+/// `y = f(z)` of every unbounded activation layer (ReLU, GELU) before any
+/// bound. A layer listed in `bounds` is applied as `min(f(z), N)` with its
+/// per-layer or per-channel bounds; an unlisted one stays `f(z)`.
+///
+/// For ReLU, `min(max(z, 0), N)` is ReLU-N, and a statistic or a clip count
+/// of the outputs `max(z, 0)` equals that of the pre-activations wherever
+/// it is positive, since `max(., 0)` keeps the order of positive values.
 fn forward_observed(
     network: &Network,
     bounds: &[LayerBounds],
@@ -29,12 +33,13 @@ fn forward_observed(
     let mut h = x.clone();
     for (i, layer) in network.layers.iter().enumerate() {
         h = match layer {
-            Layer::Activation(Activation::Relu) => {
+            Layer::Activation(activation) if activation.is_unbounded() => {
                 let bound = bounds.iter().find(|b| b.layer == i);
-                observe(i, &h, bound)?;
+                let y = activation.forward(&h)?;
+                observe(i, &y, bound)?;
                 match bound {
-                    Some(b) => h.broadcast_minimum(&b.broadcastable(&h)?)?.relu()?,
-                    None => h.relu()?,
+                    Some(b) => y.broadcast_minimum(&b.broadcastable(&y)?)?,
+                    None => y,
                 }
             }
             other => other.forward(&h)?,
@@ -43,9 +48,10 @@ fn forward_observed(
     Ok(h)
 }
 
-/// Computes the logits of the network whose ReLU layers are clipped by
-/// `bounds`: `min(max(z_c, 0), N_c)` per channel `c` (or with one `N` per
-/// layer). This is the function a bounded network implements; the network
+/// Computes the logits of the network whose unbounded activation layers are
+/// clipped by `bounds`: `min(f(z_c), N_c)` per channel `c` (or with one `N`
+/// per layer), which is `min(max(z_c, 0), N_c)` for ReLU. This is the
+/// function a bounded network implements; the network
 /// from [`super::apply_bounds`] computes the same with the bounds folded into
 /// its weights.
 ///
@@ -169,11 +175,13 @@ pub(super) fn input_shapes(network: &Network) -> Result<Vec<Vec<usize>>> {
     Ok(shapes)
 }
 
-/// Calibrates the bound of every ReLU layer of `network` on `images`:
-/// `statistic * (1 + margin)` of the pre-activations that the unbounded
-/// network produces, over the whole layer or per channel.
+/// Calibrates the bound of every unbounded activation layer (ReLU, GELU) of
+/// `network` on `images`: `statistic * (1 + margin)` of the activation
+/// outputs that the unbounded network produces, over the whole layer or per
+/// channel. For ReLU the statistic of the outputs is that of the positive
+/// pre-activations.
 ///
-/// Every layer is calibrated on the ReLU network, so a bound does not depend
+/// Every layer is calibrated on the unbounded network, so a bound does not depend
 /// on the clipping of the layers before it. A channel whose statistic is not
 /// positive (it never fired) gets the largest bound of its layer and is
 /// listed in [`LayerBounds::fallback_channels`]; a layer with no positive
@@ -218,7 +226,7 @@ pub fn calibrate(
     }
 
     for_each_batch(network, &[], images, batch_size, &mut |layer, z, _| {
-        let index = relus.iter().position(|&r| r == layer).expect("only ReLU layers are observed");
+        let index = relus.iter().position(|&r| r == layer).expect("only unbounded activation layers are observed");
         let (channels, positions) = channels_and_positions(&z.dims()[1..]);
         let values = z.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         let group = &mut accumulators[index];
@@ -242,8 +250,8 @@ fn finish_layer(layer: usize, group: &[Accumulator], statistic: Statistic, margi
     let raw: Vec<f64> = group.iter().map(|a| a.value() * (1.0 + margin)).collect();
     if let Some(bad) = raw.iter().find(|v| v.is_nan() || **v == f64::INFINITY) {
         return Err(Error::Shape(format!(
-            "layer {layer} (ReLU): the calibrated bound is {bad}; the network produces non-finite \
-             pre-activations on the calibration images"
+            "layer {layer} (unbounded activation): the calibrated bound is {bad}; the network \
+             produces non-finite activations on the calibration images"
         )));
     }
     let largest = raw.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -252,9 +260,9 @@ fn finish_layer(layer: usize, group: &[Accumulator], statistic: Statistic, margi
             "--calibrate",
             statistic,
             format!(
-                "layer {layer} (ReLU): the {statistic} of its pre-activations is {largest}, not > 0, \
-                 so the ReLU outputs 0 on (almost) every calibration image; use --calibrate max, a \
-                 higher percentile or more --calibration-samples"
+                "layer {layer} (unbounded activation): the {statistic} of its outputs is {largest}, \
+                 not > 0, so the activation outputs 0 or less on (almost) every calibration image; use \
+                 --calibrate max, a higher percentile or more --calibration-samples"
             ),
         ));
     }
@@ -278,20 +286,20 @@ fn finish_layer(layer: usize, group: &[Accumulator], statistic: Statistic, margi
     })
 }
 
-/// Clipped values of one ReLU layer.
+/// Clipped values of one bounded activation layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerClipRate {
     /// Index of the activation layer.
     pub layer: usize,
-    /// Pre-activation values above their bound.
+    /// Activation outputs above their bound.
     pub clipped: u64,
-    /// All pre-activation values of the layer (samples times units).
+    /// All activation outputs of the layer (samples times units).
     pub values: u64,
     /// `clipped / values`.
     pub rate: f64,
 }
 
-/// Clipped values of every bounded ReLU layer and over all of them.
+/// Clipped values of every bounded activation layer and over all of them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClipRates {
     /// Per layer, in network order.
@@ -304,7 +312,8 @@ pub struct ClipRates {
     pub rate: f64,
 }
 
-/// Counts the pre-activation values above their bound in the bounded
+/// Counts the activation outputs `f(z)` above their bound (for ReLU, the
+/// pre-activations above it) in the bounded
 /// network, [`forward_clipped`] with `bounds`, on `images`.
 ///
 /// The values are those of the bounded network, so the clipping of one layer
@@ -347,6 +356,7 @@ pub fn clip_rates(network: &Network, bounds: &[LayerBounds], images: &Images, ba
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::activation::Activation;
     use crate::model::Linear;
 
     /// A network `flatten -> identity linear -> ReLU -> linear` on `[1, 1, units]`

@@ -1,18 +1,20 @@
 //! Bounds for unbounded activations: every ReLU of a regular network is
-//! replaced by a ReLU-N, `min(max(z, 0), N)`, so that the transformation has
-//! an input range for the next layer.
+//! replaced by a ReLU-N, `min(max(z, 0), N)`, and every GELU by a GELU-N,
+//! `min(gelu(z), N)`, so that the transformation has an input range for the
+//! next layer.
 //!
 //! The bound is either fixed by the user ([`BoundMode::Fixed`]) or
-//! calibrated on data ([`BoundMode::Calibrate`]): the largest pre-activation
-//! seen, or a percentile of them, times `1 + margin`, for the whole layer or
-//! for each channel. A bounded network computes a different function from the
-//! ReLU one wherever a pre-activation exceeds its bound, so [`bound_network`]
-//! reports that clip rate on the calibration and the test images, and the
-//! accuracy of both networks.
+//! calibrated on data ([`BoundMode::Calibrate`]): the largest activation
+//! output seen, or a percentile of them, times `1 + margin`, for the whole
+//! layer or for each channel. A bounded network computes a different
+//! function from the unbounded one wherever an output exceeds its bound, so
+//! [`bound_network`] reports that clip rate on the calibration and the test
+//! images, and the accuracy of both networks.
 //!
 //! Per-channel bounds are carried by the weights ([`apply_bounds`]): ReLU-N
 //! is positively homogeneous, `min(max(z, 0), N) = N min(max(z / N, 0), 1)`,
-//! so the layer keeps a single ReLU-1.
+//! so the layer keeps a single ReLU-1. GELU is not, so its bounds are per
+//! layer only.
 
 mod calibrate;
 mod rescale;
@@ -27,7 +29,6 @@ use serde::{Deserialize, Serialize};
 pub use calibrate::{calibrate, clip_rates, forward_clipped, ClipRates, LayerClipRate};
 pub use rescale::{apply_bounds, check_per_channel, Rescaling};
 
-use crate::activation::Activation;
 use crate::data::Images;
 use crate::error::{Error, Result};
 use crate::fsio;
@@ -164,10 +165,12 @@ impl BoundMode {
     }
 
     /// Describes the network a bounded model implements, for the
-    /// equivalence report: "bounded network (ReLU replaced by ReLU-N, ...)".
+    /// equivalence report: "bounded network (ReLU and GELU replaced by ...)".
     pub fn reference(&self) -> String {
         match self {
-            BoundMode::Fixed { n } => format!("bounded network (ReLU replaced by ReLU-N with N = {n})"),
+            BoundMode::Fixed { n } => {
+                format!("bounded network (ReLU and GELU replaced by ReLU-N and GELU-N with N = {n})")
+            }
             BoundMode::Calibrate {
                 statistic,
                 margin,
@@ -178,8 +181,8 @@ impl BoundMode {
                     Statistic::Percentile(p) => format!("percentile {p}"),
                 };
                 format!(
-                    "bounded network (ReLU replaced by ReLU-N, calibrated {statistic} per {granularity}, \
-                     margin {margin})"
+                    "bounded network (ReLU and GELU replaced by ReLU-N and GELU-N, calibrated \
+                     {statistic} per {granularity}, margin {margin})"
                 )
             }
         }
@@ -219,25 +222,27 @@ impl LayerBounds {
     }
 }
 
-/// Returns the indices of the layers that are a plain (unbounded) ReLU.
+/// Returns the indices of the layers that are an unbounded activation
+/// (ReLU or GELU).
 pub fn relu_layers(network: &Network) -> Vec<usize> {
     network
         .layers
         .iter()
         .enumerate()
-        .filter(|(_, layer)| matches!(layer, Layer::Activation(Activation::Relu)))
+        .filter(|(_, layer)| matches!(layer, Layer::Activation(a) if a.is_unbounded()))
         .map(|(i, _)| i)
         .collect()
 }
 
-/// Rejects a network without an unbounded ReLU: there is nothing to bound.
+/// Rejects a network without an unbounded activation: there is nothing to
+/// bound.
 pub fn check_has_relu(network: &Network) -> Result<Vec<usize>> {
     let layers = relu_layers(network);
     if layers.is_empty() {
         return Err(Error::config(
             "model",
-            "without relu layers",
-            "bounding replaces ReLU activations and this network has none; \
+            "without relu or gelu layers",
+            "bounding replaces ReLU and GELU activations and this network has none; \
              its activations are bounded already, so transform it directly",
         ));
     }
@@ -478,11 +483,12 @@ mod tests {
         };
         assert_eq!(
             calibrated.reference(),
-            "bounded network (ReLU replaced by ReLU-N, calibrated max per channel, margin 0.05)"
+            "bounded network (ReLU and GELU replaced by ReLU-N and GELU-N, calibrated max per channel, \
+             margin 0.05)"
         );
         assert_eq!(
             BoundMode::Fixed { n: 4.0 }.reference(),
-            "bounded network (ReLU replaced by ReLU-N with N = 4)"
+            "bounded network (ReLU and GELU replaced by ReLU-N and GELU-N with N = 4)"
         );
     }
 }

@@ -85,12 +85,22 @@ fn plan(network: &Network, layer: usize) -> Result<Rescaling> {
     })
 }
 
-/// Checks that every ReLU layer of `network` can take per-channel bounds:
-/// an affine layer feeds it through pooling only, and it feeds an affine
+/// Checks that every unbounded activation of `network` is a ReLU that can
+/// take per-channel bounds: an affine layer feeds it through pooling only, and it feeds an affine
 /// layer through pooling and flatten only. The error names the first layer
 /// that cannot.
 pub fn check_per_channel(network: &Network) -> Result<()> {
     for layer in relu_layers(network) {
+        if let Layer::Activation(activation @ Activation::Gelu) = &network.layers[layer] {
+            return Err(Error::config(
+                "--per",
+                "channel",
+                format!(
+                    "layer {layer} ({activation}) is not a ReLU; per-channel bounds are folded into the \
+                     weights through the positive homogeneity of ReLU-N, which GELU lacks; use --per layer"
+                ),
+            ));
+        }
         plan(network, layer)?;
     }
     Ok(())
@@ -166,15 +176,29 @@ pub fn apply_bounds(network: &Network, bounds: &[LayerBounds]) -> Result<(Networ
     let mut out = network.detached();
     let mut rescalings = Vec::new();
     for b in bounds {
-        if !matches!(network.layers.get(b.layer), Some(Layer::Activation(Activation::Relu))) {
-            return Err(Error::Shape(format!("layer {} is not a ReLU layer, so it takes no bound", b.layer)));
+        let Some(Layer::Activation(unbounded)) = network.layers.get(b.layer) else {
+            return Err(Error::Shape(format!("layer {} is not an activation layer, so it takes no bound", b.layer)));
+        };
+        if !unbounded.is_unbounded() {
+            return Err(Error::Shape(format!(
+                "layer {} ({unbounded}) is bounded already, so it takes no bound",
+                b.layer
+            )));
         }
         if let Some(bad) = b.bounds.iter().find(|n| !(n.is_finite() && **n > 0.0)) {
             return Err(Error::Shape(format!("layer {}: bound {bad} is not a finite number > 0", b.layer)));
         }
         if !b.is_per_channel() {
-            out.layers[b.layer] = Layer::Activation(Activation::ReluN { n: b.bounds[0] });
+            let bounded = unbounded.bounded(b.bounds[0]).expect("an unbounded activation has a bounded version");
+            out.layers[b.layer] = Layer::Activation(bounded);
             continue;
+        }
+        if *unbounded != Activation::Relu {
+            return Err(Error::Shape(format!(
+                "layer {} ({unbounded}) takes one bound per layer, not per channel: only ReLU-N is \
+                 positively homogeneous",
+                b.layer
+            )));
         }
         let channels = shapes[b.layer].first().copied().unwrap_or(1);
         if b.bounds.len() != channels {

@@ -355,8 +355,8 @@ fn activation_range(act: &Activation, options: &TransformOptions) -> std::result
     let Some((f_lo, f_hi)) = act.output_bounds() else {
         return Err(format!(
             "activation {act} is unbounded, so the next layer has no input range; \
-             bound it first with `isonn bound` (ReLU-N with a fixed or calibrated N) or train \
-             with a bounded version (e.g. --activation relu-n:6)"
+             bound it first with `isonn bound` (ReLU-N or GELU-N with a fixed or calibrated N) \
+             or train with a bounded version (e.g. --activation relu-n:6 or gelu-n:6)"
         ));
     };
     let lo = match options.activation_range {

@@ -84,7 +84,11 @@ impl ShiftedActivation {
                 (s * s, dy)
             }
             // shifted_activation never builds the op for these.
-            Activation::ReluN { .. } | Activation::Relu | Activation::Tanh => (T::nan(), T::nan()),
+            Activation::ReluN { .. }
+            | Activation::Relu
+            | Activation::Tanh
+            | Activation::Gelu
+            | Activation::GeluN { .. } => (T::nan(), T::nan()),
         };
         let y = match (self.clamp, self.activation.output_bounds()) {
             (true, Some((lo, hi))) => y.max(c(lo)).min(c(hi)),
