@@ -1230,9 +1230,9 @@ fn run_bound(args: BoundArgs, progress: &Progress) -> Result<()> {
             args.model.display()
         );
     };
-    if bound::relu_layers(&network).is_empty() {
+    if bound::unbounded_sites(&network).is_empty() {
         bail!(
-            "{} has no ReLU layer, so there is nothing to bound; transform it directly with `isonn transform`",
+            "{} has no ReLU or GELU layer, so there is nothing to bound; transform it directly with `isonn transform`",
             args.model.display()
         );
     }
@@ -1270,8 +1270,8 @@ fn run_bound(args: BoundArgs, progress: &Progress) -> Result<()> {
     println!("{}", record.reference);
     for layer in &record.layers {
         println!(
-            "layer {:<3} {} bound(s) in [{:.4}, {:.4}]  clip rate calibration {:.6}  test {:.6}",
-            layer.layer,
+            "{:<22} {} bound(s) in [{:.4}, {:.4}]  clip rate calibration {:.6}  test {:.6}",
+            layer.path,
             layer.bounds.len(),
             layer.bounds.iter().copied().fold(f64::INFINITY, f64::min),
             layer.bounds.iter().copied().fold(0.0, f64::max),

@@ -36,6 +36,7 @@ fn random_bounds(network: &Network, seed: u64) -> Vec<LayerBounds> {
             let channels = if rng.gen_bool(0.2) { 1 } else { shape[0] };
             bounds.push(LayerBounds {
                 layer: i,
+                path: format!("layers.{i}"),
                 bounds: (0..channels).map(|_| rng.gen_range(0.2..2.5)).collect(),
                 fallback_channels: vec![],
             });
@@ -272,4 +273,79 @@ fn gelu_per_channel_is_rejected() {
         .to_string();
     assert!(message.contains("gelu"), "{message}");
     assert!(message.contains("--per layer"), "{message}");
+}
+
+/// A residual network with ReLU inside its blocks: every ReLU is found, the
+/// nested ones by their path, and bounding all of them gives a network that
+/// transforms exactly.
+#[test]
+fn residual_relus_are_bounded() {
+    let network = Network::build(isonn::model::Arch::Resnet, &[1, 28, 28], &[4], 10, Activation::Relu, Init::Xavier, 7)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let paths: Vec<String> = isonn::bound::unbounded_sites(&network).into_iter().map(|s| s.path).collect();
+    assert_eq!(paths, ["layers.2", "layers.3.main.2", "layers.4", "layers.5.main.2", "layers.6"]);
+    for mode in [
+        BoundMode::Fixed { n: 1.5 },
+        calibrated(Statistic::Max, 0.0, Granularity::Layer),
+        calibrated(Statistic::Percentile(99.0), 0.05, Granularity::Layer),
+    ] {
+        check_bound_then_transform(&network, mode, 100);
+    }
+}
+
+#[test]
+fn residual_bounds_replace_nested_layers() {
+    let network = Network::build(isonn::model::Arch::Resnet, &[1, 28, 28], &[4], 10, Activation::Relu, Init::Xavier, 8).unwrap();
+    let data = isonn::data::load_embedded().unwrap();
+    let images = data.train.take(50);
+    let bounds = calibrate(&network, &images, Statistic::Max, 0.0, Granularity::Layer, 25).unwrap();
+    assert_eq!(bounds.len(), 5);
+    let (bounded, _) = apply_bounds(&network, &bounds).unwrap();
+    assert!(isonn::bound::unbounded_sites(&bounded).is_empty(), "a ReLU is left");
+    let Layer::Residual(block) = &bounded.layers[3] else {
+        panic!("layer 3 is {:?}", bounded.layers[3]);
+    };
+    let nested = bounds.iter().find(|b| b.path == "layers.3.main.2").unwrap();
+    assert_eq!(nested.layer, 3);
+    assert!(
+        matches!(block.main[2], Layer::Activation(Activation::ReluN { n }) if n == nested.bounds[0]),
+        "{:?}",
+        block.main[2]
+    );
+    let rates = isonn::bound::clip_rates(&network, &bounds, &images, 25).unwrap();
+    assert_eq!(rates.clipped, 0, "max calibration clips no calibration value");
+    assert_eq!(rates.layers.len(), 5);
+}
+
+#[test]
+fn residual_per_channel_is_rejected() {
+    let network = Network::build(isonn::model::Arch::Resnet, &[1, 28, 28], &[4], 10, Activation::Relu, Init::Xavier, 9).unwrap();
+    let message = isonn::bound::check_per_channel(&network).unwrap_err().to_string();
+    assert!(message.contains("layers.") || message.contains("layer 2"), "{message}");
+    let bounds = vec![LayerBounds {
+        layer: 3,
+        path: "layers.3.main.2".into(),
+        bounds: vec![1.0; 4],
+        fallback_channels: Vec::new(),
+    }];
+    let message = apply_bounds(&network, &bounds).unwrap_err().to_string();
+    assert!(message.contains("layers.3.main.2"), "{message}");
+    assert!(message.contains("top-level ReLU"), "{message}");
+}
+
+#[test]
+fn bound_path_must_name_activation() {
+    let network = Network::build(isonn::model::Arch::Resnet, &[1, 28, 28], &[4], 10, Activation::Relu, Init::Xavier, 9).unwrap();
+    for path in ["layers.3.main.0", "layers.3.side.2", "layers.99", "layer.2", "layers.3.main"] {
+        let bounds = vec![LayerBounds {
+            layer: 3,
+            path: path.into(),
+            bounds: vec![1.0],
+            fallback_channels: Vec::new(),
+        }];
+        let message = apply_bounds(&network, &bounds).unwrap_err().to_string();
+        assert!(message.contains(path), "{path}: {message}");
+    }
 }

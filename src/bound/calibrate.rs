@@ -7,7 +7,7 @@ use std::collections::BinaryHeap;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{check_has_relu, check_per_channel, Granularity, LayerBounds, Statistic};
+use super::{check_has_relu, check_per_channel, Granularity, LayerBounds, Site, Statistic};
 use crate::data::Images;
 use crate::error::{Error, Result};
 use crate::model::{Layer, Network};
@@ -16,31 +16,48 @@ use crate::model::{Layer, Network};
 /// memory over all layers and channels, 2^25 (256 MiB as f64).
 pub const MAX_KEPT_VALUES: usize = 1 << 25;
 
-/// Runs `network` on `x`, calling `observe(layer, y)` with the output
+/// The callback of [`forward_observed`]: the path of an unbounded
+/// activation layer, its output before any bound, and its bounds if any.
+type Observer<'a> = dyn FnMut(&str, &Tensor, Option<&LayerBounds>) -> Result<()> + 'a;
+
+/// Runs `network` on `x`, calling `observe(path, y, bound)` with the output
 /// `y = f(z)` of every unbounded activation layer (ReLU, GELU) before any
-/// bound. A layer listed in `bounds` is applied as `min(f(z), N)` with its
-/// per-layer or per-channel bounds; an unlisted one stays `f(z)`.
+/// bound, inside residual blocks too. A layer listed in `bounds` is applied
+/// as `min(f(z), N)` with its per-layer or per-channel bounds; an unlisted
+/// one stays `f(z)`.
 ///
 /// For ReLU, `min(max(z, 0), N)` is ReLU-N, and a statistic or a clip count
 /// of the outputs `max(z, 0)` equals that of the pre-activations wherever
 /// it is positive, since `max(., 0)` keeps the order of positive values.
-fn forward_observed(
-    network: &Network,
+fn forward_observed(network: &Network, bounds: &[LayerBounds], x: &Tensor, observe: &mut Observer) -> Result<Tensor> {
+    chain_observed(&network.layers, "layers", bounds, x, observe)
+}
+
+/// Applies `layers`, whose paths start with `prefix`, as [`forward_observed`].
+fn chain_observed(
+    layers: &[Layer],
+    prefix: &str,
     bounds: &[LayerBounds],
     x: &Tensor,
-    observe: &mut dyn FnMut(usize, &Tensor, Option<&LayerBounds>) -> Result<()>,
+    observe: &mut Observer,
 ) -> Result<Tensor> {
     let mut h = x.clone();
-    for (i, layer) in network.layers.iter().enumerate() {
+    for (i, layer) in layers.iter().enumerate() {
+        let path = format!("{prefix}.{i}");
         h = match layer {
             Layer::Activation(activation) if activation.is_unbounded() => {
-                let bound = bounds.iter().find(|b| b.layer == i);
+                let bound = bounds.iter().find(|b| b.path == path);
                 let y = activation.forward(&h)?;
-                observe(i, &y, bound)?;
+                observe(&path, &y, bound)?;
                 match bound {
                     Some(b) => y.broadcast_minimum(&b.broadcastable(&y)?)?,
                     None => y,
                 }
+            }
+            Layer::Residual(r) => {
+                let main = chain_observed(&r.main, &format!("{path}.main"), bounds, &h, observe)?;
+                let shortcut = chain_observed(&r.shortcut, &format!("{path}.shortcut"), bounds, &h, observe)?;
+                main.add(&shortcut)?
             }
             other => other.forward(&h)?,
         };
@@ -67,7 +84,7 @@ fn for_each_batch(
     bounds: &[LayerBounds],
     images: &Images,
     batch_size: usize,
-    observe: &mut dyn FnMut(usize, &Tensor, Option<&LayerBounds>) -> Result<()>,
+    observe: &mut Observer,
 ) -> Result<()> {
     crate::verify::check_images(&network.input_shape, images)?;
     let dtype = network.dtype();
@@ -195,17 +212,17 @@ pub fn calibrate(
     granularity: Granularity,
     batch_size: usize,
 ) -> Result<Vec<LayerBounds>> {
-    let relus = check_has_relu(network)?;
+    let sites = check_has_relu(network)?;
     if granularity == Granularity::Channel {
         check_per_channel(network)?;
     }
     if images.is_empty() {
         return Err(Error::config("--calibration-samples", 0, "calibration needs at least one image"));
     }
-    let shapes = input_shapes(network)?;
+    let shapes = site_shapes(network, images)?;
     let mut accumulators: Vec<Vec<Accumulator>> = Vec::new();
-    for &layer in &relus {
-        let (channels, positions) = channels_and_positions(&shapes[layer]);
+    for shape in &shapes {
+        let (channels, positions) = channels_and_positions(shape);
         let groups = match granularity {
             Granularity::Layer => 1,
             Granularity::Channel => channels,
@@ -219,16 +236,19 @@ pub fn calibrate(
             "--calibrate",
             statistic,
             format!(
-                "this percentile keeps {kept} pre-activation values in memory, more than the limit of \
+                "this percentile keeps {kept} activation values in memory, more than the limit of \
                  {MAX_KEPT_VALUES}; pass fewer --calibration-samples or a percentile closer to 100"
             ),
         ));
     }
 
-    for_each_batch(network, &[], images, batch_size, &mut |layer, z, _| {
-        let index = relus.iter().position(|&r| r == layer).expect("only unbounded activation layers are observed");
-        let (channels, positions) = channels_and_positions(&z.dims()[1..]);
-        let values = z.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+    for_each_batch(network, &[], images, batch_size, &mut |path, y, _| {
+        let index = sites
+            .iter()
+            .position(|site| site.path == path)
+            .expect("only unbounded activation layers are observed");
+        let (channels, positions) = channels_and_positions(&y.dims()[1..]);
+        let values = y.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         let group = &mut accumulators[index];
         for (flat, value) in values.into_iter().enumerate() {
             let slot = if group.len() == 1 { 0 } else { (flat / positions) % channels };
@@ -237,20 +257,33 @@ pub fn calibrate(
         Ok(())
     })?;
 
-    relus
-        .iter()
+    sites
+        .into_iter()
         .zip(&accumulators)
-        .map(|(&layer, group)| finish_layer(layer, group, statistic, margin))
+        .map(|(site, group)| finish_layer(site, group, statistic, margin))
         .collect()
+}
+
+/// Returns the shape of one sample of the output of every unbounded
+/// activation layer, in the order of [`super::unbounded_sites`], from a
+/// forward pass over the first image.
+fn site_shapes(network: &Network, images: &Images) -> Result<Vec<Vec<usize>>> {
+    let mut shapes = Vec::new();
+    for_each_batch(network, &[], &images.take(1), 1, &mut |_, y, _| {
+        shapes.push(y.dims()[1..].to_vec());
+        Ok(())
+    })?;
+    Ok(shapes)
 }
 
 /// Turns one layer's statistics into bounds, with the fallback for
 /// channels that never fired.
-fn finish_layer(layer: usize, group: &[Accumulator], statistic: Statistic, margin: f64) -> Result<LayerBounds> {
+fn finish_layer(site: Site, group: &[Accumulator], statistic: Statistic, margin: f64) -> Result<LayerBounds> {
+    let layer = &site.path;
     let raw: Vec<f64> = group.iter().map(|a| a.value() * (1.0 + margin)).collect();
     if let Some(bad) = raw.iter().find(|v| v.is_nan() || **v == f64::INFINITY) {
         return Err(Error::Shape(format!(
-            "layer {layer} (unbounded activation): the calibrated bound is {bad}; the network \
+            "{layer} (unbounded activation): the calibrated bound is {bad}; the network \
              produces non-finite activations on the calibration images"
         )));
     }
@@ -260,7 +293,7 @@ fn finish_layer(layer: usize, group: &[Accumulator], statistic: Statistic, margi
             "--calibrate",
             statistic,
             format!(
-                "layer {layer} (unbounded activation): the {statistic} of its outputs is {largest}, \
+                "{layer} (unbounded activation): the {statistic} of its outputs is {largest}, \
                  not > 0, so the activation outputs 0 or less on (almost) every calibration image; use \
                  --calibrate max, a higher percentile or more --calibration-samples"
             ),
@@ -280,7 +313,8 @@ fn finish_layer(layer: usize, group: &[Accumulator], statistic: Statistic, margi
         })
         .collect();
     Ok(LayerBounds {
-        layer,
+        layer: site.layer,
+        path: site.path,
         bounds,
         fallback_channels,
     })
@@ -289,8 +323,11 @@ fn finish_layer(layer: usize, group: &[Accumulator], statistic: Statistic, margi
 /// Clipped values of one bounded activation layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerClipRate {
-    /// Index of the activation layer.
+    /// Index of the top-level layer that is, or contains, the activation.
     pub layer: usize,
+    /// Path of the activation layer, as [`LayerBounds::path`].
+    #[serde(default)]
+    pub path: String,
     /// Activation outputs above their bound.
     pub clipped: u64,
     /// All activation outputs of the layer (samples times units).
@@ -313,8 +350,8 @@ pub struct ClipRates {
 }
 
 /// Counts the activation outputs `f(z)` above their bound (for ReLU, the
-/// pre-activations above it) in the bounded
-/// network, [`forward_clipped`] with `bounds`, on `images`.
+/// pre-activations above it) in the bounded network, [`forward_clipped`]
+/// with `bounds`, on `images`.
 ///
 /// The values are those of the bounded network, so the clipping of one layer
 /// changes what the later layers receive.
@@ -323,18 +360,19 @@ pub fn clip_rates(network: &Network, bounds: &[LayerBounds], images: &Images, ba
         .iter()
         .map(|b| LayerClipRate {
             layer: b.layer,
+            path: b.path.clone(),
             clipped: 0,
             values: 0,
             rate: 0.0,
         })
         .collect();
-    for_each_batch(network, bounds, images, batch_size, &mut |layer, z, bound| {
+    for_each_batch(network, bounds, images, batch_size, &mut |path, z, bound| {
         let Some(bound) = bound else {
             return Ok(());
         };
         let above = z.broadcast_gt(&bound.broadcastable(z)?)?;
         let clipped = above.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-        let entry = layers.iter_mut().find(|l| l.layer == layer).expect("one entry per bound");
+        let entry = layers.iter_mut().find(|l| l.path == path).expect("one entry per bound");
         entry.clipped += clipped as u64;
         entry.values += z.elem_count() as u64;
         Ok(())
@@ -463,7 +501,7 @@ mod tests {
         let message = calibrate(&network, &data, Statistic::Max, 0.0, Granularity::Layer, 2)
             .unwrap_err()
             .to_string();
-        assert!(message.contains("layer 2"), "{message}");
+        assert!(message.contains("layers.2"), "{message}");
         assert!(message.contains("not > 0"), "{message}");
     }
 
@@ -472,6 +510,7 @@ mod tests {
         let network = identity_network(2);
         let bounds = [LayerBounds {
             layer: 2,
+            path: "layers.2".into(),
             bounds: vec![0.25, 0.65],
             fallback_channels: vec![],
         }];
@@ -482,6 +521,7 @@ mod tests {
         assert_eq!(rates.rate, 0.5);
         let per_layer = [LayerBounds {
             layer: 2,
+            path: "layers.2".into(),
             bounds: vec![0.55],
             fallback_channels: vec![],
         }];
@@ -506,6 +546,7 @@ mod tests {
         let network = identity_network(2);
         let bounds = [LayerBounds {
             layer: 2,
+            path: "layers.2".into(),
             bounds: vec![0.25, 0.65],
             fallback_channels: vec![],
         }];

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 pub use calibrate::{calibrate, clip_rates, forward_clipped, ClipRates, LayerClipRate};
 pub use rescale::{apply_bounds, check_per_channel, Rescaling};
 
+
 use crate::data::Images;
 use crate::error::{Error, Result};
 use crate::fsio;
@@ -189,11 +190,15 @@ impl BoundMode {
     }
 }
 
-/// The bounds of one ReLU layer.
+/// The bounds of one unbounded activation layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerBounds {
-    /// Index of the activation layer in the network.
+    /// Index of the top-level layer that is, or contains, the activation.
     pub layer: usize,
+    /// Path of the activation layer: `layers.{i}` at the top level,
+    /// `layers.{i}.main.{j}` or `layers.{i}.shortcut.{j}` inside a residual
+    /// block, as the tensors of `model.safetensors` are named.
+    pub path: String,
     /// One bound for the whole layer, or one per channel. Every bound is
     /// finite and > 0.
     pub bounds: Vec<f64>,
@@ -222,23 +227,80 @@ impl LayerBounds {
     }
 }
 
-/// Returns the indices of the layers that are an unbounded activation
-/// (ReLU or GELU).
+/// An unbounded activation layer (ReLU or GELU) of a network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Site {
+    /// Index of the top-level layer that is, or contains, the activation.
+    pub layer: usize,
+    /// Path of the activation layer, as [`LayerBounds::path`].
+    pub path: String,
+}
+
+impl Site {
+    /// Returns whether the activation is a top-level layer, not one inside
+    /// a residual block.
+    pub fn is_top_level(&self) -> bool {
+        self.path == top_level_path(self.layer)
+    }
+}
+
+/// Returns the path of top-level layer `i`.
+pub fn top_level_path(i: usize) -> String {
+    format!("layers.{i}")
+}
+
+/// Returns the unbounded activation layers (ReLU or GELU) of `network` in
+/// the order the forward pass meets them, including those inside residual
+/// blocks.
+pub fn unbounded_sites(network: &Network) -> Vec<Site> {
+    fn walk(layers: &[Layer], top: Option<usize>, prefix: &str, sites: &mut Vec<Site>) {
+        for (i, layer) in layers.iter().enumerate() {
+            let path = format!("{prefix}.{i}");
+            let top = top.unwrap_or(i);
+            match layer {
+                Layer::Activation(a) if a.is_unbounded() => sites.push(Site { layer: top, path }),
+                other => {
+                    for (name, chain) in other.chains() {
+                        walk(chain, Some(top), &format!("{path}.{name}"), sites);
+                    }
+                }
+            }
+        }
+    }
+    let mut sites = Vec::new();
+    walk(&network.layers, None, "layers", &mut sites);
+    sites
+}
+
+/// Returns the layer at `path` (as [`LayerBounds::path`]) of `layers`, or
+/// `None` when no layer has that path.
+pub fn layer_at_mut<'a>(layers: &'a mut [Layer], path: &str) -> Option<&'a mut Layer> {
+    let mut steps = path.strip_prefix("layers.")?.split('.');
+    let mut layer = layers.get_mut(steps.next()?.parse::<usize>().ok()?)?;
+    while let Some(name) = steps.next() {
+        let index = steps.next()?.parse::<usize>().ok()?;
+        let chain = layer.chains_mut().into_iter().find(|(n, _)| *n == name)?.1;
+        layer = chain.get_mut(index)?;
+    }
+    Some(layer)
+}
+
+/// Returns the indices of the top-level layers that are an unbounded
+/// activation (ReLU or GELU); activations inside residual blocks are in
+/// [`unbounded_sites`].
 pub fn relu_layers(network: &Network) -> Vec<usize> {
-    network
-        .layers
-        .iter()
-        .enumerate()
-        .filter(|(_, layer)| matches!(layer, Layer::Activation(a) if a.is_unbounded()))
-        .map(|(i, _)| i)
+    unbounded_sites(network)
+        .into_iter()
+        .filter(Site::is_top_level)
+        .map(|site| site.layer)
         .collect()
 }
 
 /// Rejects a network without an unbounded activation: there is nothing to
 /// bound.
-pub fn check_has_relu(network: &Network) -> Result<Vec<usize>> {
-    let layers = relu_layers(network);
-    if layers.is_empty() {
+pub fn check_has_relu(network: &Network) -> Result<Vec<Site>> {
+    let sites = unbounded_sites(network);
+    if sites.is_empty() {
         return Err(Error::config(
             "model",
             "without relu or gelu layers",
@@ -246,7 +308,7 @@ pub fn check_has_relu(network: &Network) -> Result<Vec<usize>> {
              its activations are bounded already, so transform it directly",
         ));
     }
-    Ok(layers)
+    Ok(sites)
 }
 
 /// Returns the bound `n` for every ReLU layer of `network`.
@@ -254,19 +316,25 @@ pub fn fixed_bounds(network: &Network, n: f64) -> Result<Vec<LayerBounds>> {
     BoundMode::Fixed { n }.validate()?;
     Ok(check_has_relu(network)?
         .into_iter()
-        .map(|layer| LayerBounds {
-            layer,
+        .map(|site| LayerBounds {
+            layer: site.layer,
+            path: site.path,
             bounds: vec![n],
             fallback_channels: Vec::new(),
         })
         .collect())
 }
 
-/// One ReLU layer in `bound.json`.
+/// One bounded activation layer in `bound.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerRecord {
-    /// Index of the activation layer.
+    /// Index of the top-level layer that is, or contains, the activation.
     pub layer: usize,
+    /// Path of the activation layer, as [`LayerBounds::path`]; records
+    /// written before nested layers could be bounded have none, and their
+    /// activation is the top-level layer `layer`.
+    #[serde(default)]
+    pub path: String,
     /// `layer` for one bound, `channel` for one bound per channel.
     pub granularity: Granularity,
     /// The bound of the layer, or the bound of each channel.
@@ -375,8 +443,8 @@ pub fn bound_network(
     };
     for b in &bounds {
         tracing::info!(
-            "layer {}: {} bound(s), min {:.4}, max {:.4}, {} fallback channel(s)",
-            b.layer,
+            "{}: {} bound(s), min {:.4}, max {:.4}, {} fallback channel(s)",
+            b.path,
             b.bounds.len(),
             b.bounds.iter().copied().fold(f64::INFINITY, f64::min),
             b.bounds.iter().copied().fold(0.0, f64::max),
@@ -400,10 +468,11 @@ pub fn bound_network(
         .zip(&on_test.layers)
         .map(|((b, c), t)| LayerRecord {
             layer: b.layer,
+            path: b.path.clone(),
             granularity: if b.is_per_channel() { Granularity::Channel } else { Granularity::Layer },
             bounds: b.bounds.clone(),
             fallback_channels: b.fallback_channels.clone(),
-            rescaling: rescalings.iter().find(|r| r.layer == b.layer).cloned(),
+            rescaling: rescalings.iter().find(|r| b.is_per_channel() && r.layer == b.layer).cloned(),
             calibration: c.clone(),
             test: t.clone(),
         })

@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::calibrate::input_shapes;
-use super::{relu_layers, Granularity, LayerBounds};
+use super::{layer_at_mut, top_level_path, unbounded_sites, Granularity, LayerBounds};
 use crate::activation::Activation;
 use crate::error::{Error, Result};
 use crate::model::{Layer, Network};
@@ -90,18 +90,30 @@ fn plan(network: &Network, layer: usize) -> Result<Rescaling> {
 /// layer through pooling and flatten only. The error names the first layer
 /// that cannot.
 pub fn check_per_channel(network: &Network) -> Result<()> {
-    for layer in relu_layers(network) {
-        if let Layer::Activation(activation @ Activation::Gelu) = &network.layers[layer] {
+    for site in unbounded_sites(network) {
+        if !site.is_top_level() {
             return Err(Error::config(
                 "--per",
                 "channel",
                 format!(
-                    "layer {layer} ({activation}) is not a ReLU; per-channel bounds are folded into the \
-                     weights through the positive homogeneity of ReLU-N, which GELU lacks; use --per layer"
+                    "{} is inside a residual block, where per-channel bounds are not folded into the \
+                     weights; use --per layer",
+                    site.path
                 ),
             ));
         }
-        plan(network, layer)?;
+        if let Layer::Activation(activation @ Activation::Gelu) = &network.layers[site.layer] {
+            return Err(Error::config(
+                "--per",
+                "channel",
+                format!(
+                    "layer {} ({activation}) is not a ReLU; per-channel bounds are folded into the \
+                     weights through the positive homogeneity of ReLU-N, which GELU lacks; use --per layer",
+                    site.layer
+                ),
+            ));
+        }
+        plan(network, site.layer)?;
     }
     Ok(())
 }
@@ -176,28 +188,25 @@ pub fn apply_bounds(network: &Network, bounds: &[LayerBounds]) -> Result<(Networ
     let mut out = network.detached();
     let mut rescalings = Vec::new();
     for b in bounds {
-        let Some(Layer::Activation(unbounded)) = network.layers.get(b.layer) else {
-            return Err(Error::Shape(format!("layer {} is not an activation layer, so it takes no bound", b.layer)));
+        let Some(Layer::Activation(unbounded)) = layer_at_mut(&mut out.layers, &b.path).map(|l| l.clone()) else {
+            return Err(Error::Shape(format!("{} is not an activation layer, so it takes no bound", b.path)));
         };
         if !unbounded.is_unbounded() {
-            return Err(Error::Shape(format!(
-                "layer {} ({unbounded}) is bounded already, so it takes no bound",
-                b.layer
-            )));
+            return Err(Error::Shape(format!("{} ({unbounded}) is bounded already, so it takes no bound", b.path)));
         }
         if let Some(bad) = b.bounds.iter().find(|n| !(n.is_finite() && **n > 0.0)) {
-            return Err(Error::Shape(format!("layer {}: bound {bad} is not a finite number > 0", b.layer)));
+            return Err(Error::Shape(format!("{}: bound {bad} is not a finite number > 0", b.path)));
         }
         if !b.is_per_channel() {
             let bounded = unbounded.bounded(b.bounds[0]).expect("an unbounded activation has a bounded version");
-            out.layers[b.layer] = Layer::Activation(bounded);
+            *layer_at_mut(&mut out.layers, &b.path).expect("the path was found above") = Layer::Activation(bounded);
             continue;
         }
-        if *unbounded != Activation::Relu {
+        if unbounded != Activation::Relu || b.path != top_level_path(b.layer) {
             return Err(Error::Shape(format!(
-                "layer {} ({unbounded}) takes one bound per layer, not per channel: only ReLU-N is \
-                 positively homogeneous",
-                b.layer
+                "{} ({unbounded}) takes one bound, not one per channel: per-channel bounds are folded \
+                 only around a top-level ReLU",
+                b.path
             )));
         }
         let channels = shapes[b.layer].first().copied().unwrap_or(1);
