@@ -112,19 +112,23 @@ fn every_value_within_channel_range() {
     for (channel, range) in ranges.iter().enumerate() {
         let lo = (0.0 - cifar::MEAN[channel]) / cifar::STD[channel];
         let hi = (1.0 - cifar::MEAN[channel]) / cifar::STD[channel];
-        assert!((range.lo - lo).abs() < 1e-12, "channel {channel} lo {}", range.lo);
-        assert!((range.hi - hi).abs() < 1e-12, "channel {channel} hi {}", range.hi);
+        // The bounds are rounded to f32, as the pixels are.
+        assert!((range.lo - lo).abs() < 1e-6, "channel {channel} lo {}", range.lo);
+        assert!((range.hi - hi).abs() < 1e-6, "channel {channel} hi {}", range.hi);
         assert!(range.lo < 0.0, "normalised inputs go negative");
     }
+    let mut black = 0;
     for image in dataset.train.pixels.chunks(3072) {
         for (plane, range) in image.chunks(1024).zip(&ranges) {
             for &value in plane {
                 let value = f64::from(value);
-                assert!(value >= range.lo - 1e-6, "{value} below {range:?}");
-                assert!(value <= range.hi + 1e-6, "{value} above {range:?}");
+                assert!(value >= range.lo, "{value} below {range:?}");
+                assert!(value <= range.hi, "{value} above {range:?}");
+                black += usize::from(value == range.lo);
             }
         }
     }
+    assert!(black > 0, "no pixel byte 0 met its channel's lower bound exactly");
 }
 
 #[test]
@@ -440,9 +444,10 @@ fn cli_trains_and_transforms_cifar_cnn() {
     assert_eq!(model["input"]["shape"], serde_json::json!([3, 32, 32]));
     let lo = model["input"]["range"]["lo"].as_f64().unwrap();
     let hi = model["input"]["range"]["hi"].as_f64().unwrap();
-    // The enclosing range: red has the lowest bound, blue the highest.
-    assert!((lo - (-0.4914 / 0.2023)).abs() < 1e-9, "lo {lo}");
-    assert!((hi - (1.0 - 0.4465) / 0.2010).abs() < 1e-9, "hi {hi}");
+    // The enclosing range, rounded to f32: red has the lowest bound, blue
+    // the highest.
+    assert!((lo - (-0.4914 / 0.2023)).abs() < 1e-6, "lo {lo}");
+    assert!((hi - (1.0 - 0.4465) / 0.2010).abs() < 1e-6, "hi {hi}");
     let provenance = model.to_string();
     assert!(provenance.contains(r#""augment":true"#), "{provenance}");
 
@@ -467,6 +472,20 @@ fn cli_trains_and_transforms_cifar_cnn() {
     assert_eq!(report["samples"].as_u64(), Some(TEST as u64));
     assert_eq!(report["negative_weights"].as_u64(), Some(0));
     assert!(report["min_signal"].as_f64().unwrap() >= 0.0);
+
+    // In f64 a black pixel minus its channel's lower bound is exactly 0.
+    isonn()
+        .arg("verify")
+        .arg(&regular)
+        .arg(&nonneg)
+        .args(["--dataset", "cifar10", "--precision", "f64", "--data"])
+        .arg(&data_dir)
+        .assert()
+        .success()
+        .stdout(predicates::str::contains("verification passed"));
+    let report = json(&nonneg.join("equivalence.json"));
+    assert_eq!(report["precision"].as_str(), Some("f64"));
+    assert!(report["min_signal"].as_f64().unwrap() >= 0.0, "{report}");
 }
 
 #[test]

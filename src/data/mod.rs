@@ -96,7 +96,8 @@ impl Images {
     }
 
     /// Returns the range of the values of each channel: `[0, 1]` for
-    /// pixels left unnormalised, else `[(0 - mean) / std, (1 - mean) / std]`.
+    /// pixels left unnormalised, else `[(0 - mean) / std, (1 - mean) / std]`
+    /// with both bounds rounded to f32, the type of `pixels`.
     ///
     /// Each range holds every value that a pixel of that channel can take,
     /// not only the values these images contain. The lower bound is the
@@ -105,9 +106,12 @@ impl Images {
         (0..self.channels)
             .map(|channel| match &self.normalisation {
                 None => Range { lo: 0.0, hi: 1.0 },
+                // Rounded to f32 as the pixels are, so a black pixel equals
+                // its channel's lower bound exactly, also when a check
+                // promotes both to f64.
                 Some(n) => Range {
-                    lo: n.apply(channel, 0.0),
-                    hi: n.apply(channel, 1.0),
+                    lo: n.apply(channel, 0.0) as f32 as f64,
+                    hi: n.apply(channel, 1.0) as f32 as f64,
                 },
             })
             .collect()
