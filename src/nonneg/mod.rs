@@ -427,6 +427,31 @@ impl NonnegNetwork {
         Ok(v.affine(1.0, self.output_offset)?)
     }
 
+    /// Returns whether the training form computes the physical form's
+    /// values for any parameters, not only for those that the ranges were
+    /// computed from.
+    ///
+    /// It does when each top-level affine layer reads the modulators or a
+    /// bounded activation (through flatten or pooling), whose outputs stay
+    /// in range whatever the weights. An affine layer that reads another
+    /// one's `z'` (or a residual sum) has the range `[0, max z']` of the
+    /// weights at transformation time. Training can move `z'` above it,
+    /// where the physical complement is clamped at 0 and the training
+    /// form's `alpha - u` goes negative.
+    pub fn training_form_is_exact(&self) -> bool {
+        let mut reads_weighted_sum = false;
+        for layer in &self.layers {
+            match layer {
+                NonnegLayer::Affine(_) if reads_weighted_sum => return false,
+                NonnegLayer::Affine(_) | NonnegLayer::Residual(_) => reads_weighted_sum = true,
+                NonnegLayer::Activation(_) | NonnegLayer::Elman(_) => reads_weighted_sum = false,
+                // Flatten and pooling keep the range of what they read.
+                _ => {}
+            }
+        }
+        true
+    }
+
     /// Returns every affine layer, nested ones included, with the index of
     /// the top-level layer that holds it and the prefix of the names its
     /// signals are observed under (`""`, `"main.0."`, ...).
