@@ -6,6 +6,7 @@ use std::str::FromStr;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use crate::curve::TransferCurve;
 use crate::error::{Error, Result};
 
 /// Fitted constants of the photonic sigmoid:
@@ -26,8 +27,9 @@ pub mod sigmoid_fit {
 /// An elementwise activation.
 ///
 /// The photonic ones are bounded, so the transformation can compute the
-/// input range of the layer that reads them; plain ReLU is not.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// input range of the layer that reads them; plain ReLU is not. Cloning is
+/// cheap: a measured curve's points are shared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "name", rename_all = "kebab-case")]
 pub enum Activation {
     /// Measured response of a photonic neuron:
@@ -47,6 +49,10 @@ pub enum Activation {
     /// `tanh(x)`, values in `[-1, 1]`: the usual recurrent activation. Its
     /// range is negative, so the physical signal carries an offset of -1.
     Tanh,
+    /// A measured transfer curve: piecewise-linear between measured
+    /// points, held at its end values outside them, values in
+    /// `[min y, max y]` of the points (see [`TransferCurve`]).
+    Curve(TransferCurve),
 }
 
 impl Activation {
@@ -54,7 +60,7 @@ impl Activation {
     /// photonic responses on the CPU (see [`crate::ops::shifted_activation`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let op = crate::ops::ShiftedActivation {
-            activation: *self,
+            activation: self.clone(),
             input_offset: 0.0,
             output_offset: 0.0,
             clamp: false,
@@ -84,6 +90,7 @@ impl Activation {
             Activation::ReluN { n } => x.clamp(0.0, *n)?,
             Activation::Relu => x.relu()?,
             Activation::Tanh => x.tanh()?,
+            Activation::Curve(curve) => curve.forward_generic(x)?,
         };
         Ok(y)
     }
@@ -113,6 +120,7 @@ impl Activation {
             Activation::ReluN { n } => x.clamp(0.0, *n),
             Activation::Relu => x.max(0.0),
             Activation::Tanh => x.tanh(),
+            Activation::Curve(curve) => curve.eval(x),
         }
     }
 
@@ -124,6 +132,7 @@ impl Activation {
             Activation::ReluN { n } => Some((0.0, *n)),
             Activation::Relu => None,
             Activation::Tanh => Some((-1.0, 1.0)),
+            Activation::Curve(curve) => Some(curve.bounds()),
         }
     }
 
@@ -136,6 +145,7 @@ impl Activation {
             Activation::PhotonicSinusoidal => 0.5,
             Activation::ReluN { n } => n / 2.0,
             Activation::Relu | Activation::Tanh => 0.0,
+            Activation::Curve(curve) => curve.steepest_input(),
         }
     }
 }
@@ -148,6 +158,7 @@ impl fmt::Display for Activation {
             Activation::ReluN { n } => write!(f, "relu-n:{n}"),
             Activation::Relu => write!(f, "relu"),
             Activation::Tanh => write!(f, "tanh"),
+            Activation::Curve(curve) => write!(f, "curve:{}", curve.points().source),
         }
     }
 }
@@ -156,12 +167,24 @@ impl FromStr for Activation {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let valid = "photonic-sigmoid, photonic-sinusoidal, relu-n:N (N > 0), relu or tanh";
+        let valid = "photonic-sigmoid, photonic-sinusoidal, relu-n:N (N > 0), relu, tanh \
+                     or curve:FILE.csv (a measured transfer curve)";
         match s {
             "photonic-sigmoid" => Ok(Activation::PhotonicSigmoid),
             "photonic-sinusoidal" => Ok(Activation::PhotonicSinusoidal),
             "relu" => Ok(Activation::Relu),
             "tanh" => Ok(Activation::Tanh),
+            _ if s.starts_with("curve:") => {
+                let path = &s["curve:".len()..];
+                if path.is_empty() {
+                    return Err(Error::config(
+                        "activation",
+                        s,
+                        "name the CSV file of the measured curve, e.g. curve:transfer.csv",
+                    ));
+                }
+                Ok(Activation::Curve(TransferCurve::from_csv(std::path::Path::new(path))?))
+            }
             _ => {
                 let Some(bound) = s.strip_prefix("relu-n:") else {
                     return Err(Error::config("activation", s, format!("expected {valid}")));

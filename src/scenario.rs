@@ -396,13 +396,13 @@ pub struct ScenarioSettings {
 /// regular plus `post` non-negative epochs.
 pub fn settings(
     arch: Arch,
-    activation: Activation,
+    activation: &Activation,
     scenario: Scenario,
     budget: usize,
     post: usize,
     shuffle: bool,
 ) -> ScenarioSettings {
-    let sinusoidal = activation == Activation::PhotonicSinusoidal;
+    let sinusoidal = *activation == Activation::PhotonicSinusoidal;
     let regular_lr = match (arch, sinusoidal) {
         (Arch::Mlp, true) => 0.16,
         (Arch::Cnn, true) => 0.056,
@@ -524,7 +524,7 @@ pub fn run_scenario(
     progress: &Progress,
 ) -> Result<(ScenarioResult, ScenarioModels)> {
     let shape = data.train.sample_shape();
-    let mut network = Network::build(arch, &shape, &[100, 200], data.classes, activation, init, seed)?;
+    let mut network = Network::build(arch, &shape, &[100, 200], data.classes, activation.clone(), init, seed)?;
     use_input_range_of(&mut network, data, init, seed)?;
     let config = |epochs| TrainConfig {
         epochs,

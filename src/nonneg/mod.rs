@@ -65,7 +65,7 @@ pub struct NonnegAffine {
 }
 
 /// An activation device operated with its input shifted.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NonnegActivation {
     /// The response.
     pub activation: Activation,
@@ -339,7 +339,7 @@ impl NonnegActivation {
     /// (f32 evaluates the photonic sigmoid's plateau 1.005 a little high).
     pub fn forward(&self, v: &Tensor) -> Result<Tensor> {
         let op = crate::ops::ShiftedActivation {
-            activation: self.activation,
+            activation: self.activation.clone(),
             input_offset: self.input_offset,
             output_offset: self.output_offset,
             clamp: true,
