@@ -137,6 +137,8 @@ impl TransferCurve {
     /// Parses the text of a CSV file (see [`from_csv`](Self::from_csv));
     /// `source` names the curve.
     pub fn parse_csv(text: &str, source: &str) -> std::result::Result<Self, String> {
+        // Spreadsheet programs often start a UTF-8 CSV file with a byte order mark.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut pairs = Vec::new();
         for (index, raw) in text.lines().enumerate() {
             let line = index + 1;

@@ -262,6 +262,8 @@ fn curve_activation_parses_and_displays() {
     let short = TransferCurve::parse_csv(shuffled, "short").unwrap();
     assert_eq!(short.points().inputs, vec![-0.5, 1.0]);
     assert_eq!(short.points().outputs, vec![0.02, 0.99]);
+    let marked = TransferCurve::parse_csv("\u{feff}0,1\r\n2,3\r\n", "marked").unwrap();
+    assert_eq!(marked.points().inputs, vec![0.0, 2.0]);
 }
 
 /// Train, transform, verify, hardware evaluation and noise-aware training
