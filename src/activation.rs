@@ -6,6 +6,7 @@ use std::str::FromStr;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use crate::curve::TransferCurve;
 use crate::error::{Error, Result};
 
 /// Fitted constants of the photonic sigmoid:
@@ -26,8 +27,9 @@ pub mod sigmoid_fit {
 /// An elementwise activation.
 ///
 /// The photonic ones are bounded, so the transformation can compute the
-/// input range of the layer that reads them; plain ReLU is not.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// input range of the layer that reads them; plain ReLU is not. Cloning is
+/// cheap: a measured curve's points are shared.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "name", rename_all = "kebab-case")]
 pub enum Activation {
     /// Measured response of a photonic neuron:
@@ -58,6 +60,10 @@ pub enum Activation {
         /// The upper bound `N`.
         n: f64,
     },
+    /// A measured transfer curve: piecewise-linear between measured
+    /// points, held at its end values outside them, values in
+    /// `[min y, max y]` of the points (see [`TransferCurve`]).
+    Curve(TransferCurve),
 }
 
 /// A lower bound of GELU, `min_x x Phi(x) = -0.16997...` at `x = -0.75179...`,
@@ -69,7 +75,7 @@ impl Activation {
     /// photonic responses on the CPU (see [`crate::ops::shifted_activation`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let op = crate::ops::ShiftedActivation {
-            activation: *self,
+            activation: self.clone(),
             input_offset: 0.0,
             output_offset: 0.0,
             clamp: false,
@@ -101,6 +107,7 @@ impl Activation {
             Activation::Tanh => x.tanh()?,
             Activation::Gelu => x.gelu_erf()?,
             Activation::GeluN { n } => x.gelu_erf()?.minimum(*n)?,
+            Activation::Curve(curve) => curve.forward_generic(x)?,
         };
         Ok(y)
     }
@@ -135,6 +142,7 @@ impl Activation {
             Activation::Tanh => x.tanh(),
             Activation::Gelu => gelu(x),
             Activation::GeluN { n } => gelu(x).min(*n),
+            Activation::Curve(curve) => curve.eval(x),
         }
     }
 
@@ -164,6 +172,7 @@ impl Activation {
             Activation::Tanh => Some((-1.0, 1.0)),
             Activation::Gelu => None,
             Activation::GeluN { n } => Some((GELU_MIN, *n)),
+            Activation::Curve(curve) => Some(curve.bounds()),
         }
     }
 
@@ -177,6 +186,7 @@ impl Activation {
             Activation::ReluN { n } => n / 2.0,
             Activation::Relu | Activation::Tanh | Activation::Gelu => 0.0,
             Activation::GeluN { n } => n / 2.0,
+            Activation::Curve(curve) => curve.steepest_input(),
         }
     }
 }
@@ -191,6 +201,7 @@ impl fmt::Display for Activation {
             Activation::Tanh => write!(f, "tanh"),
             Activation::Gelu => write!(f, "gelu"),
             Activation::GeluN { n } => write!(f, "gelu-n:{n}"),
+            Activation::Curve(curve) => write!(f, "curve:{}", curve.points().source),
         }
     }
 }
@@ -199,13 +210,25 @@ impl FromStr for Activation {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let valid = "photonic-sigmoid, photonic-sinusoidal, relu-n:N (N > 0), relu, tanh, gelu or gelu-n:N";
+        let valid = "photonic-sigmoid, photonic-sinusoidal, relu-n:N (N > 0), relu, tanh, gelu, \
+                     gelu-n:N or curve:FILE.csv (a measured transfer curve)";
         match s {
             "photonic-sigmoid" => Ok(Activation::PhotonicSigmoid),
             "photonic-sinusoidal" => Ok(Activation::PhotonicSinusoidal),
             "relu" => Ok(Activation::Relu),
             "tanh" => Ok(Activation::Tanh),
             "gelu" => Ok(Activation::Gelu),
+            _ if s.starts_with("curve:") => {
+                let path = &s["curve:".len()..];
+                if path.is_empty() {
+                    return Err(Error::config(
+                        "activation",
+                        s,
+                        "name the CSV file of the measured curve, e.g. curve:transfer.csv",
+                    ));
+                }
+                Ok(Activation::Curve(TransferCurve::from_csv(std::path::Path::new(path))?))
+            }
             _ => {
                 let (prefix, unbounded) = if s.starts_with("relu-n:") {
                     ("relu-n", Activation::Relu)

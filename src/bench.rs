@@ -21,8 +21,11 @@ pub enum Workload {
     /// Forward, backward and SGD step of the regular network.
     RegularTrain,
     /// Forward (training form), backward and sign-preserving step of the
-    /// non-negative network.
+    /// non-negative network: what `train-nonneg` runs.
     NonnegTrain,
+    /// The same with the physical forward pass `P u + N (alpha - u)`:
+    /// what noise-aware training runs, without its effects.
+    NonnegTrainPhysical,
     /// Forward pass of the regular network.
     RegularForward,
     /// Physical forward pass of the non-negative network.
@@ -31,9 +34,10 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload, in the order `isonn bench` runs them.
-    pub const ALL: [Workload; 4] = [
+    pub const ALL: [Workload; 5] = [
         Workload::RegularTrain,
         Workload::NonnegTrain,
+        Workload::NonnegTrainPhysical,
         Workload::RegularForward,
         Workload::NonnegForward,
     ];
@@ -43,6 +47,7 @@ impl Workload {
         match self {
             Workload::RegularTrain => "regular-train",
             Workload::NonnegTrain => "nonneg-train",
+            Workload::NonnegTrainPhysical => "nonneg-train-physical",
             Workload::RegularForward => "regular-forward",
             Workload::NonnegForward => "nonneg-forward",
         }
@@ -117,11 +122,17 @@ pub fn measure(
                 sgd.step(&vars, &loss.backward()?)
             })
         }
-        Workload::NonnegTrain => {
+        Workload::NonnegTrain | Workload::NonnegTrainPhysical => {
             let vars = nonneg.make_trainable()?;
             let mut rule = SignPreserving::new(0.28, 0.3, Momentum::None)?;
+            let physical = workload == Workload::NonnegTrainPhysical;
             Box::new(move || {
-                let loss = candle_nn::loss::cross_entropy(&nonneg.forward_training(&x)?, &y)?;
+                let logits = if physical {
+                    nonneg.forward(&x)?
+                } else {
+                    nonneg.forward_training(&x)?
+                };
+                let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
                 rule.step(&vars, &loss.backward()?)
             })
         }

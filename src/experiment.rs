@@ -74,9 +74,20 @@ pub struct Cell {
     pub seconds: f64,
 }
 
+/// Returns the activation's name with every character other than an ASCII
+/// letter, digit, `-` or `.` replaced by `-`, for file names: a curve's
+/// name `curve:FILE` contains the path of its CSV file.
+fn file_name_part(activation: &Activation) -> String {
+    activation
+        .to_string()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
+        .collect()
+}
+
 impl Cell {
-    fn name(model: Arch, activation: Activation, scenario: Scenario, seed: u64) -> String {
-        format!("{model}-{activation}-{}-seed{seed}", scenario.name())
+    fn name(model: Arch, activation: &Activation, scenario: Scenario, seed: u64) -> String {
+        format!("{model}-{}-{}-seed{seed}", file_name_part(activation), scenario.name())
     }
 }
 
@@ -127,7 +138,7 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
     let mut grid = Vec::new();
     for baselines in [false, true] {
         for &model in &config.models {
-            for &activation in &config.activations {
+            for activation in &config.activations {
                 for &scenario in &config.scenarios {
                     if scenario.is_baseline() != baselines {
                         continue;
@@ -137,7 +148,7 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
                         false => config.seeds,
                     };
                     for seed in 0..seeds {
-                        grid.push((model, activation, scenario, seed));
+                        grid.push((model, activation.clone(), scenario, seed));
                     }
                 }
             }
@@ -147,9 +158,9 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
     let mut cells = Vec::new();
     let mut pretrained = Pretrained::default();
     for (model, activation, scenario, seed) in grid {
-        let name = Cell::name(model, activation, scenario, seed);
+        let name = Cell::name(model, &activation, scenario, seed);
         let cell_path = config.out.join("cells").join(format!("{name}.json"));
-        let s = settings(model, activation, scenario, config.budget, config.post_epochs, config.shuffle);
+        let s = settings(model, &activation, scenario, config.budget, config.post_epochs, config.shuffle);
         if (config.resume || config.report_only) && cell_path.exists() {
             let bytes = fsio::read(&cell_path)?;
             match serde_json::from_slice::<Cell>(&bytes) {
@@ -194,7 +205,7 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
         let (result, models) =
             run_scenario(
             model,
-            activation,
+            activation.clone(),
             scenario,
             &s,
             config.init,
@@ -226,7 +237,7 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
         }
         if seed == 0 && scenario == Scenario::Transformation {
             if let (Some(regular), Some(nonneg)) = (&models.regular, &models.transformed) {
-                plot_histograms(config, model, activation, regular, nonneg)?;
+                plot_histograms(config, model, &activation, regular, nonneg)?;
             }
         }
         let cell = Cell {
@@ -265,11 +276,11 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
 fn plot_curves(results: &Results) -> Result<()> {
     let config = &results.config;
     for &model in &config.models {
-        for &activation in &config.activations {
+        for activation in &config.activations {
             let series: Vec<crate::report::Series> = results
                 .cells
                 .iter()
-                .filter(|c| c.model == model && c.activation == activation && c.seed == 0)
+                .filter(|c| c.model == model && &c.activation == activation && c.seed == 0)
                 .map(|c| crate::report::Series {
                     label: c.scenario.name(),
                     points: c
@@ -284,7 +295,7 @@ fn plot_curves(results: &Results) -> Result<()> {
             if series.is_empty() {
                 continue;
             }
-            let path = config.out.join(format!("curves-{model}-{activation}.png"));
+            let path = config.out.join(format!("curves-{model}-{}.png", file_name_part(activation)));
             crate::report::line_chart(
                 &path,
                 &format!("{model}, {activation}: test accuracy per epoch (seed 0)"),
@@ -303,7 +314,7 @@ fn plot_curves(results: &Results) -> Result<()> {
 fn plot_histograms(
     config: &ReproduceConfig,
     model: Arch,
-    activation: Activation,
+    activation: &Activation,
     regular: &crate::model::Network,
     nonneg: &crate::nonneg::NonnegNetwork,
 ) -> Result<()> {
@@ -319,7 +330,7 @@ fn plot_histograms(
     let magnitudes: Vec<f64> = values(&weight)?.iter().map(|v| v.abs()).collect();
     let positive: Vec<f64> = values(&affine.positive)?.into_iter().filter(|v| *v > 0.0).collect();
     let negative: Vec<f64> = values(&affine.negative)?.into_iter().filter(|v| *v > 0.0).collect();
-    let path = config.out.join(format!("histogram-{model}-{activation}.png"));
+    let path = config.out.join(format!("histogram-{model}-{}.png", file_name_part(activation)));
     crate::report::histogram(
         &path,
         &format!("{model}, {activation}: first layer before and after the transformation"),
@@ -338,7 +349,7 @@ fn plot_histograms(
 type Figure = (f64, Option<f64>);
 
 /// Returns the authors' journal figure for a Fashion-MNIST cell.
-pub fn published(model: Arch, activation: Activation, scenario: Scenario) -> Option<Figure> {
+pub fn published(model: Arch, activation: &Activation, scenario: Scenario) -> Option<Figure> {
     use Activation::{PhotonicSigmoid as Sig, PhotonicSinusoidal as Sin};
     let value = match (model, activation, scenario) {
         (Arch::Mlp, Sig, Scenario::Transformation) => (85.64, Some(0.22)),
@@ -375,7 +386,7 @@ pub fn published(model: Arch, activation: Activation, scenario: Scenario) -> Opt
 /// Returns the figure of the method's public PyTorch code run with the same protocol on the full
 /// Fashion-MNIST on a machine of this kind (seeds 0-2 for the
 /// non-negative scenarios, one seed for the transformation).
-pub fn pytorch_reference(model: Arch, activation: Activation, scenario: Scenario) -> Option<Figure> {
+pub fn pytorch_reference(model: Arch, activation: &Activation, scenario: Scenario) -> Option<Figure> {
     use Activation::{PhotonicSigmoid as Sig, PhotonicSinusoidal as Sin};
     if model != Arch::Mlp {
         return None;
@@ -416,11 +427,11 @@ fn format_figure(figure: Option<Figure>) -> String {
     }
 }
 
-fn group<'a>(results: &'a Results, model: Arch, activation: Activation, scenario: Scenario) -> Vec<&'a Cell> {
+fn group<'a>(results: &'a Results, model: Arch, activation: &Activation, scenario: Scenario) -> Vec<&'a Cell> {
     results
         .cells
         .iter()
-        .filter(|c| c.model == model && c.activation == activation && c.scenario == scenario)
+        .filter(|c| c.model == model && &c.activation == activation && c.scenario == scenario)
         .collect()
 }
 
@@ -472,7 +483,7 @@ pub fn markdown(results: &Results) -> String {
         md.push_str("| model | activation | regular | non-negative | published | PyTorch run | agreement | max rel diff f32 | max rel diff f64 | negative params | min signal |\n");
         md.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
         for (model, activation) in transformation {
-            let cells = group(results, model, activation, Scenario::Transformation);
+            let cells = group(results, model, &activation, Scenario::Transformation);
             let reports: Vec<_> = cells.iter().filter_map(|c| c.result.equivalence.as_ref()).collect();
             let reports64: Vec<_> = cells.iter().filter_map(|c| c.result.equivalence_f64.as_ref()).collect();
             let regular: Vec<f64> = reports.iter().map(|r| 100.0 * r.accuracy_original).collect();
@@ -486,8 +497,8 @@ pub fn markdown(results: &Results) -> String {
                 "| {model} | {activation} | {} | {} | {} | {} | {agreement:.4} | {rel32:.1e} | {rel64:.1e} | {negative} | {min_signal:.1e} |\n",
                 if regular.len() > 1 { format!("{mean:.2} +- {std:.2}") } else { format!("{mean:.2}") },
                 ours(&cells),
-                format_figure(published(model, activation, Scenario::Transformation)),
-                format_figure(pytorch_reference(model, activation, Scenario::Transformation)),
+                format_figure(published(model, &activation, Scenario::Transformation)),
+                format_figure(pytorch_reference(model, &activation, Scenario::Transformation)),
             ));
         }
         md.push('\n');
@@ -523,12 +534,12 @@ pub fn markdown(results: &Results) -> String {
         for (model, activation) in rows {
             md.push_str(&format!("| {model} | {activation} |"));
             for (_, scenario) in columns {
-                let cells = group(results, model, activation, *scenario);
+                let cells = group(results, model, &activation, *scenario);
                 md.push_str(&format!(
                     " {} / {} / {} |",
                     ours(&cells),
-                    format_figure(published(model, activation, *scenario)),
-                    format_figure(pytorch_reference(model, activation, *scenario))
+                    format_figure(published(model, &activation, *scenario)),
+                    format_figure(pytorch_reference(model, &activation, *scenario))
                 ));
             }
             md.push('\n');
@@ -540,7 +551,7 @@ pub fn markdown(results: &Results) -> String {
         .into_iter()
         .filter_map(|(model, activation)| {
             let mean = |kind| {
-                let cells = group(results, model, activation, Scenario::FromScratch(kind));
+                let cells = group(results, model, &activation, Scenario::FromScratch(kind));
                 let values: Vec<f64> = cells.iter().map(|c| 100.0 * c.result.test_accuracy).collect();
                 (!values.is_empty()).then(|| mean_std(&values).0)
             };
@@ -567,7 +578,7 @@ pub fn markdown(results: &Results) -> String {
         }
         md.push_str(&format!(
             "| {} | {} | {} | {} |\n",
-            Cell::name(c.model, c.activation, c.scenario, c.seed),
+            Cell::name(c.model, &c.activation, c.scenario, c.seed),
             c.result.negative_after_steps,
             c.result.zeroed,
             c.result.inverse_rel_diff.map(|d| format!("{d:.1e}")).unwrap_or_else(|| "-".into())
@@ -595,7 +606,7 @@ fn keys(results: &Results, filter: impl Fn(Scenario) -> bool) -> Vec<(Arch, Acti
     let mut out: BTreeMap<String, (Arch, Activation)> = BTreeMap::new();
     for c in &results.cells {
         if filter(c.scenario) {
-            out.entry(format!("{}-{}", c.model, c.activation)).or_insert((c.model, c.activation));
+            out.entry(format!("{}-{}", c.model, c.activation)).or_insert_with(|| (c.model, c.activation.clone()));
         }
     }
     out.into_values().collect()

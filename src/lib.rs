@@ -3,6 +3,7 @@ pub mod activation;
 pub mod bench;
 pub mod bound;
 pub mod checkpoint;
+pub mod curve;
 pub mod data;
 pub mod error;
 pub mod experiment;

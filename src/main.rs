@@ -81,7 +81,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Arch::Mlp)]
         arch: Arch,
         /// Activation: photonic-sigmoid, photonic-sinusoidal, relu-n:N, relu,
-        /// tanh, gelu or gelu-n:N.
+        /// tanh, gelu, gelu-n:N or curve:FILE.csv (a measured transfer curve
+        /// of input,output rows).
         #[arg(long, default_value = "photonic-sigmoid")]
         activation: String,
         /// Hidden layer widths of the MLP, comma-separated (default 100,200);
@@ -666,7 +667,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             let data_record = DataRecord::of(&dataset);
             let shape = dataset.train.sample_shape();
             let mut network =
-                Network::build(arch, &shape, &hidden, dataset.classes, activation, init, seed)?;
+                Network::build(arch, &shape, &hidden, dataset.classes, activation.clone(), init, seed)?;
             scenario::use_input_range_of(&mut network, &dataset, init, seed)?;
             tracing::info!("training {arch} with {activation}, init {init}, lr {lr}, batch {batch_size}, seed {seed}");
             let vars = network.make_trainable()?;

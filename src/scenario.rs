@@ -142,11 +142,13 @@ fn fit_nonneg(
     })
 }
 
-/// Trains a non-negative isomorphic network in place with its physical
-/// forward pass. `P`, `N` and the biases are the parameters, while `lo`,
-/// `alpha` and the shifts stay fixed. The one-GEMM training form
-/// [`NonnegNetwork::forward_training`] is not used here: its gradients
-/// differ from the physical ones on some f32 networks.
+/// Trains a non-negative isomorphic network in place. `P`, `N` and the
+/// biases are the parameters, while `lo`, `alpha` and the shifts stay
+/// fixed. The forward pass is the one-GEMM training form
+/// [`NonnegNetwork::forward_training`], whose values and gradients are
+/// those of the physical form up to rounding and which runs faster. A
+/// network for which [`NonnegNetwork::training_form_is_exact`] is false
+/// trains with the physical form.
 pub fn train_nonneg(
     network: &mut NonnegNetwork,
     data: &Dataset,
@@ -170,7 +172,15 @@ pub fn train_nonneg_checkpointed(
     let vars = network.make_trainable()?;
     let shape = network.input_shape.clone();
     let report = {
-        let forward = |x: &Tensor| network.forward(x);
+        let training_form = network.training_form_is_exact();
+        tracing::debug!("non-negative training uses the {} form", if training_form { "training" } else { "physical" });
+        let forward = |x: &Tensor| {
+            if training_form {
+                network.forward_training(x)
+            } else {
+                network.forward(x)
+            }
+        };
         fit_nonneg(&forward, &shape, &vars, optimizer, data, config, progress, checkpointing)?
     };
     *network = network.to_dtype(network.dtype())?;
@@ -386,13 +396,13 @@ pub struct ScenarioSettings {
 /// regular plus `post` non-negative epochs.
 pub fn settings(
     arch: Arch,
-    activation: Activation,
+    activation: &Activation,
     scenario: Scenario,
     budget: usize,
     post: usize,
     shuffle: bool,
 ) -> ScenarioSettings {
-    let sinusoidal = activation == Activation::PhotonicSinusoidal;
+    let sinusoidal = *activation == Activation::PhotonicSinusoidal;
     let regular_lr = match (arch, sinusoidal) {
         (Arch::Mlp, true) => 0.16,
         (Arch::Cnn, true) => 0.056,
@@ -514,7 +524,7 @@ pub fn run_scenario(
     progress: &Progress,
 ) -> Result<(ScenarioResult, ScenarioModels)> {
     let shape = data.train.sample_shape();
-    let mut network = Network::build(arch, &shape, &[100, 200], data.classes, activation, init, seed)?;
+    let mut network = Network::build(arch, &shape, &[100, 200], data.classes, activation.clone(), init, seed)?;
     use_input_range_of(&mut network, data, init, seed)?;
     let config = |epochs| TrainConfig {
         epochs,

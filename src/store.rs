@@ -248,7 +248,7 @@ fn regular_specs(layers: &[Layer], prefix: &str, tensors: &mut Vec<(String, Tens
                 pad_value: c.pad_value.clone(),
                 ..conv_spec(&c.weight, c.stride, c.padding, c.dilation, c.groups)
             }),
-            Layer::Activation(a) => LayerSpec::Activation { activation: *a },
+            Layer::Activation(a) => LayerSpec::Activation { activation: a.clone() },
             Layer::AvgPool2d(p) => LayerSpec::AvgPool2d {
                 pool: *p,
                 pad: Vec::new(),
@@ -272,7 +272,7 @@ fn regular_specs(layers: &[Layer], prefix: &str, tensors: &mut Vec<(String, Tens
             Layer::Elman(e) => LayerSpec::Elman {
                 features: e.features(),
                 hidden: e.hidden(),
-                activation: e.activation,
+                activation: e.activation.clone(),
             },
             Layer::GlobalAvgPool => LayerSpec::GlobalAvgPool,
             Layer::AdaptiveAvgPool2d(size) => LayerSpec::AdaptiveAvgPool2d { size: *size },
@@ -328,7 +328,7 @@ fn nonneg_specs(layers: &[NonnegLayer], prefix: &str, tensors: &mut Vec<(String,
                 }
             }
             NonnegLayer::Activation(a) => LayerSpec::NonnegActivation {
-                activation: a.activation,
+                activation: a.activation.clone(),
                 input_offset: a.input_offset,
                 output_offset: a.output_offset,
             },
@@ -351,7 +351,7 @@ fn nonneg_specs(layers: &[NonnegLayer], prefix: &str, tensors: &mut Vec<(String,
                 LayerSpec::NonnegElman {
                     features: e.features(),
                     hidden: e.hidden(),
-                    activation: e.activation.activation,
+                    activation: e.activation.activation.clone(),
                     nonneg: nonneg_spec(&e.affine),
                     input_offset: e.activation.input_offset,
                     output_offset: e.activation.output_offset,
@@ -621,7 +621,7 @@ impl Loader<'_> {
                         pad_value: c.pad_value.clone(),
                     })
                 }
-                LayerSpec::Activation { activation } => Layer::Activation(*activation),
+                LayerSpec::Activation { activation } => Layer::Activation(activation.clone()),
                 LayerSpec::AvgPool2d { pool, pad } if pad.is_empty() => Layer::AvgPool2d(*pool),
                 LayerSpec::MaxPool2d(p) => Layer::MaxPool2d(*p),
                 LayerSpec::Flatten => Layer::Flatten,
@@ -657,7 +657,7 @@ impl Loader<'_> {
                         input_weight: self.take(format!("{path}.input_weight"), &[*hidden, *features])?,
                         recurrent_weight: self.take(format!("{path}.recurrent_weight"), &[*hidden, *hidden])?,
                         bias: self.take(b, &[*hidden])?,
-                        activation: *activation,
+                        activation: activation.clone(),
                     })
                 }
                 LayerSpec::GlobalAvgPool => Layer::GlobalAvgPool,
@@ -723,7 +723,7 @@ impl Loader<'_> {
                     input_offset,
                     output_offset,
                 } => NonnegLayer::Activation(NonnegActivation {
-                    activation: *activation,
+                    activation: activation.clone(),
                     input_offset: *input_offset,
                     output_offset: *output_offset,
                 }),
@@ -761,7 +761,7 @@ impl Loader<'_> {
                     NonnegLayer::Elman(NonnegElman {
                         affine,
                         activation: NonnegActivation {
-                            activation: *activation,
+                            activation: activation.clone(),
                             input_offset: *input_offset,
                             output_offset: *output_offset,
                         },

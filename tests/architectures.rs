@@ -92,7 +92,7 @@ fn finish(shape: &[usize], range: Range, layers: Vec<Layer>, seed: u64, dtype: D
 /// with and without padding, zero-padded average pooling, dropout.
 fn random_vgg(seed: u64, dtype: DType, range: Range) -> Network {
     let mut rng = StdRng::seed_from_u64(seed);
-    let act = Layer::Activation(ACTIVATIONS[rng.gen_range(0..ACTIVATIONS.len())]);
+    let act = Layer::Activation(ACTIVATIONS[rng.gen_range(0..ACTIVATIONS.len())].clone());
     let side = rng.gen_range(6..9);
     let (a, b) = (2 * rng.gen_range(1..3), 2 * rng.gen_range(1..3));
     let groups = if rng.gen_bool(0.5) { 2 } else { 1 };
@@ -116,7 +116,7 @@ fn random_vgg(seed: u64, dtype: DType, range: Range) -> Network {
 /// or adaptive average pooling.
 fn random_resnet(seed: u64, dtype: DType, range: Range) -> Network {
     let mut rng = StdRng::seed_from_u64(seed);
-    let act = Layer::Activation(ACTIVATIONS[rng.gen_range(0..ACTIVATIONS.len())]);
+    let act = Layer::Activation(ACTIVATIONS[rng.gen_range(0..ACTIVATIONS.len())].clone());
     let side = rng.gen_range(5..9);
     let (w, wide) = (rng.gen_range(1..4), rng.gen_range(2..5));
     let mut layers = vec![conv(2, w, 3, 1, 1, 1), bn(w), act.clone()];
@@ -144,7 +144,7 @@ fn random_resnet(seed: u64, dtype: DType, range: Range) -> Network {
 /// Builds an Elman network reading `[channels, steps, width]` row by row.
 fn random_elman(seed: u64, dtype: DType, range: Range) -> Network {
     let mut rng = StdRng::seed_from_u64(seed);
-    let activation = ACTIVATIONS[rng.gen_range(0..ACTIVATIONS.len())];
+    let activation = ACTIVATIONS[rng.gen_range(0..ACTIVATIONS.len())].clone();
     let (c, steps, width) = (rng.gen_range(1..3), rng.gen_range(1..7), rng.gen_range(1..5));
     let hidden = rng.gen_range(1..7);
     let layers = vec![
@@ -159,7 +159,7 @@ fn random_elman(seed: u64, dtype: DType, range: Range) -> Network {
 /// batch normalisation before the classifier.
 fn random_normalised(seed: u64, dtype: DType) -> Network {
     let mut rng = StdRng::seed_from_u64(seed);
-    let act = Layer::Activation(ACTIVATIONS[rng.gen_range(0..ACTIVATIONS.len())]);
+    let act = Layer::Activation(ACTIVATIONS[rng.gen_range(0..ACTIVATIONS.len())].clone());
     let side = rng.gen_range(4..8);
     let channel_ranges: Vec<Range> = (0..3)
         .map(|_| {

@@ -263,7 +263,7 @@ fn truncated_files_fail_and_good_files_survive() {
         config: ReproduceConfig {
             out: tmp.path().to_path_buf(),
             models: vec![cells[0].1.model],
-            activations: vec![cells[0].1.activation],
+            activations: vec![cells[0].1.activation.clone()],
             scenarios: vec![cells[0].1.scenario],
             budget: 50,
             post_epochs: 5,

@@ -156,7 +156,7 @@ fn reused_regular_training_gives_the_same_cell() {
         d
     };
     let scenario = scenario::Scenario::PostTraining(scenario::NonnegOptimizerKind::SignPreserving);
-    let settings = scenario::settings(Arch::Mlp, Activation::PhotonicSigmoid, scenario, 2, 1, false);
+    let settings = scenario::settings(Arch::Mlp, &Activation::PhotonicSigmoid, scenario, 2, 1, false);
     let run = |pretrained: &mut scenario::Pretrained| {
         scenario::run_scenario(
             Arch::Mlp,

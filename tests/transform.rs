@@ -201,9 +201,9 @@ fn padding_widens_range_to_zero() {
     randomise(&mut network, &mut rng, DType::F64);
     let nonneg = transform(&network, &options(false, true)).unwrap();
     assert_eq!(nonneg.input_range.lo, 0.0, "input range widened to contain 0");
-    let NonnegLayer::Activation(a) = nonneg.layers[1] else { panic!() };
+    let NonnegLayer::Activation(a) = &nonneg.layers[1] else { panic!() };
     assert_eq!(a.output_offset, 0.0, "tight range widened before a padded layer");
-    let NonnegLayer::Activation(b) = nonneg.layers[3] else { panic!() };
+    let NonnegLayer::Activation(b) = &nonneg.layers[3] else { panic!() };
     assert!((b.output_offset - 0.06).abs() < 1e-12, "no padding after: tight range kept");
     let x = random_inputs(1, &network, 4, DType::F64);
     let (rel, min_signal) = compare(&network, &nonneg, &x);

@@ -54,7 +54,7 @@ impl Init {
                 .iter()
                 .find(|l| !matches!(l, Layer::AvgPool2d(_) | Layer::MaxPool2d(_) | Layer::Flatten | Layer::Dropout(_)))
                 .and_then(|l| match l {
-                    Layer::Activation(a) => Some(*a),
+                    Layer::Activation(a) => Some(a.clone()),
                     _ => None,
                 });
             match &mut layers[i] {

@@ -142,7 +142,7 @@ impl Network {
         let mut width: usize = input_shape.iter().product();
         for &h in hidden {
             layers.push(Layer::Linear(Linear::zeros(width, h)?));
-            layers.push(Layer::Activation(activation));
+            layers.push(Layer::Activation(activation.clone()));
             width = h;
         }
         layers.push(Layer::Linear(Linear::zeros(width, classes)?));
@@ -164,13 +164,13 @@ impl Network {
         let mut layers = Vec::new();
         for (i, o, stride) in [(channels, 32, 1), (32, 32, 2), (32, 64, 1), (64, 64, 2)] {
             layers.push(Layer::Conv2d(conv(i, o, stride)?));
-            layers.push(Layer::Activation(activation));
+            layers.push(Layer::Activation(activation.clone()));
         }
         layers.push(Layer::Flatten);
         let mut probe = Network::new(input_shape, Range { lo: 0.0, hi: 1.0 }, layers.clone());
         let flat = probe.output_shape()?.iter().product::<usize>();
         layers.push(Layer::Linear(Linear::zeros(flat, 128)?));
-        layers.push(Layer::Activation(activation));
+        layers.push(Layer::Activation(activation.clone()));
         layers.push(Layer::Linear(Linear::zeros(128, classes)?));
         probe.layers = layers;
         Self::initialised(input_shape, probe.layers, init, seed)
@@ -203,7 +203,7 @@ impl Network {
         let mut layers = Vec::new();
         for (i, o, pooled) in [(channels, 32, false), (32, 64, true), (64, 128, false), (128, 256, true)] {
             layers.push(Layer::Conv2d(conv(i, o)?));
-            layers.push(Layer::Activation(activation));
+            layers.push(Layer::Activation(activation.clone()));
             if pooled {
                 layers.push(Layer::AvgPool2d(pool));
             }
@@ -218,7 +218,7 @@ impl Network {
         }
         let flat = shape.iter().product::<usize>();
         layers.push(Layer::Linear(Linear::zeros(flat, 512)?));
-        layers.push(Layer::Activation(activation));
+        layers.push(Layer::Activation(activation.clone()));
         layers.push(Layer::Linear(Linear::zeros(512, classes)?));
         Self::initialised(input_shape, layers, init, seed)
     }

@@ -65,7 +65,7 @@ pub struct NonnegAffine {
 }
 
 /// An activation device operated with its input shifted.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NonnegActivation {
     /// The response.
     pub activation: Activation,
@@ -182,6 +182,22 @@ pub struct NonnegNetwork {
     pub output_offset: f64,
 }
 
+/// Computes the complement port's signal `max(alpha - u, 0)`, with the
+/// gradient of `alpha - u` (-1 for every element).
+///
+/// When `u` reaches `alpha`, rounding can make the difference -1 ulp, and
+/// the clamp removes exactly that, so every physical signal is `>= 0`. An
+/// input above its range shows as a signal above alpha in the verification
+/// report. The clamp must not cut the gradient. An f32 signal from a unit
+/// at its full scale can round to just above `alpha`, and there a relu's
+/// gradient would drop the `-N` path that the training form
+/// `(P - N) u + N alpha` keeps, so the two forms would train differently.
+fn complement_port(alpha: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let difference = alpha.broadcast_sub(u)?;
+    let rounding = difference.relu()?.sub(&difference)?.detach();
+    Ok(difference.add(&rounding)?)
+}
+
 impl NonnegAffine {
     /// Broadcasts per-channel values to the shape of the layer's input.
     fn channel_tensor(&self, values: &[f64], like: &Tensor) -> Result<Tensor> {
@@ -201,11 +217,7 @@ impl NonnegAffine {
     /// `[batch, out, h', w']`.
     pub fn forward(&self, u: &Tensor, observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<Tensor> {
         let alpha = self.channel_tensor(&self.alpha, u)?;
-        // The complement port emits alpha - u. When u = alpha, rounding can
-        // make the difference -1 ulp; the relu removes exactly that, and an
-        // input above its range shows as a signal above alpha in the
-        // verification report.
-        let complement = alpha.broadcast_sub(u)?.relu()?;
+        let complement = complement_port(&alpha, u)?;
         let out_channels = self.bias.dims()[0];
         let z = match self.op {
             AffineOp::Linear => {
@@ -249,7 +261,8 @@ impl NonnegAffine {
     ///
     /// It is for training without a hardware model. It leaves out the
     /// physical complement port, so it neither observes signals nor removes
-    /// the rounding of `alpha - u` below 0, which the physical form clips.
+    /// the rounding of `alpha - u` below 0, which the physical form clips
+    /// without changing the gradient.
     pub fn forward_training(&self, u: &Tensor) -> Result<Tensor> {
         let weight = self.positive.sub(&self.negative)?;
         match self.op {
@@ -326,7 +339,7 @@ impl NonnegActivation {
     /// (f32 evaluates the photonic sigmoid's plateau 1.005 a little high).
     pub fn forward(&self, v: &Tensor) -> Result<Tensor> {
         let op = crate::ops::ShiftedActivation {
-            activation: self.activation,
+            activation: self.activation.clone(),
             input_offset: self.input_offset,
             output_offset: self.output_offset,
             clamp: true,
@@ -412,6 +425,31 @@ impl NonnegNetwork {
             };
         }
         Ok(v.affine(1.0, self.output_offset)?)
+    }
+
+    /// Returns whether the training form computes the physical form's
+    /// values for any parameters, not only for those that the ranges were
+    /// computed from.
+    ///
+    /// It does when each top-level affine layer reads the modulators or a
+    /// bounded activation (through flatten or pooling), whose outputs stay
+    /// in range whatever the weights. An affine layer that reads another
+    /// one's `z'` (or a residual sum) has the range `[0, max z']` of the
+    /// weights at transformation time. Training can move `z'` above it,
+    /// where the physical complement is clamped at 0 and the training
+    /// form's `alpha - u` goes negative.
+    pub fn training_form_is_exact(&self) -> bool {
+        let mut reads_weighted_sum = false;
+        for layer in &self.layers {
+            match layer {
+                NonnegLayer::Affine(_) if reads_weighted_sum => return false,
+                NonnegLayer::Affine(_) | NonnegLayer::Residual(_) => reads_weighted_sum = true,
+                NonnegLayer::Activation(_) | NonnegLayer::Elman(_) => reads_weighted_sum = false,
+                // Flatten and pooling keep the range of what they read.
+                _ => {}
+            }
+        }
+        true
     }
 
     /// Returns every affine layer, nested ones included, with the index of

@@ -304,7 +304,7 @@ fn transform_chain(
                 }
                 tracing::debug!(activation = %act, input_offset, output_lo = edge.lo[0], "shifted activation");
                 NonnegLayer::Activation(NonnegActivation {
-                    activation: *act,
+                    activation: act.clone(),
                     input_offset,
                     output_offset: edge.lo[0],
                 })
@@ -412,7 +412,7 @@ fn transform_elman(
     let (affine, _) =
         transform_affine(&weight, &cell.bias, AffineOp::Linear, &combined, options).map_err(|e| e.to_string())?;
     let activation = NonnegActivation {
-        activation: cell.activation,
+        activation: cell.activation.clone(),
         input_offset: -affine.shift,
         output_offset: state.lo[0],
     };
@@ -554,7 +554,7 @@ fn inverse_chain(layers: &[NonnegLayer]) -> Result<Vec<Layer>> {
                     }),
                 }
             }
-            NonnegLayer::Activation(a) => Layer::Activation(a.activation),
+            NonnegLayer::Activation(a) => Layer::Activation(a.activation.clone()),
             NonnegLayer::AvgPool2d(p) => Layer::AvgPool2d(*p),
             NonnegLayer::PaddedAvgPool2d { pool, .. } => Layer::AvgPool2d(*pool),
             NonnegLayer::MaxPool2d(p) => Layer::MaxPool2d(*p),
@@ -575,7 +575,7 @@ fn inverse_chain(layers: &[NonnegLayer]) -> Result<Vec<Layer>> {
                     input_weight: weight.narrow(1, 0, features)?.contiguous()?,
                     recurrent_weight: weight.narrow(1, features, e.hidden())?.contiguous()?,
                     bias,
-                    activation: e.activation.activation,
+                    activation: e.activation.activation.clone(),
                 })
             }
         });

@@ -19,11 +19,11 @@ use crate::Result;
 /// Elements per rayon task; smaller tensors run on the calling thread.
 const PARALLEL_CHUNK: usize = 1 << 14;
 
-/// A photonic activation operated with shifted input and output,
-/// `f(x + input_offset) - output_offset`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// A photonic activation or measured curve operated with shifted input and
+/// output, `f(x + input_offset) - output_offset`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShiftedActivation {
-    /// The response `f`, one of the photonic ones.
+    /// The response `f`: a photonic one or a measured curve.
     pub activation: Activation,
     /// Added to the input before `f`.
     pub input_offset: f64,
@@ -33,13 +33,13 @@ pub struct ShiftedActivation {
     pub clamp: bool,
 }
 
-/// Applies `op` as one fused node when it can: a photonic activation on an
-/// f32 or f64 CPU tensor. Returns `None` otherwise, so that the caller runs
+/// Applies `op` as one fused node when it can: a photonic activation or a
+/// measured curve on an f32 or f64 CPU tensor. Returns `None` otherwise, so that the caller runs
 /// candle's generic ops.
 pub fn shifted_activation(x: &Tensor, op: ShiftedActivation) -> Result<Option<Tensor>> {
     let is_photonic = matches!(
         op.activation,
-        Activation::PhotonicSigmoid | Activation::PhotonicSinusoidal
+        Activation::PhotonicSigmoid | Activation::PhotonicSinusoidal | Activation::Curve(_)
     );
     let is_fused_dtype = matches!(x.dtype(), DType::F32 | DType::F64);
     if !is_photonic || !is_fused_dtype || !x.device().is_cpu() {
@@ -53,13 +53,14 @@ impl ShiftedActivation {
     ///
     /// The derivative is 0 where the fitted model clamps the input (above
     /// `X0 + CUTOFF` for the sigmoid, outside `[0, 1]` for the sinusoid), as
-    /// candle's `minimum` and `clamp` give it. Clamping the output to the
+    /// candle's `minimum` and `clamp` give it. A curve's derivative is the
+    /// slope of the segment on the right of `x`. Clamping the output to the
     /// bounds changes only rounding, so it leaves the derivative as it is.
     #[inline]
     fn eval<T: num_traits::Float>(&self, x: T) -> (T, T) {
         let c = |v: f64| T::from(v).unwrap_or_else(T::nan);
         let x = x + c(self.input_offset);
-        let (y, dy) = match self.activation {
+        let (y, dy) = match &self.activation {
             Activation::PhotonicSigmoid => {
                 use sigmoid_fit::*;
                 let cutoff = c(X0 + CUTOFF);
@@ -83,6 +84,7 @@ impl ShiftedActivation {
                 };
                 (s * s, dy)
             }
+            Activation::Curve(curve) => curve.eval_with_slope(x),
             // shifted_activation never builds the op for these.
             Activation::ReluN { .. }
             | Activation::Relu
@@ -177,7 +179,7 @@ impl CustomOp1 for ShiftedActivation {
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let grad = grad_res.contiguous()?;
-        Ok(Some(x.apply_op2_no_bwd(&grad, &ActivationGrad(*self))?))
+        Ok(Some(x.apply_op2_no_bwd(&grad, &ActivationGrad(self.clone()))?))
     }
 }
 
@@ -236,7 +238,7 @@ mod tests {
         // Inputs across the response and both clamp regions.
         let x = random_tensor(seed, &[len], -1.0, 3.0, dtype);
         let device = NonnegActivation {
-            activation,
+            activation: activation.clone(),
             input_offset: offsets.0,
             output_offset: offsets.1,
         };
@@ -281,7 +283,7 @@ mod tests {
             seed in 0u64..1000,
         ) {
             for dtype in [DType::F32, DType::F64] {
-                check_against_generic(len, PHOTONIC[which], (input_offset, output_offset), seed, dtype);
+                check_against_generic(len, PHOTONIC[which].clone(), (input_offset, output_offset), seed, dtype);
             }
         }
     }
@@ -304,7 +306,7 @@ mod tests {
         let x = random_tensor(1, &[4], -1.0, 1.0, DType::F32);
         for activation in [Activation::Relu, Activation::ReluN { n: 2.0 }] {
             let op = ShiftedActivation {
-                activation,
+                activation: activation.clone(),
                 input_offset: 0.0,
                 output_offset: 0.0,
                 clamp: false,

@@ -58,13 +58,13 @@ pub fn random_mlp(seed: u64, dtype: DType, range: Range) -> Network {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let side = rng.gen_range(2..6);
     let depth = rng.gen_range(1..4);
-    let act = BOUNDED[rng.gen_range(0..BOUNDED.len())];
+    let act = BOUNDED[rng.gen_range(0..BOUNDED.len())].clone();
     let mut layers = vec![Layer::Flatten];
     let mut width = side * side;
     for _ in 0..depth {
         let h = rng.gen_range(1..12);
         layers.push(Layer::Linear(Linear::zeros(width, h).unwrap()));
-        layers.push(Layer::Activation(act));
+        layers.push(Layer::Activation(act.clone()));
         width = h;
     }
     // Sometimes two affine layers in a row, whose edge carries the shift.
@@ -87,7 +87,7 @@ pub fn random_mlp(seed: u64, dtype: DType, range: Range) -> Network {
 /// Builds a random CNN with padding, stride, dilation, groups and pooling.
 pub fn random_cnn(seed: u64, dtype: DType, range: Range) -> Network {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let act = BOUNDED[rng.gen_range(0..BOUNDED.len())];
+    let act = BOUNDED[rng.gen_range(0..BOUNDED.len())].clone();
     let groups_choices = [1usize, 2];
     let mut channels = 2 * rng.gen_range(1..3);
     let mut side = rng.gen_range(7..12);
@@ -115,7 +115,7 @@ pub fn random_cnn(seed: u64, dtype: DType, range: Range) -> Network {
             layers.push(if rng.gen_bool(0.5) { Layer::MaxPool2d(pool) } else { Layer::AvgPool2d(pool) });
             side = (side - 2) / pool.stride + 1;
         }
-        layers.push(Layer::Activation(act));
+        layers.push(Layer::Activation(act.clone()));
         if side >= 2 && rng.gen_bool(0.3) {
             let pool = Pool::new(2, 2);
             layers.push(if rng.gen_bool(0.5) { Layer::MaxPool2d(pool) } else { Layer::AvgPool2d(pool) });
@@ -126,7 +126,7 @@ pub fn random_cnn(seed: u64, dtype: DType, range: Range) -> Network {
     let flat = channels * side * side;
     let hidden = rng.gen_range(2..8);
     layers.push(Layer::Linear(Linear::zeros(flat, hidden).unwrap()));
-    layers.push(Layer::Activation(act));
+    layers.push(Layer::Activation(act.clone()));
     layers.push(Layer::Linear(Linear::zeros(hidden, 4).unwrap()));
     let mut network = Network {
         channel_ranges: Vec::new(),
