@@ -157,6 +157,12 @@ enum Command {
         /// Precision of the verification.
         #[arg(long, value_enum, default_value_t = Precision::Model)]
         precision: Precision,
+        /// Store the non-negative model in f64 (the default keeps the
+        /// regular model's data type). f64 keeps the shifted biases c + s
+        /// exact where their f32 rounding, amplified by a recurrent layer
+        /// or a large shift, can exceed the 1e-4 tolerance of f32 models.
+        #[arg(long)]
+        f64: bool,
         /// Write into a non-empty output directory, replacing the files
         /// isonn writes there; other files are kept.
         #[arg(long)]
@@ -711,12 +717,16 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             shift,
             activation_range,
             precision,
+            f64,
             force,
         } => {
             let (loaded, source_provenance) = load_model(&model)?;
             let Model::Regular(network) = loaded else {
                 bail!("{} is already a non-negative model; transform takes a regular one", model.display());
             };
+            // The regular network's f32 parameters are exact in f64, so the
+            // f64 network computes the same function in higher precision.
+            let network = if f64 { network.to_dtype(candle_core::DType::F64)? } else { network };
             check_output(&out, force, false)?;
             let options = TransformOptions {
                 shift,

@@ -461,3 +461,35 @@ fn bench_rejects_unknown_workload() {
         .failure()
         .stderr(predicate::str::contains("regular-training"));
 }
+
+/// An Elman network's recurrence amplifies the f32 rounding of the shifted
+/// biases; `transform --f64` stores the non-negative model in f64, and the
+/// comparison with the regular f32 model then meets the f64 tolerance.
+#[test]
+fn transform_f64_stores_exact_biases() {
+    let dir = tempfile::tempdir().unwrap();
+    let regular = dir.path().join("elman");
+    isonn()
+        .args(["train", "--arch", "elman", "--hidden", "16", "--activation", "tanh"])
+        .args(["--dataset", "fashion-mnist-subset", "--epochs", "1", "--lr", "0.05", "--out"])
+        .arg(&regular)
+        .assert()
+        .success();
+    let nonneg = dir.path().join("elman-f64");
+    isonn()
+        .arg("transform")
+        .arg(&regular)
+        .arg("--out")
+        .arg(&nonneg)
+        .args(["--f64", "--dataset", "fashion-mnist-subset"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("verification passed (relative tolerance 1e-9)"));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(nonneg.join("equivalence.json")).unwrap()).unwrap();
+    assert_eq!(report["precision"].as_str(), Some("f64"));
+    assert_eq!(report["argmax_agreement"].as_f64(), Some(1.0));
+    assert!(report["max_rel_diff"].as_f64().unwrap() < 1e-9, "{report}");
+    let (model, _) = isonn::store::load(&nonneg).unwrap();
+    assert_eq!(model.dtype(), candle_core::DType::F64);
+}
