@@ -33,6 +33,28 @@ pub enum AffineOp {
         /// Channel groups.
         groups: usize,
     },
+    /// 1-D convolution over each row, weights `[out, in / groups, k]`.
+    Conv1d {
+        /// Step between output positions.
+        stride: usize,
+        /// Samples added at both ends of each row (with the physical
+        /// padding values).
+        padding: usize,
+        /// Spacing between kernel taps.
+        dilation: usize,
+        /// Channel groups.
+        groups: usize,
+    },
+}
+
+impl AffineOp {
+    /// Returns the number of channel groups; 1 for a linear layer.
+    pub fn groups(self) -> usize {
+        match self {
+            AffineOp::Linear => 1,
+            AffineOp::Conv2d { groups, .. } | AffineOp::Conv1d { groups, .. } => groups,
+        }
+    }
 }
 
 /// A non-negative affine layer `z' = P u + N (alpha - u) + bias`.
@@ -189,7 +211,7 @@ impl NonnegAffine {
         Ok(match (self.op, values.len()) {
             (_, 1) => t.reshape(())?,
             (AffineOp::Linear, n) => t.reshape((1, n))?,
-            (AffineOp::Conv2d { .. }, n) => t.reshape((1, n, 1, 1))?,
+            (AffineOp::Conv2d { .. } | AffineOp::Conv1d { .. }, n) => t.reshape((1, n, 1, 1))?,
         })
     }
 
@@ -236,6 +258,26 @@ impl NonnegAffine {
                 let n = crate::ops::conv2d(&complement, &self.negative, 0, stride, dilation, groups)?;
                 p.add(&n)?
                     .broadcast_add(&self.bias.reshape((1, out_channels, 1, 1))?)?
+            }
+            AffineOp::Conv1d {
+                stride,
+                padding,
+                dilation,
+                groups,
+            } => {
+                // As for Conv2d, with the pads at both ends of each row only.
+                let (signal_pad, complement_pad) = self.pad_values();
+                let u = crate::ops::pad_width_constant(u, padding, &self.channel_tensor(&signal_pad, u)?)?;
+                let complement = crate::ops::pad_width_constant(
+                    &complement,
+                    padding,
+                    &self.channel_tensor(&complement_pad, &complement)?,
+                )?;
+                observe("signal", &u)?;
+                observe("complement", &complement)?;
+                let p = crate::ops::conv1d_rows(&u, &self.positive, stride, dilation, groups)?;
+                let n = crate::ops::conv1d_rows(&complement, &self.negative, stride, dilation, groups)?;
+                crate::ops::add_channel_bias(&p.add(&n)?, &self.bias)?
             }
         };
         observe("output", &z)?;
@@ -286,6 +328,28 @@ impl NonnegAffine {
                     .reshape(out_channels)?
                     .add(&self.bias)?;
                 let z = crate::ops::conv2d(&u, &weight, 0, stride, dilation, groups)?;
+                crate::ops::add_channel_bias(&z, &bias)
+            }
+            AffineOp::Conv1d {
+                stride,
+                padding,
+                dilation,
+                groups,
+            } => {
+                let (signal_pad, _) = self.pad_values();
+                let u = crate::ops::pad_width_constant(u, padding, &self.channel_tensor(&signal_pad, u)?)?;
+                // N alpha is the convolution of N with a row of alpha,
+                // exactly one kernel extent long.
+                let (out_channels, _, kernel) = self.negative.dims3()?;
+                let channels = u.dims()[1];
+                let alpha_row = self
+                    .channel_tensor(&self.alpha, &u)?
+                    .broadcast_as((1, channels, 1, dilation * (kernel - 1) + 1))?
+                    .contiguous()?;
+                let bias = crate::ops::conv1d_rows(&alpha_row, &self.negative, 1, dilation, groups)?
+                    .reshape(out_channels)?
+                    .add(&self.bias)?;
+                let z = crate::ops::conv1d_rows(&u, &weight, stride, dilation, groups)?;
                 crate::ops::add_channel_bias(&z, &bias)
             }
         }
