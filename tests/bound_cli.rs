@@ -80,7 +80,7 @@ fn bound_both_modes_then_transform() {
     let model = read_json(&fixed.join("model.json"));
     assert_eq!(model["layers"][2]["activation"]["name"], "relu-n");
     assert_eq!(model["layers"][2]["activation"]["n"].as_f64(), Some(4.0));
-    let fixed_reference = "bounded network (ReLU replaced by ReLU-N with N = 4)";
+    let fixed_reference = "bounded network (ReLU and GELU replaced by ReLU-N and GELU-N with N = 4)";
     transform_and_verify(&fixed, &tmp.path().join("fixed-nonneg"), fixed_reference);
 
     // Calibrated per channel.
@@ -105,7 +105,7 @@ fn bound_both_modes_then_transform() {
     assert!((unbounded - bounded).abs() < 0.02, "unbounded {unbounded}, bounded {bounded}");
     let model = read_json(&channel.join("model.json"));
     assert_eq!(model["layers"][2]["activation"]["n"].as_f64(), Some(1.0));
-    let channel_reference = "bounded network (ReLU replaced by ReLU-N, calibrated max per channel, margin 0.05)";
+    let channel_reference = "bounded network (ReLU and GELU replaced by ReLU-N and GELU-N, calibrated max per channel, margin 0.05)";
     transform_and_verify(&channel, &tmp.path().join("channel-nonneg"), channel_reference);
 
     // Calibrated percentile per layer.
@@ -119,7 +119,7 @@ fn bound_both_modes_then_transform() {
     let rate = first["rate"].as_f64().unwrap();
     assert!(rate > 0.0, "percentile 99 clips some values of layer 2: {rate}");
     assert!(rate <= 0.01, "percentile 99 clips at most 1% of layer 2: {rate}");
-    let reference = "bounded network (ReLU replaced by ReLU-N, calibrated percentile 99 per layer, margin 0)";
+    let reference = "bounded network (ReLU and GELU replaced by ReLU-N and GELU-N, calibrated percentile 99 per layer, margin 0)";
     transform_and_verify(&layer, &tmp.path().join("layer-nonneg"), reference);
 
     // A bounded model has no ReLU left.
