@@ -7,7 +7,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{channel_inputs as inputs, compare, max_abs, randomise_with_norms as randomise, uniform};
+use common::{channel_inputs as inputs, compare, max_abs, randomise_with_norms as randomise};
 use isonn::activation::Activation;
 use isonn::model::{fold_batchnorm, BatchNorm, Conv2d, Elman, Layer, Linear, Network, Pool, Range, Residual};
 use isonn::nonneg::{inverse, transform, ActivationRange, ShiftPolicy, TransformOptions};

@@ -228,7 +228,6 @@ impl NonnegAffine {
         // input above its range shows as a signal above alpha in the
         // verification report.
         let complement = alpha.broadcast_sub(u)?.relu()?;
-        let out_channels = self.bias.dims()[0];
         let z = match self.op {
             AffineOp::Linear => {
                 observe("signal", u)?;
@@ -237,46 +236,16 @@ impl NonnegAffine {
                     .add(&complement.matmul(&self.negative.t()?)?)?
                     .broadcast_add(&self.bias)?
             }
-            AffineOp::Conv2d {
-                stride,
-                padding,
-                dilation,
-                groups,
-            } => {
+            AffineOp::Conv2d { .. } | AffineOp::Conv1d { .. } => {
                 // A true pad q is u = q - lo on the signal and lo + alpha - q
                 // on the complement.
                 let (signal_pad, complement_pad) = self.pad_values();
-                let u = crate::ops::pad_constant(u, padding, &self.channel_tensor(&signal_pad, u)?)?;
-                let complement = crate::ops::pad_constant(
-                    &complement,
-                    padding,
-                    &self.channel_tensor(&complement_pad, &complement)?,
-                )?;
+                let u = self.pad_input(u, &signal_pad)?;
+                let complement = self.pad_input(&complement, &complement_pad)?;
                 observe("signal", &u)?;
                 observe("complement", &complement)?;
-                let p = crate::ops::conv2d(&u, &self.positive, 0, stride, dilation, groups)?;
-                let n = crate::ops::conv2d(&complement, &self.negative, 0, stride, dilation, groups)?;
-                p.add(&n)?
-                    .broadcast_add(&self.bias.reshape((1, out_channels, 1, 1))?)?
-            }
-            AffineOp::Conv1d {
-                stride,
-                padding,
-                dilation,
-                groups,
-            } => {
-                // As for Conv2d, with the pads at both ends of each row only.
-                let (signal_pad, complement_pad) = self.pad_values();
-                let u = crate::ops::pad_width_constant(u, padding, &self.channel_tensor(&signal_pad, u)?)?;
-                let complement = crate::ops::pad_width_constant(
-                    &complement,
-                    padding,
-                    &self.channel_tensor(&complement_pad, &complement)?,
-                )?;
-                observe("signal", &u)?;
-                observe("complement", &complement)?;
-                let p = crate::ops::conv1d_rows(&u, &self.positive, stride, dilation, groups)?;
-                let n = crate::ops::conv1d_rows(&complement, &self.negative, stride, dilation, groups)?;
+                let p = self.convolve(&u, &self.positive)?;
+                let n = self.convolve(&complement, &self.negative)?;
                 crate::ops::add_channel_bias(&p.add(&n)?, &self.bias)?
             }
         };
@@ -305,53 +274,61 @@ impl NonnegAffine {
                 let bias = self.negative.matmul(&alpha)?.squeeze(1)?.add(&self.bias)?;
                 crate::ops::linear(u, &weight, &bias)
             }
-            AffineOp::Conv2d {
-                stride,
-                padding,
-                dilation,
-                groups,
-            } => {
+            AffineOp::Conv2d { dilation, .. } | AffineOp::Conv1d { dilation, .. } => {
                 // Padding with the physical value q - lo keeps alpha - u equal
                 // to the complement's pad value lo + alpha - q.
                 let (signal_pad, _) = self.pad_values();
-                let u = crate::ops::pad_constant(u, padding, &self.channel_tensor(&signal_pad, u)?)?;
+                let u = self.pad_input(u, &signal_pad)?;
                 // N alpha is the convolution of N with an image of alpha,
-                // exactly one kernel extent in size.
-                let (out_channels, _, kernel_h, kernel_w) = self.negative.dims4()?;
-                let channels = u.dims()[1];
+                // exactly one kernel extent in size (one row for conv1d).
+                let dims = self.negative.dims();
                 let extent = |k: usize| dilation * (k - 1) + 1;
+                let (height, width) = match dims[2..] {
+                    [kernel_h, kernel_w] => (extent(kernel_h), extent(kernel_w)),
+                    _ => (1, extent(dims[2])),
+                };
                 let alpha_image = self
                     .channel_tensor(&self.alpha, &u)?
-                    .broadcast_as((1, channels, extent(kernel_h), extent(kernel_w)))?
+                    .broadcast_as((1, u.dims()[1], height, width))?
                     .contiguous()?;
-                let bias = crate::ops::conv2d(&alpha_image, &self.negative, 0, 1, dilation, groups)?
-                    .reshape(out_channels)?
+                let bias = self
+                    .convolve(&alpha_image, &self.negative)?
+                    .reshape(dims[0])?
                     .add(&self.bias)?;
-                let z = crate::ops::conv2d(&u, &weight, 0, stride, dilation, groups)?;
+                let z = self.convolve(&u, &weight)?;
                 crate::ops::add_channel_bias(&z, &bias)
             }
-            AffineOp::Conv1d {
+        }
+    }
+
+    /// Pads a convolution's input `x` with `values` (one or one per
+    /// channel): on every side for conv2d, at both ends of each row for
+    /// conv1d.
+    fn pad_input(&self, x: &Tensor, values: &[f64]) -> Result<Tensor> {
+        let values = self.channel_tensor(values, x)?;
+        match self.op {
+            AffineOp::Conv2d { padding, .. } => crate::ops::pad_constant(x, padding, &values),
+            AffineOp::Conv1d { padding, .. } => crate::ops::pad_width_constant(x, padding, &values),
+            AffineOp::Linear => Ok(x.clone()),
+        }
+    }
+
+    /// Convolves the padded input `x` with `kernel` (`P`, `N` or `P - N`).
+    fn convolve(&self, x: &Tensor, kernel: &Tensor) -> Result<Tensor> {
+        match self.op {
+            AffineOp::Conv2d {
                 stride,
-                padding,
                 dilation,
                 groups,
-            } => {
-                let (signal_pad, _) = self.pad_values();
-                let u = crate::ops::pad_width_constant(u, padding, &self.channel_tensor(&signal_pad, u)?)?;
-                // N alpha is the convolution of N with a row of alpha,
-                // exactly one kernel extent long.
-                let (out_channels, _, kernel) = self.negative.dims3()?;
-                let channels = u.dims()[1];
-                let alpha_row = self
-                    .channel_tensor(&self.alpha, &u)?
-                    .broadcast_as((1, channels, 1, dilation * (kernel - 1) + 1))?
-                    .contiguous()?;
-                let bias = crate::ops::conv1d_rows(&alpha_row, &self.negative, 1, dilation, groups)?
-                    .reshape(out_channels)?
-                    .add(&self.bias)?;
-                let z = crate::ops::conv1d_rows(&u, &weight, stride, dilation, groups)?;
-                crate::ops::add_channel_bias(&z, &bias)
-            }
+                ..
+            } => crate::ops::conv2d(x, kernel, 0, stride, dilation, groups),
+            AffineOp::Conv1d {
+                stride,
+                dilation,
+                groups,
+                ..
+            } => crate::ops::conv1d_rows(x, kernel, stride, dilation, groups),
+            AffineOp::Linear => Ok(x.matmul(&kernel.t()?)?),
         }
     }
 
