@@ -401,3 +401,30 @@ fn trained_conv1d_transforms_exactly() {
     assert!(report.max_rel_diff < 1e-4, "relative logit difference {:e}", report.max_rel_diff);
 }
 
+
+#[test]
+fn conv1d_cost_and_report() {
+    // Conv1d 2 -> 4, k3, stride 2, padding 1, groups 2 on [2, 3, 9]: output
+    // [4, 3, 5], so 15 cycles of 2 * 3 inputs.
+    let layers = vec![
+        Layer::Conv1d(Conv1d::zeros(2, 4, 3, 2, 1, 1, 2).unwrap()),
+        Layer::Activation(Activation::PhotonicSigmoid),
+        Layer::Flatten,
+        Layer::Linear(Linear::zeros(4 * 3 * 5, 2).unwrap()),
+    ];
+    let mut network = Network::new(&[2, 3, 9], Range { lo: 0.0, hi: 1.0 }, layers);
+    randomise(&mut network, &mut StdRng::seed_from_u64(5), DType::F32);
+    let table = isonn::hardware::cost_table(&network, None).unwrap();
+    assert_eq!(table.rows[0].kind, "conv1d");
+    assert_eq!(table.rows[0].inputs, 6);
+    assert_eq!(table.rows[0].outputs, 4);
+    assert_eq!(table.rows[0].cycles, 15);
+
+    let nonneg = transform(&network, &TransformOptions::default()).unwrap();
+    let report = isonn::inspect::report(&nonneg, None).unwrap();
+    let first = &report.layers[0];
+    assert_eq!(first.kind, "conv1d");
+    assert_eq!(first.shape, vec![4, 1, 3]);
+    let conv = first.conv.expect("a conv1d layer reports its settings");
+    assert_eq!((conv.stride, conv.padding, conv.dilation, conv.groups), (2, 1, 1, 2));
+}
