@@ -88,7 +88,8 @@ pub struct WeightRouting {
 pub struct ConvSettings {
     /// Step between output positions.
     pub stride: usize,
-    /// Pixels added on every side.
+    /// Pixels added on every side (conv2d), or samples at both ends of
+    /// each row (conv1d).
     pub padding: usize,
     /// Spacing between kernel taps.
     pub dilation: usize,
@@ -126,7 +127,7 @@ pub struct Observed {
 pub struct LayerReport {
     /// Row key: the parameter path of the layer (`layers.3`, or `layers.4.main.0` inside a block).
     pub label: String,
-    /// `linear` or `conv2d`.
+    /// `linear`, `conv2d` or `conv1d`.
     pub kind: String,
     /// Weight shape: `[out, in]` or `[out, in / groups, k, k]`.
     pub shape: Vec<usize>,
@@ -342,6 +343,20 @@ fn layer_report(label: String, layer: &NonnegAffine, observed: Option<Observed>)
             groups,
         } => (
             "conv2d",
+            Some(ConvSettings {
+                stride,
+                padding,
+                dilation,
+                groups,
+            }),
+        ),
+        AffineOp::Conv1d {
+            stride,
+            padding,
+            dilation,
+            groups,
+        } => (
+            "conv1d",
             Some(ConvSettings {
                 stride,
                 padding,

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::activation::Activation;
 use crate::error::{Error, Result};
 use crate::fsio;
-use crate::model::{BatchNorm, Conv2d, Elman, Layer, Linear, Network, Pool, Range, Residual};
+use crate::model::{BatchNorm, Conv1d, Conv2d, Elman, Layer, Linear, Network, Pool, Range, Residual};
 use crate::nonneg::{
     AffineOp, NonnegActivation, NonnegAffine, NonnegElman, NonnegLayer, NonnegNetwork, NonnegResidual,
 };
@@ -102,6 +102,20 @@ struct ConvSpec {
     pad_value: Vec<f64>,
 }
 
+/// Settings of a 1-D convolution, as PyTorch's `Conv1d`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Conv1dSpec {
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    groups: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pad_value: Vec<f64>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct NonnegSpec {
     lo: Vec<f64>,
@@ -120,6 +134,7 @@ enum LayerSpec {
         out_features: usize,
     },
     Conv2d(ConvSpec),
+    Conv1d(Conv1dSpec),
     Activation {
         activation: Activation,
     },
@@ -175,6 +190,12 @@ enum LayerSpec {
         #[serde(flatten)]
         nonneg: NonnegSpec,
     },
+    NonnegConv1d {
+        #[serde(flatten)]
+        conv: Conv1dSpec,
+        #[serde(flatten)]
+        nonneg: NonnegSpec,
+    },
     NonnegActivation {
         activation: Activation,
         input_offset: f64,
@@ -188,6 +209,20 @@ fn conv_spec(weight: &Tensor, stride: usize, padding: usize, dilation: usize, gr
         in_channels: d[1] * groups,
         out_channels: d[0],
         kernel: [d[2], d[3]],
+        stride,
+        padding,
+        dilation,
+        groups,
+        pad_value: Vec::new(),
+    }
+}
+
+fn conv1d_spec(weight: &Tensor, stride: usize, padding: usize, dilation: usize, groups: usize) -> Conv1dSpec {
+    let d = weight.dims();
+    Conv1dSpec {
+        in_channels: d[1] * groups,
+        out_channels: d[0],
+        kernel: d[2],
         stride,
         padding,
         dilation,
@@ -247,6 +282,10 @@ fn regular_specs(layers: &[Layer], prefix: &str, tensors: &mut Vec<(String, Tens
             Layer::Conv2d(c) => LayerSpec::Conv2d(ConvSpec {
                 pad_value: c.pad_value.clone(),
                 ..conv_spec(&c.weight, c.stride, c.padding, c.dilation, c.groups)
+            }),
+            Layer::Conv1d(c) => LayerSpec::Conv1d(Conv1dSpec {
+                pad_value: c.pad_value.clone(),
+                ..conv1d_spec(&c.weight, c.stride, c.padding, c.dilation, c.groups)
             }),
             Layer::Activation(a) => LayerSpec::Activation { activation: a.clone() },
             Layer::AvgPool2d(p) => LayerSpec::AvgPool2d {
@@ -323,6 +362,15 @@ fn nonneg_specs(layers: &[NonnegLayer], prefix: &str, tensors: &mut Vec<(String,
                         groups,
                     } => LayerSpec::NonnegConv2d {
                         conv: conv_spec(&a.positive, stride, padding, dilation, groups),
+                        nonneg: nonneg_spec(a),
+                    },
+                    AffineOp::Conv1d {
+                        stride,
+                        padding,
+                        dilation,
+                        groups,
+                    } => LayerSpec::NonnegConv1d {
+                        conv: conv1d_spec(&a.positive, stride, padding, dilation, groups),
                         nonneg: nonneg_spec(a),
                     },
                 }
@@ -586,6 +634,34 @@ impl Loader<'_> {
         Ok(vec![c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]])
     }
 
+    /// Checks the settings of conv1d layer `path` and returns its kernel
+    /// shape `[out, in / groups, k]`.
+    fn conv1d_shape(&self, c: &Conv1dSpec, path: &str) -> Result<Vec<usize>> {
+        const LIMIT: usize = 1 << 16;
+        let settings = [c.kernel, c.stride, c.dilation, c.padding, c.in_channels, c.out_channels];
+        if settings.iter().any(|&v| v > LIMIT) {
+            return Err(self.bad(format!(
+                "layer {path} (conv1d): settings {settings:?} (kernel, stride, dilation, padding, \
+                 in and out channels) must each be at most {LIMIT}"
+            )));
+        }
+        if c.kernel == 0 || c.stride == 0 || c.dilation == 0 || c.in_channels == 0 || c.out_channels == 0 {
+            return Err(self.bad(format!(
+                "layer {path} (conv1d): kernel {}, stride {}, dilation {} and channels {} -> {} \
+                 must each be at least 1",
+                c.kernel, c.stride, c.dilation, c.in_channels, c.out_channels
+            )));
+        }
+        if c.groups == 0 || c.in_channels % c.groups != 0 || c.out_channels % c.groups != 0 {
+            return Err(self.bad(format!(
+                "layer {path} (conv1d): groups {} must be at least 1 and divide both {} input and \
+                 {} output channels; change groups or the channel counts",
+                c.groups, c.in_channels, c.out_channels
+            )));
+        }
+        Ok(vec![c.out_channels, c.in_channels / c.groups, c.kernel])
+    }
+
     /// Rejects sizes that would allocate without bound before the shape
     /// check sees them.
     fn check_sizes(&self, path: &str, sizes: &[usize]) -> Result<()> {
@@ -612,6 +688,18 @@ impl Loader<'_> {
                 LayerSpec::Conv2d(c) => {
                     let shape = self.conv_shape(c)?;
                     Layer::Conv2d(Conv2d {
+                        weight: self.take(w, &shape)?,
+                        bias: self.take(b, &[c.out_channels])?,
+                        stride: c.stride,
+                        padding: c.padding,
+                        dilation: c.dilation,
+                        groups: c.groups,
+                        pad_value: c.pad_value.clone(),
+                    })
+                }
+                LayerSpec::Conv1d(c) => {
+                    let shape = self.conv1d_shape(c, &path)?;
+                    Layer::Conv1d(Conv1d {
                         weight: self.take(w, &shape)?,
                         bias: self.take(b, &[c.out_channels])?,
                         stride: c.stride,
@@ -675,11 +763,7 @@ impl Loader<'_> {
     }
 
     fn nonneg_affine(&mut self, op: AffineOp, shape: Vec<usize>, spec: &NonnegSpec, path: &str) -> Result<NonnegAffine> {
-        let groups = match op {
-            AffineOp::Conv2d { groups, .. } => groups,
-            AffineOp::Linear => 1,
-        };
-        check_nonneg_spec(path, spec, shape[1] * groups).map_err(|m| self.bad(m))?;
+        check_nonneg_spec(path, spec, shape[1] * op.groups()).map_err(|m| self.bad(m))?;
         Ok(NonnegAffine {
             op,
             positive: self.take(format!("{path}.positive"), &shape)?,
@@ -716,6 +800,16 @@ impl Loader<'_> {
                         groups: conv.groups,
                     };
                     let shape = self.conv_shape(conv)?;
+                    NonnegLayer::Affine(self.nonneg_affine(op, shape, nonneg, &path)?)
+                }
+                LayerSpec::NonnegConv1d { conv, nonneg } => {
+                    let op = AffineOp::Conv1d {
+                        stride: conv.stride,
+                        padding: conv.padding,
+                        dilation: conv.dilation,
+                        groups: conv.groups,
+                    };
+                    let shape = self.conv1d_shape(conv, &path)?;
                     NonnegLayer::Affine(self.nonneg_affine(op, shape, nonneg, &path)?)
                 }
                 LayerSpec::NonnegActivation {

@@ -7,7 +7,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{compare, max_abs};
+use common::{channel_inputs as inputs, compare, max_abs, randomise_with_norms as randomise};
 use isonn::activation::Activation;
 use isonn::model::{fold_batchnorm, BatchNorm, Conv2d, Elman, Layer, Linear, Network, Pool, Range, Residual};
 use isonn::nonneg::{inverse, transform, ActivationRange, ShiftPolicy, TransformOptions};
@@ -32,41 +32,6 @@ const ACTIVATIONS: [Activation; 5] = [
     Activation::Tanh,
     Activation::GeluN { n: 1.5 },
 ];
-
-fn uniform(rng: &mut StdRng, shape: &[usize], scale: f64, dtype: DType) -> Tensor {
-    let n: usize = shape.iter().product();
-    let values: Vec<f64> = (0..n).map(|_| rng.gen_range(-scale..=scale)).collect();
-    Tensor::from_vec(values, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
-}
-
-/// Gives every trained tensor random values of both signs, nested layers
-/// included, and every batch normalisation random statistics with scales
-/// of both signs.
-fn randomise(network: &mut Network, rng: &mut StdRng, dtype: DType) {
-    network
-        .visit_mut(&mut |_, layer| {
-            if let Layer::BatchNorm(bn) = layer {
-                let c = bn.channels();
-                bn.weight = uniform(rng, &[c], 1.5, dtype);
-                bn.bias = uniform(rng, &[c], 1.0, dtype);
-                let mean = uniform(rng, &[c], 1.0, dtype);
-                let var = uniform(rng, &[c], 0.9, dtype).affine(1.0, 1.0).unwrap(); // in [0.1, 1.9]
-                bn.set_running_stats(mean, var);
-                return Ok(());
-            }
-            for (name, t) in layer.parameters_mut() {
-                let dims = t.dims().to_vec();
-                let scale = if name == "bias" {
-                    1.0
-                } else {
-                    1.5 / (dims[1..].iter().product::<usize>() as f64).sqrt()
-                };
-                *t = uniform(rng, &dims, scale, dtype);
-            }
-            Ok(())
-        })
-        .unwrap();
-}
 
 fn conv(i: usize, o: usize, kernel: usize, stride: usize, padding: usize, groups: usize) -> Layer {
     Layer::Conv2d(Conv2d::zeros(i, o, kernel, stride, padding, 1, groups).unwrap())
@@ -194,27 +159,6 @@ impl ShapePrefix for Network {
     fn output_shape_prefix(&self) -> usize {
         isonn::model::chain_shape(&self.layers, &self.input_shape).unwrap().iter().product()
     }
-}
-
-/// Draws inputs within each channel's range, a seventh of them exactly on
-/// a bound.
-fn inputs(network: &Network, seed: u64, batch: usize, dtype: DType) -> Tensor {
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-    let ranges = network.input_ranges();
-    let per_channel: usize = network.input_shape[1..].iter().product();
-    let values: Vec<f64> = (0..batch * network.input_shape.iter().product::<usize>())
-        .map(|i| {
-            let r = ranges[(i / per_channel) % ranges.len()];
-            match i % 7 {
-                0 => r.lo,
-                1 => r.hi,
-                _ => rng.gen_range(r.lo..=r.hi),
-            }
-        })
-        .collect();
-    let mut shape = vec![batch];
-    shape.extend(&network.input_shape);
-    Tensor::from_vec(values, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
 }
 
 fn options(published: bool, tight: bool) -> TransformOptions {

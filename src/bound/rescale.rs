@@ -50,14 +50,14 @@ fn plan(network: &Network, layer: usize) -> Result<Rescaling> {
     let mut before = layer;
     let rows_of = loop {
         let Some(previous) = before.checked_sub(1) else {
-            return Err(reject("reads the network input, not a linear or conv2d layer".into()));
+            return Err(reject("reads the network input, not a linear or convolution layer".into()));
         };
         match &network.layers[previous] {
-            Layer::Linear(_) | Layer::Conv2d(_) => break previous,
+            Layer::Linear(_) | Layer::Conv2d(_) | Layer::Conv1d(_) => break previous,
             Layer::MaxPool2d(_) | Layer::AvgPool2d(_) => before = previous,
             other => {
                 return Err(reject(format!(
-                    "reads layer {previous} ({}), not a linear or conv2d layer reachable through pooling",
+                    "reads layer {previous} ({}), not a linear or convolution layer reachable through pooling",
                     other.kind()
                 )))
             }
@@ -67,11 +67,11 @@ fn plan(network: &Network, layer: usize) -> Result<Rescaling> {
     let columns_of = loop {
         match network.layers.get(after) {
             None => return Err(reject("is the last layer".into())),
-            Some(Layer::Linear(_) | Layer::Conv2d(_)) => break after,
+            Some(Layer::Linear(_) | Layer::Conv2d(_) | Layer::Conv1d(_)) => break after,
             Some(Layer::MaxPool2d(_) | Layer::AvgPool2d(_) | Layer::Flatten) => after += 1,
             Some(other) => {
                 return Err(reject(format!(
-                    "is followed by layer {after} ({}) before any linear or conv2d layer reachable \
+                    "is followed by layer {after} ({}) before any linear or convolution layer reachable \
                      through pooling and flatten",
                     other.kind()
                 )))
@@ -120,6 +120,20 @@ pub fn check_per_channel(network: &Network) -> Result<()> {
 
 /// Multiplies `t` by `factor` (which broadcasts against it) in f64 and
 /// returns the result in `t`'s type.
+/// Returns the bound of the input channel that each `(output, group
+/// channel)` kernel column of a grouped convolution reads, row-major.
+fn group_column_factors(out: usize, group_channels: usize, groups: usize, bounds: &[f64]) -> Vec<f64> {
+    let outputs_per_group = out / groups;
+    let mut factor = Vec::with_capacity(out * group_channels);
+    for o in 0..out {
+        let group = o / outputs_per_group;
+        for ci in 0..group_channels {
+            factor.push(bounds[group * group_channels + ci]);
+        }
+    }
+    factor
+}
+
 fn scaled(t: &Tensor, factor: Vec<f64>, shape: Vec<usize>) -> Result<Tensor> {
     let factor = Tensor::from_vec(factor, shape, &Device::Cpu)?;
     let out = t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.broadcast_mul(&factor)?;
@@ -153,15 +167,13 @@ fn scale_columns(layer: &mut Layer, bounds: &[f64]) -> Result<()> {
         }
         Layer::Conv2d(c) => {
             let (out, group_channels, _, _) = c.kernel_dims();
-            let outputs_per_group = out / c.groups;
-            let mut factor = Vec::with_capacity(out * group_channels);
-            for o in 0..out {
-                let group = o / outputs_per_group;
-                for ci in 0..group_channels {
-                    factor.push(bounds[group * group_channels + ci]);
-                }
-            }
+            let factor = group_column_factors(out, group_channels, c.groups, bounds);
             c.weight = scaled(&c.weight, factor, vec![out, group_channels, 1, 1])?;
+        }
+        Layer::Conv1d(c) => {
+            let (out, group_channels, _) = c.kernel_dims();
+            let factor = group_column_factors(out, group_channels, c.groups, bounds);
+            c.weight = scaled(&c.weight, factor, vec![out, group_channels, 1])?;
         }
         _ => unreachable!("the plan picks affine layers"),
     }

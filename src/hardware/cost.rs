@@ -85,7 +85,7 @@ impl Scheme {
 pub struct CostRow {
     /// Index of the layer in the network.
     pub layer: usize,
-    /// `linear` or `conv2d`.
+    /// `linear`, `conv2d` or `conv1d`.
     pub kind: String,
     /// Inputs per cycle (features, or channels times kernel taps).
     pub inputs: usize,
@@ -202,6 +202,7 @@ pub fn cost_table(network: &Network, energies: Option<&Energies>) -> Result<Cost
                     let taps: usize = dims[2..].iter().product();
                     (shape[0] * taps, output[1] * output[2], "conv2d")
                 }
+                Layer::Conv1d(_) => (shape[0] * dims[2], output[1] * output[2], "conv1d"),
                 _ => (dims[1], 1, "linear"),
             };
             let weights = weight.elem_count();

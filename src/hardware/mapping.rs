@@ -17,7 +17,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::nonneg::{AffineOp, NonnegAffine, NonnegNetwork};
+use crate::nonneg::{NonnegAffine, NonnegNetwork};
 
 /// How many gains a layer has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -245,10 +245,7 @@ fn weight_alpha(a: &NonnegAffine) -> Result<Vec<f64>> {
     let (out, group_inputs) = (dims[0], dims[1]);
     let receptive: usize = dims[2..].iter().product();
     let row_len = group_inputs * receptive;
-    let groups = match a.op {
-        AffineOp::Linear => 1,
-        AffineOp::Conv2d { groups, .. } => groups,
-    };
+    let groups = a.op.groups();
     if a.alpha.is_empty() || out % groups.max(1) != 0 {
         return Err(Error::Shape(format!(
             "affine layer with {out} outputs, {groups} groups and {} alpha values cannot be mapped",

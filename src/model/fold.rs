@@ -7,11 +7,12 @@
 //! `W' = W diag(g)`, `b' = b + W beta`. Both are exact. A zero-padded
 //! convolution after the normalisation pads `y` with 0, which is the input
 //! `x = -beta / g`, so the folded convolution pads channel `c` with
-//! `-beta_c / g_c` ([`Conv2d::pad_value`](super::Conv2d::pad_value)).
+//! `-beta_c / g_c` ([`Conv2d::pad_value`](super::Conv2d::pad_value), and
+//! likewise for [`Conv1d`](super::Conv1d)).
 
 use candle_core::{DType, Tensor};
 
-use super::{BatchNorm, Layer, Network};
+use super::{BatchNorm, Conv1d, Conv2d, Layer, Network};
 use crate::error::{Error, Result};
 
 /// Returns `network` with every batch normalisation folded into the affine
@@ -101,13 +102,17 @@ fn fold_after(bn: &BatchNorm, layer: &mut Layer) -> std::result::Result<(), Stri
 /// of its group (per feature for a linear layer).
 fn fold_before(bn: &BatchNorm, layer: &mut Layer) -> std::result::Result<(), String> {
     let (scale, offset) = bn.inference_affine().map_err(|e| e.to_string())?;
-    if let Layer::Conv2d(c) = layer {
-        if c.padding > 0 {
-            c.pad_value = input_pad(&c.pad_value, &scale, &offset)?;
+    match layer {
+        Layer::Conv2d(Conv2d { padding, pad_value, .. }) | Layer::Conv1d(Conv1d { padding, pad_value, .. })
+            if *padding > 0 =>
+        {
+            *pad_value = input_pad(pad_value, &scale, &offset)?;
         }
+        _ => {}
     }
     let groups = match layer {
         Layer::Conv2d(c) => c.groups,
+        Layer::Conv1d(c) => c.groups,
         _ => 1,
     };
     let (weight, bias) = layer.weight_and_bias_mut().expect("the caller checked for an affine layer");

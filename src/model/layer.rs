@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 
 pub use super::block::{BatchNorm, Elman, Residual};
+pub use super::conv1d::Conv1d;
 use crate::activation::Activation;
 use crate::error::Result;
 
@@ -225,6 +226,8 @@ pub enum Layer {
     Linear(Linear),
     /// 2-D convolution.
     Conv2d(Conv2d),
+    /// 1-D convolution over each row.
+    Conv1d(Conv1d),
     /// Elementwise activation.
     Activation(Activation),
     /// Average over each window.
@@ -255,6 +258,7 @@ impl Layer {
         match self {
             Layer::Linear(_) => "linear",
             Layer::Conv2d(_) => "conv2d",
+            Layer::Conv1d(_) => "conv1d",
             Layer::Activation(_) => "activation",
             Layer::AvgPool2d(_) => "avg-pool2d",
             Layer::MaxPool2d(_) => "max-pool2d",
@@ -278,6 +282,7 @@ impl Layer {
         Ok(match self {
             Layer::Linear(l) => crate::ops::linear(x, &l.weight, &l.bias)?,
             Layer::Conv2d(c) => crate::ops::add_channel_bias(&c.convolve(x, &c.weight, c.padding)?, &c.bias)?,
+            Layer::Conv1d(c) => crate::ops::add_channel_bias(&c.convolve(x, &c.weight, &c.pad_value)?, &c.bias)?,
             Layer::Activation(a) => a.forward(x)?,
             Layer::AvgPool2d(p) => p.average(x, &Tensor::new(0.0, x.device())?.to_dtype(x.dtype())?)?,
             Layer::MaxPool2d(p) => p.maximum(x, lowest(x.dtype()))?,
@@ -312,6 +317,7 @@ impl Layer {
                 Ok(vec![l.out_features()])
             }
             Layer::Conv2d(c) => c.output_shape(input),
+            Layer::Conv1d(c) => c.output_shape(input),
             Layer::AvgPool2d(p) | Layer::MaxPool2d(p) => p.output_shape(input),
             Layer::Activation(_) => Ok(input.to_vec()),
             Layer::Flatten => Ok(vec![input.iter().product()]),
@@ -364,6 +370,7 @@ impl Layer {
         match self {
             Layer::Linear(l) => Some((&l.weight, &l.bias)),
             Layer::Conv2d(c) => Some((&c.weight, &c.bias)),
+            Layer::Conv1d(c) => Some((&c.weight, &c.bias)),
             _ => None,
         }
     }
@@ -373,6 +380,7 @@ impl Layer {
         match self {
             Layer::Linear(l) => Some((&mut l.weight, &mut l.bias)),
             Layer::Conv2d(c) => Some((&mut c.weight, &mut c.bias)),
+            Layer::Conv1d(c) => Some((&mut c.weight, &mut c.bias)),
             _ => None,
         }
     }
@@ -381,7 +389,9 @@ impl Layer {
     /// of nested layers.
     pub fn parameters_mut(&mut self) -> Vec<(&'static str, &mut Tensor)> {
         match self {
-            Layer::Linear(Linear { weight, bias }) | Layer::Conv2d(Conv2d { weight, bias, .. }) => {
+            Layer::Linear(Linear { weight, bias })
+            | Layer::Conv2d(Conv2d { weight, bias, .. })
+            | Layer::Conv1d(Conv1d { weight, bias, .. }) => {
                 vec![("weight", weight), ("bias", bias)]
             }
             Layer::BatchNorm(bn) => vec![("weight", &mut bn.weight), ("bias", &mut bn.bias)],

@@ -5,6 +5,7 @@
 //! `[channels, height, width]` whose values lie in a known [`Range`].
 
 mod block;
+mod conv1d;
 mod fold;
 mod init;
 mod layer;
@@ -13,7 +14,7 @@ pub use block::sequence;
 pub use fold::fold_batchnorm;
 pub use init::Init;
 pub use layer::{
-    adaptive_average, chain_shape, forward_chain, BatchNorm, Conv2d, Elman, Layer, Linear, Mode, Pool,
+    adaptive_average, chain_shape, forward_chain, BatchNorm, Conv1d, Conv2d, Elman, Layer, Linear, Mode, Pool,
     Residual,
 };
 

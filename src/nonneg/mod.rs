@@ -33,6 +33,28 @@ pub enum AffineOp {
         /// Channel groups.
         groups: usize,
     },
+    /// 1-D convolution over each row, weights `[out, in / groups, k]`.
+    Conv1d {
+        /// Step between output positions.
+        stride: usize,
+        /// Samples added at both ends of each row (with the physical
+        /// padding values).
+        padding: usize,
+        /// Spacing between kernel taps.
+        dilation: usize,
+        /// Channel groups.
+        groups: usize,
+    },
+}
+
+impl AffineOp {
+    /// Returns the number of channel groups; 1 for a linear layer.
+    pub fn groups(self) -> usize {
+        match self {
+            AffineOp::Linear => 1,
+            AffineOp::Conv2d { groups, .. } | AffineOp::Conv1d { groups, .. } => groups,
+        }
+    }
 }
 
 /// A non-negative affine layer `z' = P u + N (alpha - u) + bias`.
@@ -205,7 +227,7 @@ impl NonnegAffine {
         Ok(match (self.op, values.len()) {
             (_, 1) => t.reshape(())?,
             (AffineOp::Linear, n) => t.reshape((1, n))?,
-            (AffineOp::Conv2d { .. }, n) => t.reshape((1, n, 1, 1))?,
+            (AffineOp::Conv2d { .. } | AffineOp::Conv1d { .. }, n) => t.reshape((1, n, 1, 1))?,
         })
     }
 
@@ -218,7 +240,6 @@ impl NonnegAffine {
     pub fn forward(&self, u: &Tensor, observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<Tensor> {
         let alpha = self.channel_tensor(&self.alpha, u)?;
         let complement = complement_port(&alpha, u)?;
-        let out_channels = self.bias.dims()[0];
         let z = match self.op {
             AffineOp::Linear => {
                 observe("signal", u)?;
@@ -227,27 +248,17 @@ impl NonnegAffine {
                     .add(&complement.matmul(&self.negative.t()?)?)?
                     .broadcast_add(&self.bias)?
             }
-            AffineOp::Conv2d {
-                stride,
-                padding,
-                dilation,
-                groups,
-            } => {
+            AffineOp::Conv2d { .. } | AffineOp::Conv1d { .. } => {
                 // A true pad q is u = q - lo on the signal and lo + alpha - q
                 // on the complement.
                 let (signal_pad, complement_pad) = self.pad_values();
-                let u = crate::ops::pad_constant(u, padding, &self.channel_tensor(&signal_pad, u)?)?;
-                let complement = crate::ops::pad_constant(
-                    &complement,
-                    padding,
-                    &self.channel_tensor(&complement_pad, &complement)?,
-                )?;
+                let u = self.pad_input(u, &signal_pad)?;
+                let complement = self.pad_input(&complement, &complement_pad)?;
                 observe("signal", &u)?;
                 observe("complement", &complement)?;
-                let p = crate::ops::conv2d(&u, &self.positive, 0, stride, dilation, groups)?;
-                let n = crate::ops::conv2d(&complement, &self.negative, 0, stride, dilation, groups)?;
-                p.add(&n)?
-                    .broadcast_add(&self.bias.reshape((1, out_channels, 1, 1))?)?
+                let p = self.convolve(&u, &self.positive)?;
+                let n = self.convolve(&complement, &self.negative)?;
+                crate::ops::add_channel_bias(&p.add(&n)?, &self.bias)?
             }
         };
         observe("output", &z)?;
@@ -276,31 +287,61 @@ impl NonnegAffine {
                 let bias = self.negative.matmul(&alpha)?.squeeze(1)?.add(&self.bias)?;
                 crate::ops::linear(u, &weight, &bias)
             }
-            AffineOp::Conv2d {
-                stride,
-                padding,
-                dilation,
-                groups,
-            } => {
+            AffineOp::Conv2d { dilation, .. } | AffineOp::Conv1d { dilation, .. } => {
                 // Padding with the physical value q - lo keeps alpha - u equal
                 // to the complement's pad value lo + alpha - q.
                 let (signal_pad, _) = self.pad_values();
-                let u = crate::ops::pad_constant(u, padding, &self.channel_tensor(&signal_pad, u)?)?;
+                let u = self.pad_input(u, &signal_pad)?;
                 // N alpha is the convolution of N with an image of alpha,
-                // exactly one kernel extent in size.
-                let (out_channels, _, kernel_h, kernel_w) = self.negative.dims4()?;
-                let channels = u.dims()[1];
+                // exactly one kernel extent in size (one row for conv1d).
+                let dims = self.negative.dims();
                 let extent = |k: usize| dilation * (k - 1) + 1;
+                let (height, width) = match dims[2..] {
+                    [kernel_h, kernel_w] => (extent(kernel_h), extent(kernel_w)),
+                    _ => (1, extent(dims[2])),
+                };
                 let alpha_image = self
                     .channel_tensor(&self.alpha, &u)?
-                    .broadcast_as((1, channels, extent(kernel_h), extent(kernel_w)))?
+                    .broadcast_as((1, u.dims()[1], height, width))?
                     .contiguous()?;
-                let bias = crate::ops::conv2d(&alpha_image, &self.negative, 0, 1, dilation, groups)?
-                    .reshape(out_channels)?
+                let bias = self
+                    .convolve(&alpha_image, &self.negative)?
+                    .reshape(dims[0])?
                     .add(&self.bias)?;
-                let z = crate::ops::conv2d(&u, &weight, 0, stride, dilation, groups)?;
+                let z = self.convolve(&u, &weight)?;
                 crate::ops::add_channel_bias(&z, &bias)
             }
+        }
+    }
+
+    /// Pads a convolution's input `x` with `values` (one or one per
+    /// channel): on every side for conv2d, at both ends of each row for
+    /// conv1d.
+    fn pad_input(&self, x: &Tensor, values: &[f64]) -> Result<Tensor> {
+        let values = self.channel_tensor(values, x)?;
+        match self.op {
+            AffineOp::Conv2d { padding, .. } => crate::ops::pad_constant(x, padding, &values),
+            AffineOp::Conv1d { padding, .. } => crate::ops::pad_width_constant(x, padding, &values),
+            AffineOp::Linear => Ok(x.clone()),
+        }
+    }
+
+    /// Convolves the padded input `x` with `kernel` (`P`, `N` or `P - N`).
+    fn convolve(&self, x: &Tensor, kernel: &Tensor) -> Result<Tensor> {
+        match self.op {
+            AffineOp::Conv2d {
+                stride,
+                dilation,
+                groups,
+                ..
+            } => crate::ops::conv2d(x, kernel, 0, stride, dilation, groups),
+            AffineOp::Conv1d {
+                stride,
+                dilation,
+                groups,
+                ..
+            } => crate::ops::conv1d_rows(x, kernel, stride, dilation, groups),
+            AffineOp::Linear => Ok(x.matmul(&kernel.t()?)?),
         }
     }
 

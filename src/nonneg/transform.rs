@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::{AffineOp, NonnegActivation, NonnegAffine, NonnegElman, NonnegLayer, NonnegNetwork, NonnegResidual};
 use crate::activation::Activation;
 use crate::error::{Error, Result};
-use crate::model::{Conv2d, Elman, Layer, Linear, Network, Range, Residual};
+use crate::model::{Conv1d, Conv2d, Elman, Layer, Linear, Network, Range, Residual};
 
 /// Margin added to the smallest exact shift, as a fraction of the largest
 /// `|c_i|` of the layer (or an absolute `SHIFT_MARGIN` when every `c_i` is 0).
@@ -228,8 +228,10 @@ impl Context<'_> {
 fn pad_values(layers: &[Layer], start: usize) -> Option<Vec<f64>> {
     for layer in layers.iter().skip(start) {
         match layer {
-            Layer::Conv2d(c) if c.padding > 0 => {
-                return Some(if c.pad_value.is_empty() { vec![0.0] } else { c.pad_value.clone() })
+            Layer::Conv2d(Conv2d { padding, pad_value, .. }) | Layer::Conv1d(Conv1d { padding, pad_value, .. })
+                if *padding > 0 =>
+            {
+                return Some(if pad_value.is_empty() { vec![0.0] } else { pad_value.clone() })
             }
             Layer::AvgPool2d(p) if p.padding > 0 => return Some(vec![0.0]),
             Layer::AvgPool2d(_)
@@ -277,15 +279,16 @@ fn transform_chain(
                     dilation: c.dilation,
                     groups: c.groups,
                 };
-                let pad = if c.padding > 0 { c.pad_value.clone() } else { Vec::new() };
-                if c.padding > 0 {
-                    edge = padded_edge(&edge, &pad).map_err(|m| context.error(i, m))?;
-                }
-                let (mut affine, output) = transform_affine(&c.weight, &c.bias, op, &edge, options)?;
-                affine.pad = pad;
-                tracing::debug!(layer = %format!("{}.{i}", context.path), shift = affine.shift, "transformed conv2d layer");
-                edge = output;
-                NonnegLayer::Affine(affine)
+                NonnegLayer::Affine(transform_conv(&c.weight, &c.bias, op, &c.pad_value, &mut edge, context, i)?)
+            }
+            Layer::Conv1d(c) => {
+                let op = AffineOp::Conv1d {
+                    stride: c.stride,
+                    padding: c.padding,
+                    dilation: c.dilation,
+                    groups: c.groups,
+                };
+                NonnegLayer::Affine(transform_conv(&c.weight, &c.bias, op, &c.pad_value, &mut edge, context, i)?)
             }
             Layer::Activation(act) => {
                 let input_offset = edge.scalar_lo().ok_or_else(|| {
@@ -348,6 +351,33 @@ fn transform_chain(
         out.push(next);
     }
     Ok((out, edge))
+}
+
+/// Transforms convolution `i` of the chain, reading `edge`, with true
+/// padding values `pad_value` (zeros when empty); replaces `edge` by the
+/// one it drives.
+fn transform_conv(
+    weight: &Tensor,
+    bias: &Tensor,
+    op: AffineOp,
+    pad_value: &[f64],
+    edge: &mut Edge,
+    context: &Context,
+    i: usize,
+) -> Result<NonnegAffine> {
+    let padding = match op {
+        AffineOp::Conv2d { padding, .. } | AffineOp::Conv1d { padding, .. } => padding,
+        AffineOp::Linear => 0,
+    };
+    let pad = if padding > 0 { pad_value.to_vec() } else { Vec::new() };
+    if padding > 0 {
+        *edge = padded_edge(edge, &pad).map_err(|m| context.error(i, m))?;
+    }
+    let (mut affine, output) = transform_affine(weight, bias, op, edge, context.options)?;
+    affine.pad = pad;
+    tracing::debug!(layer = %format!("{}.{i}", context.path), shift = affine.shift, ?op, "transformed convolution");
+    *edge = output;
+    Ok(affine)
 }
 
 /// Returns the range given to an activation's output.
@@ -434,11 +464,7 @@ impl NonnegElman {
 /// Returns the input channel (or feature) that entry `j` of row `i` of a
 /// flattened weight reads.
 fn channel_of(op: AffineOp, out_units: usize, group_inputs: usize, receptive: usize, i: usize, j: usize) -> usize {
-    let groups = match op {
-        AffineOp::Linear => 1,
-        AffineOp::Conv2d { groups, .. } => groups,
-    };
-    let group = i / (out_units / groups).max(1);
+    let group = i / (out_units / op.groups()).max(1);
     group * group_inputs + j / receptive
 }
 
@@ -544,6 +570,20 @@ fn inverse_chain(layers: &[NonnegLayer]) -> Result<Vec<Layer>> {
                         dilation,
                         groups,
                     } => Layer::Conv2d(Conv2d {
+                        weight,
+                        bias,
+                        stride,
+                        padding,
+                        dilation,
+                        groups,
+                        pad_value: a.pad.clone(),
+                    }),
+                    AffineOp::Conv1d {
+                        stride,
+                        padding,
+                        dilation,
+                        groups,
+                    } => Layer::Conv1d(Conv1d {
                         weight,
                         bias,
                         stride,

@@ -15,6 +15,7 @@ macro_rules! dispatch_float {
 pub mod activation;
 pub mod bias;
 pub mod conv;
+pub mod conv1d;
 pub mod linear;
 pub mod pad;
 pub mod update;
@@ -25,6 +26,7 @@ mod test_util;
 pub use activation::{shifted_activation, ShiftedActivation};
 pub use bias::add_channel_bias;
 pub use conv::conv2d;
+pub use conv1d::conv1d_rows;
 pub use linear::linear;
-pub use pad::pad_constant;
+pub use pad::{pad_constant, pad_width_constant};
 pub use update::sign_preserving_update;

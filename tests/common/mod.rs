@@ -206,3 +206,53 @@ pub fn train_small(dir: &Path, activation: &str) {
         .success()
         .stdout(predicates::str::contains("test_accuracy"));
 }
+
+/// Gives every trained tensor random values of both signs, nested layers
+/// included, and every batch normalisation random statistics with scales
+/// of both signs.
+pub fn randomise_with_norms(network: &mut Network, rng: &mut impl Rng, dtype: DType) {
+    network
+        .visit_mut(&mut |_, layer| {
+            if let Layer::BatchNorm(bn) = layer {
+                let c = bn.channels();
+                bn.weight = uniform(rng, &[c], 1.5, dtype);
+                bn.bias = uniform(rng, &[c], 1.0, dtype);
+                let mean = uniform(rng, &[c], 1.0, dtype);
+                let var = uniform(rng, &[c], 0.9, dtype).affine(1.0, 1.0).unwrap(); // in [0.1, 1.9]
+                bn.set_running_stats(mean, var);
+                return Ok(());
+            }
+            for (name, t) in layer.parameters_mut() {
+                let dims = t.dims().to_vec();
+                let scale = if name == "bias" {
+                    1.0
+                } else {
+                    1.5 / (dims[1..].iter().product::<usize>() as f64).sqrt()
+                };
+                *t = uniform(rng, &dims, scale, dtype);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Draws inputs within each channel's range, a seventh of them exactly on
+/// a bound.
+pub fn channel_inputs(network: &Network, seed: u64, batch: usize, dtype: DType) -> Tensor {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+    let ranges = network.input_ranges();
+    let per_channel: usize = network.input_shape[1..].iter().product();
+    let values: Vec<f64> = (0..batch * network.input_shape.iter().product::<usize>())
+        .map(|i| {
+            let r = ranges[(i / per_channel) % ranges.len()];
+            match i % 7 {
+                0 => r.lo,
+                1 => r.hi,
+                _ => rng.gen_range(r.lo..=r.hi),
+            }
+        })
+        .collect();
+    let mut shape = vec![batch];
+    shape.extend(&network.input_shape);
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
