@@ -150,7 +150,7 @@ fn normalised_ranges(rng: &mut StdRng, channels: usize) -> (Vec<Range>, Range) {
 /// per-channel normalised `[c, rows, length]` input.
 fn random_network(seed: u64, dtype: DType) -> Network {
     let mut rng = StdRng::seed_from_u64(seed);
-    let act = [Activation::PhotonicSigmoid, Activation::Tanh, Activation::ReluN { n: 2.0 }][rng.gen_range(0..3)];
+    let act = [Activation::PhotonicSigmoid, Activation::Tanh, Activation::ReluN { n: 2.0 }][rng.gen_range(0..3)].clone();
     let mut channels = 2 * rng.gen_range(1..3);
     let rows = rng.gen_range(1..3);
     let mut width = rng.gen_range(6..14);
@@ -179,7 +179,7 @@ fn random_network(seed: u64, dtype: DType) -> Network {
         if rng.gen_bool(0.3) {
             layers.push(Layer::BatchNorm(BatchNorm::new(channels).unwrap()));
         }
-        layers.push(Layer::Activation(act));
+        layers.push(Layer::Activation(act.clone()));
     }
     if rows >= 2 && width >= 2 {
         let pool = Pool::new(2, rng.gen_range(1..3));
