@@ -9,6 +9,7 @@ pub mod experiment;
 pub mod fsio;
 pub mod hardware;
 pub mod inspect;
+pub mod interop;
 pub mod model;
 pub mod nonneg;
 pub mod optim;
