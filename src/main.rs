@@ -73,6 +73,13 @@ impl DataArgs {
     }
 }
 
+/// A file format `isonn export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExportFormat {
+    /// ONNX, opset 13, float32.
+    Onnx,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train a regular network and write it to a model directory.
@@ -196,6 +203,20 @@ enum Command {
         /// Also write the report as JSON to this file.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+    },
+    /// Export a model directory of either kind to an ONNX file. A
+    /// non-negative model exports as its physical data flow: modulator,
+    /// complement port, P and N weights, non-negative bias and shifted
+    /// activation devices, as named nodes (docs/INTEROP.md).
+    Export {
+        /// The model directory.
+        model: PathBuf,
+        /// The format to write.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Onnx)]
+        format: ExportFormat,
+        /// The file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
     /// Print the test accuracy of a model of either kind.
     Eval {
@@ -799,6 +820,16 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             samples,
             json,
         } => run_inspect(&model, dataset, data, samples, json.as_deref(), progress)?,
+        Command::Export { model, format, out } => {
+            let (loaded, _) = load_model(&model)?;
+            match format {
+                ExportFormat::Onnx => {
+                    let onnx = isonn::interop::export_model(&loaded)?;
+                    isonn::interop::write_model(&out, &onnx)?;
+                }
+            }
+            println!("wrote {} model {} as {}", loaded.kind(), model.display(), out.display());
+        }
         Command::Eval { model, data } => {
             let (loaded, model_provenance) = load_model(&model)?;
             let dataset = data.load()?;

@@ -8,7 +8,10 @@
 //! tensor's declared dimensions match the bytes it carries before anything
 //! is allocated for it.
 
+pub mod export;
 pub mod file;
+pub mod graph;
+pub mod npy;
 pub mod tensor;
 
 /// The ONNX message types, generated from `proto/onnx.proto`.
@@ -17,5 +20,6 @@ pub mod proto {
     include!("proto/onnx.rs");
 }
 
+pub use export::{export_model, export_network, export_nonneg, INPUT_NAME, OUTPUT_NAME};
 pub use file::{decode_model, encode_model, read_model, write_model, MAX_ONNX_BYTES};
 pub use tensor::{decode_tensor, float_tensor, int64_tensor, TensorData};
