@@ -218,6 +218,20 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Import an ONNX model (as torch.onnx.export writes it) into a
+    /// regular model directory that transform, eval and verify read.
+    Import {
+        /// The ONNX file.
+        model: PathBuf,
+        /// The model directory to write.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Range LO,HI of every input value, e.g. 0,1 for pixels in [0, 1].
+        /// Repeat it once per input channel for per-channel ranges
+        /// (standardised colour images).
+        #[arg(long, value_name = "LO,HI", required = true, value_parser = parse_range, allow_hyphen_values = true)]
+        input_range: Vec<isonn::model::Range>,
+    },
     /// Print the test accuracy of a model of either kind.
     Eval {
         /// The model directory.
@@ -625,6 +639,16 @@ fn warn_data_mismatch(dir: &Path, provenance: &serde_json::Value, data: &DataRec
     }
 }
 
+/// Parses `LO,HI` into a range.
+fn parse_range(text: &str) -> std::result::Result<isonn::model::Range, String> {
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    let [lo, hi] = parts[..] else {
+        return Err(format!("expected LO,HI such as 0,1, got {text:?}"));
+    };
+    let parse = |v: &str| v.parse::<f64>().map_err(|_| format!("{v:?} in {text:?} is not a number"));
+    isonn::model::Range::new(parse(lo)?, parse(hi)?).map_err(|e| e.to_string())
+}
+
 fn load_model(dir: &Path) -> Result<(Model, serde_json::Value)> {
     store::load(dir).with_context(|| format!("cannot load model {}", dir.display()))
 }
@@ -820,6 +844,25 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             samples,
             json,
         } => run_inspect(&model, dataset, data, samples, json.as_deref(), progress)?,
+        Command::Import { model, out, input_range } => {
+            let onnx = isonn::interop::read_model(&model)?;
+            let imported = isonn::interop::import_model(&onnx, &model, &input_range)?;
+            let provenance = provenance::record(
+                &command_line(),
+                None,
+                None,
+                serde_json::json!({
+                    "imported_from": model,
+                    "output_function": imported.output_function,
+                }),
+            );
+            store::save(&out, &Model::Regular(imported.network.clone()), &provenance)?;
+            let layers: Vec<&str> = imported.network.layers.iter().map(|l| l.kind()).collect();
+            println!("imported {} ({}) into {}", model.display(), layers.join(", "), out.display());
+            if let Some(function) = imported.output_function {
+                println!("the graph ends in {function}; the model outputs the logits before it, with the same argmax");
+            }
+        }
         Command::Export { model, format, out } => {
             let (loaded, _) = load_model(&model)?;
             match format {
