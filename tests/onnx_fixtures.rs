@@ -1,0 +1,114 @@
+//! ONNX models exported from PyTorch (tests/fixtures/onnx, made by
+//! make_fixtures.py): each imports, computes PyTorch's logits, transforms
+//! into a non-negative network that agrees with it, and exports to files
+//! that ONNX Runtime runs with the same results.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use common::{max_abs, ort};
+use isonn::interop::{export_network, export_nonneg, import_model, npy, read_model, write_model};
+use isonn::model::{Network, Range};
+use isonn::nonneg::{transform, TransformOptions};
+
+/// Largest difference between isonn's and PyTorch's logits, relative to
+/// the largest logit (at least 1); both compute in float32.
+const PYTORCH_TOLERANCE: f64 = 1e-5;
+
+/// The equivalence tolerance of `isonn verify` for float32 models.
+const EQUIVALENCE_TOLERANCE: f64 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx").join(name)
+}
+
+fn load_npy(path: &Path) -> Tensor {
+    let data = npy::read_npy(path).unwrap();
+    Tensor::from_vec(data.values, data.dims, &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap()
+}
+
+/// CIFAR-10's standardisation (x - mean) / std applied to pixels in [0, 1],
+/// as make_fixtures.py uses it.
+fn standardised() -> Vec<Range> {
+    let mean = [0.4914, 0.4822, 0.4465];
+    let std = [0.2023, 0.1994, 0.2010];
+    (0..3).map(|c| Range::new(-mean[c] / std[c], (1.0 - mean[c]) / std[c]).unwrap()).collect()
+}
+
+fn argmax(t: &Tensor) -> Vec<u32> {
+    t.argmax(1).unwrap().to_vec1().unwrap()
+}
+
+fn relative(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_dtype(DType::F64).unwrap(), b.to_dtype(DType::F64).unwrap());
+    max_abs(&a.sub(&b).unwrap()) / max_abs(&a).max(1.0)
+}
+
+/// Imports fixture `name` and checks it end to end; returns the imported
+/// network.
+fn check_fixture(name: &str, ranges: Vec<Range>, output_function: Option<&str>) -> Network {
+    let path = fixture(&format!("{name}.onnx"));
+    let imported = import_model(&read_model(&path).unwrap(), &path, &ranges).unwrap();
+    assert_eq!(imported.output_function.as_deref(), output_function, "{name}: output function");
+    let network = imported.network;
+    let x = load_npy(&fixture(&format!("{name}.inputs.npy")));
+    let expected = load_npy(&fixture(&format!("{name}.outputs.npy")));
+    let logits = network.forward(&x).unwrap();
+    let pytorch = relative(&expected, &logits);
+    assert!(pytorch <= PYTORCH_TOLERANCE, "{name}: isonn and PyTorch logits differ by {pytorch}");
+
+    let nonneg = transform(&network, &TransformOptions::default()).unwrap();
+    let physical = nonneg.forward(&x).unwrap();
+    let equivalence = relative(&logits, &physical);
+    assert!(equivalence <= EQUIVALENCE_TOLERANCE, "{name}: non-negative logits differ by {equivalence}");
+    assert_eq!(argmax(&logits), argmax(&physical), "{name}: argmax agreement below 1.0");
+    let negative = nonneg
+        .parameters()
+        .iter()
+        .map(|(_, t)| t.to_dtype(DType::F64).unwrap().min_all().unwrap().to_scalar::<f64>().unwrap())
+        .fold(f64::INFINITY, f64::min);
+    assert!(negative >= 0.0, "{name}: a non-negative parameter is {negative}");
+    eprintln!("{name}: PyTorch {pytorch:.2e}, non-negative {equivalence:.2e}");
+
+    if ort::available(name) {
+        let dir = tempfile::tempdir().unwrap();
+        let regular_path = dir.path().join("regular.onnx");
+        write_model(&regular_path, &export_network(&network).unwrap()).unwrap();
+        let regular_runtime = relative(&logits, &ort::run(&regular_path, &x));
+        let nonneg_path = dir.path().join("nonneg.onnx");
+        write_model(&nonneg_path, &export_nonneg(&nonneg).unwrap()).unwrap();
+        let nonneg_runtime = relative(&physical, &ort::run(&nonneg_path, &x));
+        eprintln!("{name}: ONNX Runtime regular {regular_runtime:.2e}, non-negative {nonneg_runtime:.2e}");
+        assert!(regular_runtime <= PYTORCH_TOLERANCE, "{name}: regular export differs by {regular_runtime}");
+        assert!(nonneg_runtime <= PYTORCH_TOLERANCE, "{name}: non-negative export differs by {nonneg_runtime}");
+    }
+    network
+}
+
+#[test]
+fn mlp_with_photonic_sigmoid() {
+    let network = check_fixture("mlp_photonic_sigmoid", vec![Range::new(0.0, 1.0).unwrap()], None);
+    let activations = network.layers.iter().filter(|l| matches!(l, isonn::model::Layer::Activation(isonn::activation::Activation::PhotonicSigmoid))).count();
+    assert_eq!(activations, 2);
+}
+
+#[test]
+fn padded_cnn_with_photonic_sinusoidal() {
+    let network = check_fixture("cnn_padded_photonic_sinusoidal", vec![Range::new(0.0, 1.0).unwrap()], Some("Softmax"));
+    let activations = network.layers.iter().filter(|l| matches!(l, isonn::model::Layer::Activation(isonn::activation::Activation::PhotonicSinusoidal))).count();
+    assert_eq!(activations, 2);
+}
+
+#[test]
+fn resnet_with_batch_norm() {
+    let network = check_fixture("resnet_batchnorm_relu6", standardised(), None);
+    let residuals = network.layers.iter().filter(|l| matches!(l, isonn::model::Layer::Residual(_))).count();
+    assert_eq!(residuals, 2);
+}
+
+#[test]
+fn normalised_inputs_with_tanh() {
+    check_fixture("normalised_inputs_tanh", standardised(), Some("LogSoftmax"));
+}
