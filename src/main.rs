@@ -232,6 +232,32 @@ enum Command {
         #[arg(long, value_name = "LO,HI", required = true, value_parser = parse_range, allow_hyphen_values = true)]
         input_range: Vec<isonn::model::Range>,
     },
+    /// Import an ONNX model, transform it, verify the non-negative model
+    /// against it and export that as ONNX, in one step; prints the
+    /// equivalence report. Exit code 0 when the models agree, 1 when they
+    /// do not, 2 on an error.
+    Convert {
+        /// The ONNX file.
+        model: PathBuf,
+        /// The non-negative ONNX file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Range LO,HI of every input value; repeat once per input channel
+        /// for per-channel ranges.
+        #[arg(long, value_name = "LO,HI", required = true, value_parser = parse_range, allow_hyphen_values = true)]
+        input_range: Vec<isonn::model::Range>,
+        /// Verify on these inputs, float32 or float64 [n, channels, height,
+        /// width]; without it, on --samples values drawn from the input range.
+        #[arg(long, value_name = "FILE.npy")]
+        inputs: Option<PathBuf>,
+        /// Number of samples drawn from the input range when no --inputs
+        /// file is given.
+        #[arg(long, default_value_t = 1000)]
+        samples: usize,
+        /// Shift rule: minimal (default) or published (max |c_i|).
+        #[arg(long, value_enum, default_value_t = ShiftPolicy::Minimal)]
+        shift: ShiftPolicy,
+    },
     /// Print the test accuracy of a model of either kind.
     Eval {
         /// The model directory.
@@ -862,6 +888,33 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             if let Some(function) = imported.output_function {
                 println!("the graph ends in {function}; the model outputs the logits before it, with the same argmax");
             }
+        }
+        Command::Convert {
+            model,
+            out,
+            input_range,
+            inputs,
+            samples,
+            shift,
+        } => {
+            let onnx = isonn::interop::read_model(&model)?;
+            let network = isonn::interop::import_model(&onnx, &model, &input_range)?.network;
+            let options = TransformOptions { shift, ..Default::default() };
+            let nonneg = transform(&network, &options)?;
+            let images = match &inputs {
+                Some(path) => isonn::interop::samples::images_from_npy(path, &network)?,
+                None => isonn::interop::samples::uniform_images(&network, samples, 0)?,
+            };
+            let report = verify::verify(&network, &nonneg, &images, 1000, Precision::Model, progress)?;
+            isonn::interop::write_model(&out, &isonn::interop::export_nonneg(&nonneg)?)?;
+            match &inputs {
+                Some(path) => println!("verified on the {} inputs in {}", images.len(), path.display()),
+                None => println!("verified on {} samples drawn from the input range (seed 0)", images.len()),
+            }
+            println!("labels are the imported model's predictions, so accuracy_isomorphic is the agreement");
+            println!("{}", report.summary());
+            println!("non-negative model written to {}", out.display());
+            return Ok(verdict(&report, nonneg.dtype()));
         }
         Command::Export { model, format, out } => {
             let (loaded, _) = load_model(&model)?;

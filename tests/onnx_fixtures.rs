@@ -112,3 +112,31 @@ fn resnet_with_batch_norm() {
 fn normalised_inputs_with_tanh() {
     check_fixture("normalised_inputs_tanh", standardised(), Some("LogSoftmax"));
 }
+
+#[test]
+fn convert_command_verifies_and_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cnn-nonneg.onnx");
+    let model = fixture("cnn_padded_photonic_sinusoidal.onnx");
+    let inputs = fixture("cnn_padded_photonic_sinusoidal.inputs.npy");
+    for extra in [vec![], vec!["--inputs", inputs.to_str().unwrap()]] {
+        let mut args = vec!["convert", model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--input-range", "0,1"];
+        args.extend(extra.iter().copied());
+        let run = common::isonn().args(&args).assert().success();
+        let stdout = String::from_utf8_lossy(&run.get_output().stdout).to_string();
+        assert!(stdout.contains("argmax_agreement   1.000000"), "{stdout}");
+        assert!(stdout.contains("verification passed"), "{stdout}");
+        let graph = read_model(&out).unwrap().graph.unwrap();
+        assert!(graph.node.iter().any(|n| n.name.as_deref() == Some("input/modulator")));
+    }
+    // Inputs of the wrong shape name the file and the expected layout.
+    let wrong = fixture("resnet_batchnorm_relu6.inputs.npy");
+    let run = common::isonn()
+        .args(["convert", model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--input-range", "0,1"])
+        .args(["--inputs", wrong.to_str().unwrap()])
+        .assert()
+        .code(2);
+    let stderr = String::from_utf8_lossy(&run.get_output().stderr).to_string();
+    assert!(stderr.contains("resnet_batchnorm_relu6.inputs.npy"), "{stderr}");
+    assert!(stderr.contains("[n, 1, 8, 8]"), "{stderr}");
+}

@@ -14,6 +14,7 @@ pub mod file;
 pub mod graph;
 pub mod import;
 pub mod npy;
+pub mod samples;
 pub mod tensor;
 
 /// The ONNX message types, generated from `proto/onnx.proto`.
