@@ -78,6 +78,9 @@ impl DataArgs {
 enum ExportFormat {
     /// ONNX, opset 13, float32.
     Onnx,
+    /// The hardware manifest of a non-negative model: a directory with
+    /// manifest.json and manifest.safetensors (docs/MANIFEST.md).
+    Manifest,
 }
 
 #[derive(Subcommand)]
@@ -214,8 +217,8 @@ enum Command {
         /// The format to write.
         #[arg(long, value_enum, default_value_t = ExportFormat::Onnx)]
         format: ExportFormat,
-        /// The file to write.
-        #[arg(long, value_name = "FILE")]
+        /// The file to write (ONNX), or the directory (manifest).
+        #[arg(long, value_name = "PATH")]
         out: PathBuf,
     },
     /// Import an ONNX model (as torch.onnx.export writes it) into a
@@ -257,6 +260,18 @@ enum Command {
         /// Shift rule: minimal (default) or published (max |c_i|).
         #[arg(long, value_enum, default_value_t = ShiftPolicy::Minimal)]
         shift: ShiftPolicy,
+    },
+    /// Compute the logits of a model of either kind on inputs from a
+    /// `.npy` file and write them to another.
+    Predict {
+        /// The model directory.
+        model: PathBuf,
+        /// Inputs, float32 or float64 `[n, channels, height, width]`.
+        #[arg(long, value_name = "FILE.npy")]
+        inputs: PathBuf,
+        /// The file to write the logits to, float32 `[n, classes]`.
+        #[arg(long, value_name = "FILE.npy")]
+        out: PathBuf,
     },
     /// Print the test accuracy of a model of either kind.
     Eval {
@@ -916,12 +931,30 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             println!("non-negative model written to {}", out.display());
             return Ok(verdict(&report, nonneg.dtype()));
         }
+        Command::Predict { model, inputs, out } => {
+            let (loaded, _) = load_model(&model)?;
+            let data = isonn::interop::npy::read_npy(&inputs)?;
+            let (n, logits) = isonn::interop::samples::predict(&loaded, &data, &inputs)?;
+            let classes = logits.len() / n.max(1);
+            isonn::interop::npy::write_npy_f32(&out, &[n, classes], &logits)?;
+            println!("wrote the logits of {n} inputs ({classes} classes) to {}", out.display());
+        }
         Command::Export { model, format, out } => {
             let (loaded, _) = load_model(&model)?;
             match format {
                 ExportFormat::Onnx => {
                     let onnx = isonn::interop::export_model(&loaded)?;
                     isonn::interop::write_model(&out, &onnx)?;
+                }
+                ExportFormat::Manifest => {
+                    let Model::Nonneg(network) = &loaded else {
+                        bail!(
+                            "{} is a regular model; the hardware manifest describes a non-negative \
+                             one, so run isonn transform first and export its output",
+                            model.display()
+                        );
+                    };
+                    isonn::interop::manifest::write_manifest(&out, network)?;
                 }
             }
             println!("wrote {} model {} as {}", loaded.kind(), model.display(), out.display());

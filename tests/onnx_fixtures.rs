@@ -140,3 +140,26 @@ fn convert_command_verifies_and_exports() {
     assert!(stderr.contains("resnet_batchnorm_relu6.inputs.npy"), "{stderr}");
     assert!(stderr.contains("[n, 1, 8, 8]"), "{stderr}");
 }
+
+#[test]
+fn predict_command_matches_pytorch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = fixture("mlp_photonic_sigmoid.onnx");
+    let imported = import_model(&read_model(&path).unwrap(), &path, &[Range::new(0.0, 1.0).unwrap()]).unwrap();
+    let regular_dir = dir.path().join("regular");
+    isonn::store::save(&regular_dir, &isonn::store::Model::Regular(imported.network.clone()), &serde_json::json!({})).unwrap();
+    let nonneg = transform(&imported.network, &TransformOptions::default()).unwrap();
+    let nonneg_dir = dir.path().join("nonneg");
+    isonn::store::save(&nonneg_dir, &isonn::store::Model::Nonneg(nonneg), &serde_json::json!({})).unwrap();
+    let expected = load_npy(&fixture("mlp_photonic_sigmoid.outputs.npy"));
+    let inputs = fixture("mlp_photonic_sigmoid.inputs.npy");
+    for (model_dir, tolerance) in [(&regular_dir, PYTORCH_TOLERANCE), (&nonneg_dir, EQUIVALENCE_TOLERANCE)] {
+        let out = dir.path().join("logits.npy");
+        common::isonn()
+            .args(["predict", model_dir.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .assert()
+            .success();
+        let diff = relative(&expected, &load_npy(&out));
+        assert!(diff <= tolerance, "{}: predicted logits differ from PyTorch's by {diff}", model_dir.display());
+    }
+}

@@ -13,6 +13,7 @@ pub mod export;
 pub mod file;
 pub mod graph;
 pub mod import;
+pub mod manifest;
 pub mod npy;
 pub mod samples;
 pub mod tensor;

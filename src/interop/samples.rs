@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 use crate::data::Images;
 use crate::error::{Error, Result};
 use crate::model::Network;
+use crate::store::Model;
 
 /// Reads float inputs `[n, channels, height, width]` for `network` from a
 /// `.npy` file, labelled with the network's predictions.
@@ -26,12 +27,44 @@ pub fn images_from_npy(path: &Path, network: &Network) -> Result<Images> {
                 "the array has shape {:?} but the model reads [n, {}] with n >= 1; save the inputs \
                  in that layout",
                 data.dims,
-                network.input_shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+                join(&network.input_shape)
             ),
         ));
     }
     let pixels = data.values.iter().map(|&v| v as f32).collect();
     labelled(network, *n, pixels)
+}
+
+/// Computes the logits of `model` on the inputs in `data`, read from
+/// `path` (named in errors), in batches of 256; returns the number of
+/// inputs and the logits, row-major `[n, classes]`.
+pub fn predict(model: &Model, data: &super::tensor::TensorData, path: &Path) -> Result<(usize, Vec<f32>)> {
+    let shape = model.input_shape();
+    let [n, sample @ ..] = data.dims.as_slice() else {
+        return Err(Error::data(path, "the array is a scalar; save inputs as [n, channels, height, width]"));
+    };
+    if sample != shape {
+        return Err(Error::data(
+            path,
+            format!("the array has shape {:?} but the model reads [n, {}]; save the inputs in that layout", data.dims, join(shape)),
+        ));
+    }
+    let per_sample: usize = shape.iter().product();
+    let mut logits = Vec::new();
+    for start in (0..*n).step_by(256) {
+        let count = (n - start).min(256);
+        let values = &data.values[start * per_sample..(start + count) * per_sample];
+        let mut dims = vec![count];
+        dims.extend_from_slice(shape);
+        let x = Tensor::from_slice(values, dims, &Device::Cpu)?.to_dtype(model.dtype())?;
+        let y = model.forward(&x)?.to_dtype(candle_core::DType::F32)?.flatten_all()?;
+        logits.extend(y.to_vec1::<f32>()?);
+    }
+    Ok((*n, logits))
+}
+
+fn join(dims: &[usize]) -> String {
+    dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 /// Draws `n` samples uniformly from the network's input range (per
