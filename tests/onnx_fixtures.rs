@@ -46,15 +46,28 @@ fn relative(a: &Tensor, b: &Tensor) -> f64 {
     max_abs(&a.sub(&b).unwrap()) / max_abs(&a).max(1.0)
 }
 
-/// Imports fixture `name` and checks it end to end; returns the imported
-/// network.
-fn check_fixture(name: &str, ranges: Vec<Range>, output_function: Option<&str>) -> Network {
-    let path = fixture(&format!("{name}.onnx"));
+/// The files of each fixture: from the TorchScript exporter (opset 13)
+/// and from the dynamo exporter (opset 18).
+const EXPORTERS: [&str; 2] = ["onnx", "dynamo.onnx"];
+
+/// Imports fixture `name` from each exporter's file and checks it end to
+/// end; returns the networks imported.
+fn check_fixture(name: &str, ranges: Vec<Range>, output_function: Option<&str>) -> Vec<Network> {
+    EXPORTERS
+        .iter()
+        .map(|extension| check_file(name, extension, ranges.clone(), output_function))
+        .collect()
+}
+
+fn check_file(name: &str, extension: &str, ranges: Vec<Range>, output_function: Option<&str>) -> Network {
+    let path = fixture(&format!("{name}.{extension}"));
+    let name = &format!("{name}.{extension}");
     let imported = import_model(&read_model(&path).unwrap(), &path, &ranges).unwrap();
     assert_eq!(imported.output_function.as_deref(), output_function, "{name}: output function");
     let network = imported.network;
-    let x = load_npy(&fixture(&format!("{name}.inputs.npy")));
-    let expected = load_npy(&fixture(&format!("{name}.outputs.npy")));
+    let stem = name.split('.').next().unwrap();
+    let x = load_npy(&fixture(&format!("{stem}.inputs.npy")));
+    let expected = load_npy(&fixture(&format!("{stem}.outputs.npy")));
     let logits = network.forward(&x).unwrap();
     let pytorch = relative(&expected, &logits);
     assert!(pytorch <= PYTORCH_TOLERANCE, "{name}: isonn and PyTorch logits differ by {pytorch}");
@@ -89,23 +102,26 @@ fn check_fixture(name: &str, ranges: Vec<Range>, output_function: Option<&str>) 
 
 #[test]
 fn mlp_with_photonic_sigmoid() {
-    let network = check_fixture("mlp_photonic_sigmoid", vec![Range::new(0.0, 1.0).unwrap()], None);
-    let activations = network.layers.iter().filter(|l| matches!(l, isonn::model::Layer::Activation(isonn::activation::Activation::PhotonicSigmoid))).count();
-    assert_eq!(activations, 2);
+    for network in check_fixture("mlp_photonic_sigmoid", vec![Range::new(0.0, 1.0).unwrap()], None) {
+        let activations = network.layers.iter().filter(|l| matches!(l, isonn::model::Layer::Activation(isonn::activation::Activation::PhotonicSigmoid))).count();
+        assert_eq!(activations, 2);
+    }
 }
 
 #[test]
 fn padded_cnn_with_photonic_sinusoidal() {
-    let network = check_fixture("cnn_padded_photonic_sinusoidal", vec![Range::new(0.0, 1.0).unwrap()], Some("Softmax"));
-    let activations = network.layers.iter().filter(|l| matches!(l, isonn::model::Layer::Activation(isonn::activation::Activation::PhotonicSinusoidal))).count();
-    assert_eq!(activations, 2);
+    for network in check_fixture("cnn_padded_photonic_sinusoidal", vec![Range::new(0.0, 1.0).unwrap()], Some("Softmax")) {
+        let activations = network.layers.iter().filter(|l| matches!(l, isonn::model::Layer::Activation(isonn::activation::Activation::PhotonicSinusoidal))).count();
+        assert_eq!(activations, 2);
+    }
 }
 
 #[test]
 fn resnet_with_batch_norm() {
-    let network = check_fixture("resnet_batchnorm_relu6", standardised(), None);
-    let residuals = network.layers.iter().filter(|l| matches!(l, isonn::model::Layer::Residual(_))).count();
-    assert_eq!(residuals, 2);
+    for network in check_fixture("resnet_batchnorm_relu6", standardised(), None) {
+        let residuals = network.layers.iter().filter(|l| matches!(l, isonn::model::Layer::Residual(_))).count();
+        assert_eq!(residuals, 2);
+    }
 }
 
 #[test]
@@ -146,6 +162,7 @@ fn predict_command_matches_pytorch() {
     let dir = tempfile::tempdir().unwrap();
     let path = fixture("mlp_photonic_sigmoid.onnx");
     let imported = import_model(&read_model(&path).unwrap(), &path, &[Range::new(0.0, 1.0).unwrap()]).unwrap();
+
     let regular_dir = dir.path().join("regular");
     isonn::store::save(&regular_dir, &isonn::store::Model::Regular(imported.network.clone()), &serde_json::json!({})).unwrap();
     let nonneg = transform(&imported.network, &TransformOptions::default()).unwrap();

@@ -24,7 +24,7 @@ use crate::model::{BatchNorm, Conv2d, Layer, Linear, Network, Pool, Range, Resid
 pub const SUPPORTED_OPS: &str = "Gemm, MatMul + Add, Conv, BatchNormalization, Relu, Clip, Tanh, \
      the photonic activations as their elementwise formulas (Sub, Add, Mul, Div, Pow, Sin, Exp, \
      Sigmoid, Reciprocal, Min, Max, Neg with constant operands), AveragePool, MaxPool, \
-     GlobalAveragePool, Flatten, Reshape that flattens, Add of two branches (residual), Dropout, \
+     GlobalAveragePool, ReduceMean over height and width, Flatten, Reshape that flattens, Add of two branches (residual), Dropout, \
      Identity, Constant, and a final Softmax or LogSoftmax";
 
 /// An imported network and what isonn keeps of the graph beyond it.
@@ -396,6 +396,7 @@ impl Importer<'_> {
                 let x = self.signal(node, 0)?;
                 Value::Signal(self.push(node, x, Layer::GlobalAvgPool)?)
             }
+            "ReduceMean" => Value::Signal(self.reduce_mean(node)?),
             "Flatten" => {
                 let axis = int_attribute(node, "axis", 1);
                 if axis != 1 {
@@ -629,6 +630,31 @@ impl Importer<'_> {
             return Ok(x);
         }
         self.push(node, x, Layer::Flatten)
+    }
+
+    /// Reads a mean over height and width, as the dynamo exporter writes
+    /// `AdaptiveAvgPool2d(1)`, as global average pooling. With
+    /// `keepdims=1` ONNX keeps `[c, 1, 1]` where isonn has `[c]`; the
+    /// `Flatten` or `Reshape` that follows leaves `[c]` as it is.
+    fn reduce_mean(&mut self, node: &NodeProto) -> Result<usize> {
+        let x = self.signal(node, 0)?;
+        let axes: Vec<i64> = match self.optional_constant(node, 1)? {
+            Some(t) => t.values.iter().map(|&v| v as i64).collect(),
+            None => ints_attribute(node, "axes").unwrap_or_default(),
+        };
+        let rank = self.signals[x].shape.len() as i64 + 1;
+        let mut positive: Vec<i64> = axes.iter().map(|&a| if a < 0 { a + rank } else { a }).collect();
+        positive.sort_unstable();
+        if rank != 4 || positive != [2, 3] {
+            return Err(self.node_error(
+                node,
+                format!(
+                    "ReduceMean over axes {axes:?} of a rank-{rank} signal; isonn imports only the \
+                     mean over height and width (axes 2 and 3), which is global average pooling"
+                ),
+            ));
+        }
+        self.push(node, x, Layer::GlobalAvgPool)
     }
 
     fn reshape(&mut self, node: &NodeProto) -> Result<usize> {
