@@ -234,6 +234,13 @@ enum Command {
         /// (standardised colour images).
         #[arg(long, value_name = "LO,HI", required = true, value_parser = parse_range, allow_hyphen_values = true)]
         input_range: Vec<isonn::model::Range>,
+        /// Bound every ReLU of the imported model by the largest
+        /// pre-activation on these inputs, per layer, as `isonn bound
+        /// --calibrate max` does: a data set name (its first 10,000
+        /// training images; clip rates on its test set) or a .npy file of
+        /// inputs [n, channels, height, width] (used for both).
+        #[arg(long, value_name = "NAME|FILE.npy")]
+        calibrate: Option<String>,
     },
     /// Import an ONNX model, transform it, verify the non-negative model
     /// against it and export that as ONNX, in one step; prints the
@@ -885,9 +892,37 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             samples,
             json,
         } => run_inspect(&model, dataset, data, samples, json.as_deref(), progress)?,
-        Command::Import { model, out, input_range } => {
+        Command::Import {
+            model,
+            out,
+            input_range,
+            calibrate,
+        } => {
             let onnx = isonn::interop::read_model(&model)?;
-            let imported = isonn::interop::import_model(&onnx, &model, &input_range)?;
+            let mut imported = isonn::interop::import_model(&onnx, &model, &input_range)?;
+            let mut bound_record = None;
+            if let Some(source) = &calibrate {
+                if bound::relu_layers(&imported.network).is_empty() {
+                    println!("the model has no ReLU, so --calibrate {source} has nothing to bound");
+                } else {
+                    let (calibration, test) = if source.ends_with(".npy") {
+                        let images = isonn::interop::samples::images_from_npy(Path::new(source), &imported.network)?;
+                        (images.clone(), images)
+                    } else {
+                        let dataset = data::load(source.parse::<DatasetName>()?, None)?;
+                        (dataset.train.take(10_000), dataset.test)
+                    };
+                    let mode = BoundMode::Calibrate {
+                        statistic: Statistic::Max,
+                        margin: 0.0,
+                        granularity: Granularity::Layer,
+                    };
+                    let bounded = bound::bound_network(&imported.network, &mode, &calibration, &test, progress)?;
+                    println!("{}", bounded.record.reference);
+                    imported.network = bounded.network;
+                    bound_record = Some(bounded.record);
+                }
+            }
             let provenance = provenance::record(
                 &command_line(),
                 None,
@@ -895,9 +930,13 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 serde_json::json!({
                     "imported_from": model,
                     "output_function": imported.output_function,
+                    "calibrated_on": calibrate,
                 }),
             );
             store::save(&out, &Model::Regular(imported.network.clone()), &provenance)?;
+            if let Some(record) = &bound_record {
+                record.save(&out)?;
+            }
             let layers: Vec<&str> = imported.network.layers.iter().map(|l| l.kind()).collect();
             println!("imported {} ({}) into {}", model.display(), layers.join(", "), out.display());
             if let Some(function) = imported.output_function {

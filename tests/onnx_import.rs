@@ -227,3 +227,40 @@ fn import_command_writes_model_for_transform() {
     let stderr = String::from_utf8_lossy(&bad.get_output().stderr).to_string();
     assert!(stderr.contains("lo <= hi"), "{stderr}");
 }
+
+#[test]
+fn import_calibrates_relu_on_npy_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut network = random_mlp(6, DType::F32, Range::new(0.0, 1.0).unwrap());
+    for layer in &mut network.layers {
+        if let Layer::Activation(a) = layer {
+            *a = Activation::Relu;
+        }
+    }
+    let onnx = dir.path().join("relu.onnx");
+    write_model(&onnx, &export_network(&network).unwrap()).unwrap();
+    let x = random_inputs(6, &network, 64, DType::F32);
+    let values: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let inputs = dir.path().join("calibration.npy");
+    isonn::interop::npy::write_npy_f32(&inputs, x.dims(), &values).unwrap();
+    let out = dir.path().join("bounded");
+    common::isonn()
+        .args(["import", onnx.to_str().unwrap(), "--out", out.to_str().unwrap(), "--input-range", "0,1"])
+        .args(["--calibrate", inputs.to_str().unwrap()])
+        .assert()
+        .success();
+    assert!(out.join("bound.json").is_file(), "no bound.json beside the bounded model");
+    let (model, _) = isonn::store::load(&out).unwrap();
+    let isonn::store::Model::Regular(bounded) = model else { panic!("import wrote a non-negative model") };
+    let relu_n = bounded.layers.iter().filter(|l| matches!(l, Layer::Activation(Activation::ReluN { .. }))).count();
+    let relu = network.layers.iter().filter(|l| matches!(l, Layer::Activation(Activation::Relu))).count();
+    assert_eq!(relu_n, relu, "every ReLU becomes ReLU-N");
+    // The bound is the largest pre-activation on these inputs, so on them
+    // the bounded network computes what the ReLU network computes.
+    let diff = max_abs(&network.forward(&x).unwrap().sub(&bounded.forward(&x).unwrap()).unwrap());
+    assert!(diff <= 1e-5, "bounded logits differ by {diff} on the calibration inputs");
+    common::isonn()
+        .args(["transform", out.to_str().unwrap(), "--out", dir.path().join("nonneg").to_str().unwrap()])
+        .assert()
+        .success();
+}
