@@ -98,6 +98,17 @@ pub enum Error {
     /// Shapes of a network and its inputs do not fit together.
     #[error("{0}")]
     Shape(String),
+
+    /// A network cannot be exported to, or imported from, another format
+    /// (ONNX, PyTorch state dicts).
+    #[error("{location}: {message}")]
+    Interop {
+        /// The file, node or layer involved (`model.onnx: node /fc1/Gemm`,
+        /// `layers.3`).
+        location: String,
+        /// Problem and fix.
+        message: String,
+    },
 }
 
 impl From<candle_core::Error> for Error {
@@ -122,6 +133,14 @@ impl Error {
     pub fn data(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::Data {
             path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Builds an import or export error for `location`.
+    pub fn interop(location: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Interop {
+            location: location.into(),
             message: message.into(),
         }
     }

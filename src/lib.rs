@@ -10,6 +10,7 @@ pub mod experiment;
 pub mod fsio;
 pub mod hardware;
 pub mod inspect;
+pub mod interop;
 pub mod model;
 pub mod nonneg;
 pub mod optim;

@@ -73,6 +73,16 @@ impl DataArgs {
     }
 }
 
+/// A file format `isonn export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExportFormat {
+    /// ONNX, opset 13, float32.
+    Onnx,
+    /// The hardware manifest of a non-negative model: a directory with
+    /// manifest.json and manifest.safetensors (docs/MANIFEST.md).
+    Manifest,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train a regular network and write it to a model directory.
@@ -204,6 +214,79 @@ enum Command {
         /// Also write the report as JSON to this file.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+    },
+    /// Export a model directory of either kind to an ONNX file. A
+    /// non-negative model exports as its physical data flow: modulator,
+    /// complement port, P and N weights, non-negative bias and shifted
+    /// activation devices, as named nodes (docs/INTEROP.md).
+    Export {
+        /// The model directory.
+        model: PathBuf,
+        /// The format to write.
+        #[arg(long, value_enum, default_value_t = ExportFormat::Onnx)]
+        format: ExportFormat,
+        /// The file to write (ONNX), or the directory (manifest).
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+    },
+    /// Import an ONNX model (as torch.onnx.export writes it) into a
+    /// regular model directory that transform, eval and verify read.
+    Import {
+        /// The ONNX file.
+        model: PathBuf,
+        /// The model directory to write.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Range LO,HI of every input value, e.g. 0,1 for pixels in [0, 1].
+        /// Repeat it once per input channel for per-channel ranges
+        /// (standardised colour images).
+        #[arg(long, value_name = "LO,HI", required = true, value_parser = parse_range, allow_hyphen_values = true)]
+        input_range: Vec<isonn::model::Range>,
+        /// Bound every ReLU of the imported model by the largest
+        /// pre-activation on these inputs, per layer, as `isonn bound
+        /// --calibrate max` does: a data set name (its first 10,000
+        /// training images; clip rates on its test set) or a .npy file of
+        /// inputs [n, channels, height, width] (used for both).
+        #[arg(long, value_name = "NAME|FILE.npy")]
+        calibrate: Option<String>,
+    },
+    /// Import an ONNX model, transform it, verify the non-negative model
+    /// against it and export that as ONNX, in one step; prints the
+    /// equivalence report. Exit code 0 when the models agree, 1 when they
+    /// do not, 2 on an error.
+    Convert {
+        /// The ONNX file.
+        model: PathBuf,
+        /// The non-negative ONNX file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Range LO,HI of every input value; repeat once per input channel
+        /// for per-channel ranges.
+        #[arg(long, value_name = "LO,HI", required = true, value_parser = parse_range, allow_hyphen_values = true)]
+        input_range: Vec<isonn::model::Range>,
+        /// Verify on these inputs, float32 or float64 [n, channels, height,
+        /// width]; without it, on --samples values drawn from the input range.
+        #[arg(long, value_name = "FILE.npy")]
+        inputs: Option<PathBuf>,
+        /// Number of samples drawn from the input range when no --inputs
+        /// file is given.
+        #[arg(long, default_value_t = 1000)]
+        samples: usize,
+        /// Shift rule: minimal (default) or published (max |c_i|).
+        #[arg(long, value_enum, default_value_t = ShiftPolicy::Minimal)]
+        shift: ShiftPolicy,
+    },
+    /// Compute the logits of a model of either kind on inputs from a
+    /// `.npy` file and write them to another.
+    Predict {
+        /// The model directory.
+        model: PathBuf,
+        /// Inputs, float32 or float64 `[n, channels, height, width]`.
+        #[arg(long, value_name = "FILE.npy")]
+        inputs: PathBuf,
+        /// The file to write the logits to, float32 `[n, classes]`.
+        #[arg(long, value_name = "FILE.npy")]
+        out: PathBuf,
     },
     /// Print the test accuracy of a model of either kind.
     Eval {
@@ -615,6 +698,16 @@ fn warn_data_mismatch(dir: &Path, provenance: &serde_json::Value, data: &DataRec
     }
 }
 
+/// Parses `LO,HI` into a range.
+fn parse_range(text: &str) -> std::result::Result<isonn::model::Range, String> {
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    let [lo, hi] = parts[..] else {
+        return Err(format!("expected LO,HI such as 0,1, got {text:?}"));
+    };
+    let parse = |v: &str| v.parse::<f64>().map_err(|_| format!("{v:?} in {text:?} is not a number"));
+    isonn::model::Range::new(parse(lo)?, parse(hi)?).map_err(|e| e.to_string())
+}
+
 fn load_model(dir: &Path) -> Result<(Model, serde_json::Value)> {
     store::load(dir).with_context(|| format!("cannot load model {}", dir.display()))
 }
@@ -814,6 +907,112 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             samples,
             json,
         } => run_inspect(&model, dataset, data, samples, json.as_deref(), progress)?,
+        Command::Import {
+            model,
+            out,
+            input_range,
+            calibrate,
+        } => {
+            let onnx = isonn::interop::read_model(&model)?;
+            let mut imported = isonn::interop::import_model(&onnx, &model, &input_range)?;
+            let mut bound_record = None;
+            if let Some(source) = &calibrate {
+                if bound::relu_layers(&imported.network).is_empty() {
+                    println!("the model has no ReLU, so --calibrate {source} has nothing to bound");
+                } else {
+                    let (calibration, test) = if source.ends_with(".npy") {
+                        let images = isonn::interop::samples::images_from_npy(Path::new(source), &imported.network)?;
+                        (images.clone(), images)
+                    } else {
+                        let dataset = data::load(source.parse::<DatasetName>()?, None)?;
+                        (dataset.train.take(10_000), dataset.test)
+                    };
+                    let mode = BoundMode::Calibrate {
+                        statistic: Statistic::Max,
+                        margin: 0.0,
+                        granularity: Granularity::Layer,
+                    };
+                    let bounded = bound::bound_network(&imported.network, &mode, &calibration, &test, progress)?;
+                    println!("{}", bounded.record.reference);
+                    imported.network = bounded.network;
+                    bound_record = Some(bounded.record);
+                }
+            }
+            let provenance = provenance::record(
+                &command_line(),
+                None,
+                None,
+                serde_json::json!({
+                    "imported_from": model,
+                    "output_function": imported.output_function,
+                    "calibrated_on": calibrate,
+                }),
+            );
+            store::save(&out, &Model::Regular(imported.network.clone()), &provenance)?;
+            if let Some(record) = &bound_record {
+                record.save(&out)?;
+            }
+            let layers: Vec<&str> = imported.network.layers.iter().map(|l| l.kind()).collect();
+            println!("imported {} ({}) into {}", model.display(), layers.join(", "), out.display());
+            if let Some(function) = imported.output_function {
+                println!("the graph ends in {function}; the model outputs the logits before it, with the same argmax");
+            }
+        }
+        Command::Convert {
+            model,
+            out,
+            input_range,
+            inputs,
+            samples,
+            shift,
+        } => {
+            let onnx = isonn::interop::read_model(&model)?;
+            let network = isonn::interop::import_model(&onnx, &model, &input_range)?.network;
+            let options = TransformOptions { shift, ..Default::default() };
+            let nonneg = transform(&network, &options)?;
+            let images = match &inputs {
+                Some(path) => isonn::interop::samples::images_from_npy(path, &network)?,
+                None => isonn::interop::samples::uniform_images(&network, samples, 0)?,
+            };
+            let report = verify::verify(&network, &nonneg, &images, 1000, Precision::Model, progress)?;
+            isonn::interop::write_model(&out, &isonn::interop::export_nonneg(&nonneg)?)?;
+            match &inputs {
+                Some(path) => println!("verified on the {} inputs in {}", images.len(), path.display()),
+                None => println!("verified on {} samples drawn from the input range (seed 0)", images.len()),
+            }
+            println!("labels are the imported model's predictions, so accuracy_isomorphic is the agreement");
+            println!("{}", report.summary());
+            println!("non-negative model written to {}", out.display());
+            return Ok(verdict(&report, nonneg.dtype()));
+        }
+        Command::Predict { model, inputs, out } => {
+            let (loaded, _) = load_model(&model)?;
+            let data = isonn::interop::npy::read_npy(&inputs)?;
+            let (n, logits) = isonn::interop::samples::predict(&loaded, &data, &inputs)?;
+            let classes = logits.len() / n.max(1);
+            isonn::interop::npy::write_npy_f32(&out, &[n, classes], &logits)?;
+            println!("wrote the logits of {n} inputs ({classes} classes) to {}", out.display());
+        }
+        Command::Export { model, format, out } => {
+            let (loaded, _) = load_model(&model)?;
+            match format {
+                ExportFormat::Onnx => {
+                    let onnx = isonn::interop::export_model(&loaded)?;
+                    isonn::interop::write_model(&out, &onnx)?;
+                }
+                ExportFormat::Manifest => {
+                    let Model::Nonneg(network) = &loaded else {
+                        bail!(
+                            "{} is a regular model; the hardware manifest describes a non-negative \
+                             one, so run isonn transform first and export its output",
+                            model.display()
+                        );
+                    };
+                    isonn::interop::manifest::write_manifest(&out, network)?;
+                }
+            }
+            println!("wrote {} model {} as {}", loaded.kind(), model.display(), out.display());
+        }
         Command::Eval { model, data } => {
             let (loaded, model_provenance) = load_model(&model)?;
             let dataset = data.load()?;

@@ -347,7 +347,7 @@ impl NonnegAffine {
 
     /// Returns the physical padding values of the signal and of the
     /// complement, one or one per input channel.
-    fn pad_values(&self) -> (Vec<f64>, Vec<f64>) {
+    pub(crate) fn pad_values(&self) -> (Vec<f64>, Vec<f64>) {
         let pad = if self.pad.is_empty() { &[0.0][..] } else { &self.pad[..] };
         let n = self.lo.len().max(self.alpha.len()).max(pad.len());
         let at = |v: &[f64], c: usize| v[c.min(v.len() - 1)];

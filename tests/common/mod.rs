@@ -9,6 +9,8 @@ use isonn::model::{Conv2d, Layer, Linear, Network, Pool, Range};
 use isonn::nonneg::NonnegNetwork;
 use rand::{Rng, SeedableRng};
 
+pub mod ort;
+
 /// The bounded activations the transformation supports.
 pub const BOUNDED: [Activation; 3] = [
     Activation::PhotonicSigmoid,

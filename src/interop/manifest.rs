@@ -1,0 +1,427 @@
+//! The hardware manifest: a non-negative network as a hardware toolchain
+//! reads it, `manifest.json` (layers, ranges, shifts, activations) beside
+//! `manifest.safetensors` (weights, biases and routing masks). The schema
+//! is in docs/MANIFEST.md; [`read_manifest`] validates all of it.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::activation::Activation;
+use crate::error::{Error, Result};
+use crate::model::{Pool, Range};
+use crate::nonneg::{AffineOp, NonnegActivation, NonnegAffine, NonnegLayer, NonnegNetwork};
+
+/// The `format` tag of `manifest.json`.
+pub const MANIFEST_FORMAT: &str = "isonn-hardware-manifest";
+/// The schema version this build writes and reads.
+pub const MANIFEST_VERSION: u32 = 1;
+/// File name of the description.
+pub const MANIFEST_JSON: &str = "manifest.json";
+/// File name of the tensors.
+pub const MANIFEST_TENSORS: &str = "manifest.safetensors";
+
+/// Routing mask bit of an entry that taps the signal (`P > 0`).
+pub const ROUTE_SIGNAL: u8 = 1;
+/// Routing mask bit of an entry that taps the complement (`N > 0`).
+pub const ROUTE_COMPLEMENT: u8 = 2;
+
+/// The contents of `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always [`MANIFEST_FORMAT`].
+    pub format: String,
+    /// Always [`MANIFEST_VERSION`].
+    pub schema_version: u32,
+    /// The true input and its modulators.
+    pub input: ManifestInput,
+    /// The layers, in order.
+    pub layers: Vec<ManifestLayer>,
+    /// The logits are the last layer's physical output plus this.
+    pub output_offset: f64,
+}
+
+/// The network input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestInput {
+    /// One sample, `[channels, height, width]`.
+    pub shape: Vec<usize>,
+    /// Range of the true input, one or one per channel; the modulator of
+    /// channel `c` emits `x - ranges[c].lo`, in `[0, hi - lo]`.
+    pub ranges: Vec<Range>,
+}
+
+/// A physical signal's range.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRange {
+    /// Smallest value.
+    pub lo: f64,
+    /// Largest value.
+    pub hi: f64,
+}
+
+/// One layer of the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum ManifestLayer {
+    /// `z' = P u + N (alpha - u) + bias`, fully connected.
+    Linear {
+        /// Tensor-name prefix: `{name}.positive`, `.negative`, `.bias`, `.routing`.
+        name: String,
+        /// Inputs.
+        in_features: usize,
+        /// Outputs.
+        out_features: usize,
+        /// The affine parameters.
+        #[serde(flatten)]
+        affine: AffineSpec,
+    },
+    /// `z' = P * u + N * (alpha - u) + bias`, a 2-D convolution.
+    Conv2d {
+        /// Tensor-name prefix.
+        name: String,
+        /// Kernel `[kh, kw]`.
+        kernel: [usize; 2],
+        /// Step between output positions.
+        stride: usize,
+        /// Pixels added on every side.
+        padding: usize,
+        /// Spacing between kernel taps.
+        dilation: usize,
+        /// Channel groups.
+        groups: usize,
+        /// True padding value, one or one per input channel; empty for 0.
+        pad: Vec<f64>,
+        /// The affine parameters.
+        #[serde(flatten)]
+        affine: AffineSpec,
+    },
+    /// An activation device: emits `f(v + input_offset) - output_offset`.
+    Activation {
+        /// The response and its parameters.
+        activation: Activation,
+        /// Added to the physical input: minus the shift of the layer before.
+        input_offset: f64,
+        /// Subtracted from the response.
+        output_offset: f64,
+        /// Range of the physical output; `None` for an unbounded response.
+        output_range: Option<SignalRange>,
+    },
+    /// Average pooling without padding.
+    AvgPool2d {
+        /// Window, stride and padding (0).
+        #[serde(flatten)]
+        pool: Pool,
+    },
+    /// Max pooling; padding is never selected.
+    MaxPool2d {
+        /// Window, stride and padding.
+        #[serde(flatten)]
+        pool: Pool,
+    },
+    /// Average pooling whose padding is the physical value `pad`.
+    PaddedAvgPool2d {
+        /// Window, stride and padding.
+        #[serde(flatten)]
+        pool: Pool,
+        /// Physical value of a true 0, one or one per channel.
+        pad: Vec<f64>,
+    },
+    /// `[c, h, w]` to `[c * h * w]`.
+    Flatten,
+    /// The mean of each channel.
+    GlobalAvgPool,
+    /// Adaptive average pooling to `size`.
+    AdaptiveAvgPool2d {
+        /// Output `[h, w]`.
+        size: [usize; 2],
+    },
+    /// The identity at inference.
+    Dropout {
+        /// Drop probability in training.
+        p: f64,
+    },
+}
+
+/// The settings of a non-negative affine layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AffineSpec {
+    /// Lower bound of the true input, one or one per input channel.
+    pub lo: Vec<f64>,
+    /// Width of the input range, one or one per input channel; the
+    /// complement port emits `alpha - u`.
+    pub alpha: Vec<f64>,
+    /// The shift `s` the next device subtracts.
+    pub shift: f64,
+    /// Range of the physical input `u`: `[0, max alpha]`.
+    pub input_range: SignalRange,
+    /// Range of `z'`: `[0, out_max]`, the detector's full scale.
+    pub output_range: SignalRange,
+}
+
+/// Builds the manifest of `network` and its named tensors. Only chains of
+/// layers are written; a residual block or an Elman cell is an error.
+pub fn build_manifest(network: &NonnegNetwork) -> Result<(Manifest, Vec<(String, Tensor)>)> {
+    let mut tensors = Vec::new();
+    let mut layers = Vec::new();
+    for (i, layer) in network.layers.iter().enumerate() {
+        let name = format!("layers.{i}");
+        layers.push(match layer {
+            NonnegLayer::Affine(a) => affine_layer(&name, a, &mut tensors)?,
+            NonnegLayer::Activation(a) => {
+                let output_range = a.activation.output_bounds().map(|(lo, hi)| SignalRange {
+                    lo: lo - a.output_offset,
+                    hi: hi - a.output_offset,
+                });
+                ManifestLayer::Activation {
+                    activation: a.activation,
+                    input_offset: a.input_offset,
+                    output_offset: a.output_offset,
+                    output_range,
+                }
+            }
+            NonnegLayer::AvgPool2d(pool) => ManifestLayer::AvgPool2d { pool: *pool },
+            NonnegLayer::MaxPool2d(pool) => ManifestLayer::MaxPool2d { pool: *pool },
+            NonnegLayer::PaddedAvgPool2d { pool, pad } => ManifestLayer::PaddedAvgPool2d { pool: *pool, pad: pad.clone() },
+            NonnegLayer::Flatten => ManifestLayer::Flatten,
+            NonnegLayer::GlobalAvgPool => ManifestLayer::GlobalAvgPool,
+            NonnegLayer::AdaptiveAvgPool2d(size) => ManifestLayer::AdaptiveAvgPool2d { size: *size },
+            NonnegLayer::Dropout(p) => ManifestLayer::Dropout { p: *p },
+            NonnegLayer::Residual(_) | NonnegLayer::Elman(_) => {
+                return Err(Error::interop(
+                    &name,
+                    "the hardware manifest describes a chain of layers; residual blocks and Elman \
+                     cells are not in schema version 1",
+                ))
+            }
+        });
+    }
+    let ranges = if network.channel_ranges.is_empty() { vec![network.input_range] } else { network.channel_ranges.clone() };
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        schema_version: MANIFEST_VERSION,
+        input: ManifestInput { shape: network.input_shape.clone(), ranges },
+        layers,
+        output_offset: network.output_offset,
+    };
+    Ok((manifest, tensors))
+}
+
+fn affine_layer(name: &str, a: &NonnegAffine, tensors: &mut Vec<(String, Tensor)>) -> Result<ManifestLayer> {
+    let positive = a.positive.to_dtype(DType::F32)?;
+    let negative = a.negative.to_dtype(DType::F32)?;
+    let routing = positive
+        .gt(0.0)?
+        .to_dtype(DType::U8)?
+        .add(&negative.gt(0.0)?.to_dtype(DType::U8)?.affine(ROUTE_COMPLEMENT as f64, 0.0)?)?;
+    tensors.push((format!("{name}.positive"), positive));
+    tensors.push((format!("{name}.negative"), negative));
+    tensors.push((format!("{name}.bias"), a.bias.to_dtype(DType::F32)?));
+    tensors.push((format!("{name}.routing"), routing));
+    let affine = AffineSpec {
+        lo: a.lo.clone(),
+        alpha: a.alpha.clone(),
+        shift: a.shift,
+        input_range: SignalRange { lo: 0.0, hi: a.alpha.iter().cloned().fold(0.0, f64::max) },
+        output_range: SignalRange { lo: 0.0, hi: a.out_max },
+    };
+    let dims = a.positive.dims();
+    Ok(match a.op {
+        AffineOp::Linear => ManifestLayer::Linear { name: name.into(), in_features: dims[1], out_features: dims[0], affine },
+        AffineOp::Conv2d { stride, padding, dilation, groups } => ManifestLayer::Conv2d {
+            name: name.into(),
+            kernel: [dims[2], dims[3]],
+            stride,
+            padding,
+            dilation,
+            groups,
+            pad: a.pad.clone(),
+            affine,
+        },
+    })
+}
+
+/// Writes the manifest of `network` into `dir`: the tensors first, then
+/// `manifest.json`, each atomically.
+pub fn write_manifest(dir: &Path, network: &NonnegNetwork) -> Result<()> {
+    let (manifest, tensors) = build_manifest(network)?;
+    crate::fsio::create_dir_all(dir)?;
+    let tensors_path = dir.join(MANIFEST_TENSORS);
+    let bytes = crate::store::serialize_tensors(&tensors, None, &tensors_path)?;
+    crate::fsio::write_atomic(&tensors_path, &bytes)?;
+    crate::fsio::write_json_atomic(&dir.join(MANIFEST_JSON), &manifest)
+}
+
+/// Reads and validates the manifest in `dir` and returns the network it
+/// describes.
+///
+/// Errors name the file and the field or tensor that fails. The checks
+/// cover the format tag and schema version, unknown fields, the input
+/// shape and ranges, and every named tensor's presence, type (f32, routing
+/// u8), shape and values (finite, `>= 0`). Each routing mask must be
+/// `(P > 0) + 2 (N > 0)`, `lo`, `alpha` and `shift` valid, and the layers
+/// must fit the shapes they read.
+pub fn read_manifest(dir: &Path) -> Result<NonnegNetwork> {
+    let json_path = dir.join(MANIFEST_JSON);
+    let manifest: Manifest = crate::fsio::read_json(&json_path, "hardware manifest")?;
+    let invalid = |message: String| Error::Model { path: json_path.clone(), message };
+    if manifest.format != MANIFEST_FORMAT {
+        return Err(invalid(format!("format is {:?}, expected {MANIFEST_FORMAT:?}", manifest.format)));
+    }
+    if manifest.schema_version != MANIFEST_VERSION {
+        return Err(invalid(format!(
+            "schema_version {} is not supported; this isonn reads version {MANIFEST_VERSION}",
+            manifest.schema_version
+        )));
+    }
+    let shape = &manifest.input.shape;
+    if shape.len() != 3 || shape.iter().any(|&d| d == 0 || d > 65536) {
+        return Err(invalid(format!("input.shape {shape:?} must be three sizes in 1..=65536")));
+    }
+    let ranges = &manifest.input.ranges;
+    if !(ranges.len() == 1 || ranges.len() == shape[0]) || ranges.iter().any(|r| Range::new(r.lo, r.hi).is_err()) {
+        return Err(invalid(format!("input.ranges must be one or {} finite ranges with lo <= hi", shape[0])));
+    }
+    if !manifest.output_offset.is_finite() {
+        return Err(invalid("output_offset must be finite".into()));
+    }
+
+    let tensors_path = dir.join(MANIFEST_TENSORS);
+    let bytes = crate::fsio::read_capped(&tensors_path, crate::store::MAX_TENSOR_BYTES, "manifest.safetensors")?;
+    let mut tensors: HashMap<String, Tensor> = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| Error::Model {
+        path: tensors_path.clone(),
+        message: format!("cannot read tensors ({e}); the file is damaged or not safetensors"),
+    })?;
+    let mut layers = Vec::with_capacity(manifest.layers.len());
+    for (i, layer) in manifest.layers.iter().enumerate() {
+        let at = |message: String| invalid(format!("layers[{i}]: {message}"));
+        layers.push(match layer {
+            ManifestLayer::Linear { name, affine, .. } => NonnegLayer::Affine(read_affine(name, affine, AffineOp::Linear, Vec::new(), &mut tensors, &tensors_path).map_err(|e| at(e))?),
+            ManifestLayer::Conv2d { name, stride, padding, dilation, groups, pad, affine, .. } => {
+                let op = AffineOp::Conv2d { stride: *stride, padding: *padding, dilation: *dilation, groups: *groups };
+                NonnegLayer::Affine(read_affine(name, affine, op, pad.clone(), &mut tensors, &tensors_path).map_err(|e| at(e))?)
+            }
+            ManifestLayer::Activation { activation, input_offset, output_offset, .. } => {
+                activation.validate().map_err(|m| at(m))?;
+                if !(input_offset.is_finite() && output_offset.is_finite()) {
+                    return Err(at("input_offset and output_offset must be finite".into()));
+                }
+                NonnegLayer::Activation(NonnegActivation { activation: *activation, input_offset: *input_offset, output_offset: *output_offset })
+            }
+            ManifestLayer::AvgPool2d { pool } => NonnegLayer::AvgPool2d(*pool),
+            ManifestLayer::MaxPool2d { pool } => NonnegLayer::MaxPool2d(*pool),
+            ManifestLayer::PaddedAvgPool2d { pool, pad } => NonnegLayer::PaddedAvgPool2d { pool: *pool, pad: pad.clone() },
+            ManifestLayer::Flatten => NonnegLayer::Flatten,
+            ManifestLayer::GlobalAvgPool => NonnegLayer::GlobalAvgPool,
+            ManifestLayer::AdaptiveAvgPool2d { size } => NonnegLayer::AdaptiveAvgPool2d(*size),
+            ManifestLayer::Dropout { p } => NonnegLayer::Dropout(*p),
+        });
+    }
+    if let Some(name) = tensors.keys().next() {
+        return Err(Error::Model { path: tensors_path, message: format!("tensor {name} belongs to no layer of {MANIFEST_JSON}") });
+    }
+    let (input_range, channel_ranges) = match ranges.as_slice() {
+        [r] => (*r, Vec::new()),
+        _ => {
+            let lo = ranges.iter().map(|r| r.lo).fold(f64::INFINITY, f64::min);
+            let hi = ranges.iter().map(|r| r.hi).fold(f64::NEG_INFINITY, f64::max);
+            (Range { lo, hi }, ranges.clone())
+        }
+    };
+    let network = NonnegNetwork {
+        input_shape: shape.clone(),
+        input_range,
+        channel_ranges,
+        layers,
+        output_offset: manifest.output_offset,
+    };
+    // Running one zero sample checks that every layer fits the shape the
+    // previous one produces, with candle's own shape checks.
+    let mut dims = vec![1];
+    dims.extend_from_slice(shape);
+    let probe = Tensor::zeros(dims, DType::F32, &Device::Cpu)?;
+    network
+        .forward(&probe)
+        .map_err(|e| invalid(format!("the layers do not fit together or the input shape: {e}")))?;
+    Ok(network)
+}
+
+/// Takes and checks the tensors of one affine layer.
+fn read_affine(
+    name: &str,
+    spec: &AffineSpec,
+    op: AffineOp,
+    pad: Vec<f64>,
+    tensors: &mut HashMap<String, Tensor>,
+    path: &Path,
+) -> std::result::Result<NonnegAffine, String> {
+    let mut take = |part: &str| tensors.remove(&format!("{name}.{part}")).ok_or_else(|| format!("tensor {name}.{part} is missing from {}", path.display()));
+    let (positive, negative, bias, routing) = (take("positive")?, take("negative")?, take("bias")?, take("routing")?);
+
+    for (part, t) in [("positive", &positive), ("negative", &negative), ("bias", &bias)] {
+        if t.dtype() != DType::F32 {
+            return Err(format!("tensor {name}.{part} is {:?}; expected f32", t.dtype()));
+        }
+        let values = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())?;
+        if let Some(v) = values.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
+            return Err(format!("tensor {name}.{part} contains {v}; every weight and bias must be finite and >= 0"));
+        }
+    }
+    let rank = match op {
+        AffineOp::Linear => 2,
+        AffineOp::Conv2d { .. } => 4,
+    };
+    if positive.rank() != rank || negative.dims() != positive.dims() || routing.dims() != positive.dims() {
+        return Err(format!(
+            "{name}: positive {:?}, negative {:?} and routing {:?} must have one shape of rank {rank}",
+            positive.dims(),
+            negative.dims(),
+            routing.dims()
+        ));
+    }
+    if bias.dims() != [positive.dims()[0]] {
+        return Err(format!("{name}.bias has shape {:?}; expected [{}]", bias.dims(), positive.dims()[0]));
+    }
+
+    let expected = positive
+        .gt(0.0)
+        .and_then(|p| p.to_dtype(DType::U8))
+        .and_then(|p| p.add(&negative.gt(0.0)?.to_dtype(DType::U8)?.affine(ROUTE_COMPLEMENT as f64, 0.0)?))
+        .map_err(|e| e.to_string())?;
+    let routing_matches = routing.dtype() == DType::U8
+        && expected.eq(&routing).and_then(|m| m.to_dtype(DType::F32)?.min_all()?.to_scalar::<f32>()).map_err(|e| e.to_string())? == 1.0;
+    if !routing_matches {
+        return Err(format!(
+            "{name}.routing must be u8 with 1 where positive > 0, 2 where negative > 0 and 3 where both are"
+        ));
+    }
+
+    let inputs = positive.dims()[1];
+    let lengths_ok = |v: &[f64]| !v.is_empty() && v.iter().all(|x| x.is_finite());
+    if !lengths_ok(&spec.lo) || !lengths_ok(&spec.alpha) || spec.alpha.iter().any(|&a| a < 0.0) {
+        return Err(format!("{name}: lo and alpha must be non-empty lists of finite values, alpha >= 0"));
+    }
+    if rank == 2 && [spec.lo.len(), spec.alpha.len()].iter().any(|&n| n != 1 && n != inputs) {
+        return Err(format!("{name}: lo and alpha need one value or {inputs}"));
+    }
+    if !(spec.shift.is_finite() && spec.shift >= 0.0) {
+        return Err(format!("{name}: shift {} must be finite and >= 0", spec.shift));
+    }
+    Ok(NonnegAffine {
+        op,
+        positive,
+        negative,
+        bias,
+        lo: spec.lo.clone(),
+        alpha: spec.alpha.clone(),
+        shift: spec.shift,
+        out_max: spec.output_range.hi,
+        pad,
+    })
+}
