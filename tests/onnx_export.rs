@@ -213,3 +213,39 @@ fn export_command_writes_both_kinds() {
     let stderr = String::from_utf8_lossy(&missing.get_output().stderr).to_string();
     assert!(stderr.contains("absent"), "{stderr}");
 }
+
+/// GELU-N exports as `min(x * 0.5 * (1 + erf(x / sqrt 2)), N)` with ONNX's
+/// Erf, in the regular and in the non-negative graph, where its negative
+/// lower bound puts an offset on the physical signal.
+#[test]
+fn gelu_n_matches_onnx_runtime() {
+    if !ort::available("gelu_n_matches_onnx_runtime") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for seed in [6, 7] {
+        let network = Network::mlp(&[1, 4, 4], &[12, 8], 3, Activation::GeluN { n: 1.5 }, Init::Xavier, seed).unwrap();
+        let inputs = random_inputs(seed, &network, 9, DType::F32);
+        let (regular, nonneg) = check_both(dir.path(), &format!("gelu{seed}"), &network, &inputs);
+        assert!(regular <= TOLERANCE, "gelu {seed}: regular export differs by {regular}");
+        assert!(nonneg <= TOLERANCE, "gelu {seed}: non-negative export differs by {nonneg}");
+    }
+}
+
+#[test]
+fn conv1d_and_curve_exports_name_the_layer() {
+    let curve = Activation::Curve(
+        isonn::curve::TransferCurve::from_csv(std::path::Path::new("tests/fixtures/transfer-curve.csv")).unwrap(),
+    );
+    let network = Network::mlp(&[1, 4, 4], &[5], 3, curve, Init::Xavier, 1).unwrap();
+    let message = export_network(&network).unwrap_err().to_string();
+    assert!(message.contains("layers.2"), "{message}");
+    assert!(message.contains("transfer curve"), "{message}");
+
+    let conv1d = isonn::model::Conv1d::zeros(1, 2, 3, 1, 1, 1, 1).unwrap();
+    let layers = vec![Layer::Conv1d(conv1d), Layer::Flatten, Layer::Linear(Linear::zeros(8, 3).unwrap())];
+    let network = Network::new(&[1, 1, 4], Range::new(0.0, 1.0).unwrap(), layers);
+    let message = export_network(&network).unwrap_err().to_string();
+    assert!(message.contains("layers.0"), "{message}");
+    assert!(message.contains("conv1d"), "{message}");
+}

@@ -132,7 +132,14 @@ fn regular_chain(
                 graph.node("Gemm", &format!("{name}/gemm"), &[&x, &w, &b], vec![int("transB", 1)])
             }
             Layer::Conv2d(c) => regular_conv(graph, &name, &x, c)?,
-            Layer::Activation(a) => activation_nodes(graph, &name, &x, *a),
+            Layer::Conv1d(_) => {
+                return Err(Error::interop(
+                    &name,
+                    "conv1d layers are not exported to ONNX yet; the layers this export writes are \
+                     listed in docs/INTEROP.md",
+                ))
+            }
+            Layer::Activation(a) => activation_nodes(graph, &name, &x, a)?,
             Layer::AvgPool2d(p) => pool_node(graph, "AveragePool", &name, &x, p),
             Layer::MaxPool2d(p) => pool_node(graph, "MaxPool", &name, &x, p),
             Layer::Flatten => graph.node("Flatten", &format!("{name}/flatten"), &[&x], vec![int("axis", 1)]),
@@ -266,8 +273,8 @@ fn dropout_node(graph: &mut GraphBuilder, name: &str, x: &str, p: f64) -> String
 
 /// Adds the nodes of `activation` applied to `x`, the photonic responses
 /// as their elementwise formulas.
-fn activation_nodes(graph: &mut GraphBuilder, name: &str, x: &str, activation: Activation) -> String {
-    match activation {
+fn activation_nodes(graph: &mut GraphBuilder, name: &str, x: &str, activation: &Activation) -> Result<String> {
+    Ok(match *activation {
         Activation::Relu => graph.node("Relu", &format!("{name}/relu"), &[x], vec![]),
         Activation::Tanh => graph.node("Tanh", &format!("{name}/tanh"), &[x], vec![]),
         Activation::ReluN { n } => clip_node(graph, &format!("{name}/relu_n"), x, 0.0, n),
@@ -295,7 +302,32 @@ fn activation_nodes(graph: &mut GraphBuilder, name: &str, x: &str, activation: A
             let y = graph.node("Sin", &format!("{name}/sin"), &[&y], vec![]);
             graph.node("Mul", &format!("{name}/square"), &[&y, &y], vec![])
         }
-    }
+        Activation::Gelu => gelu_nodes(graph, name, x),
+        Activation::GeluN { n } => {
+            let y = gelu_nodes(graph, name, x);
+            let bound = graph.scalar(&format!("{name}/bound.value"), n);
+            graph.node("Min", &format!("{name}/bound"), &[&y, &bound], vec![])
+        }
+        Activation::Curve(_) => {
+            return Err(Error::interop(
+                name,
+                "a measured transfer curve has no ONNX operator; export a model with a built-in \
+                 activation",
+            ))
+        }
+    })
+}
+
+/// Adds GELU in its exact form, `x * 0.5 * (1 + erf(x / sqrt 2))`.
+fn gelu_nodes(graph: &mut GraphBuilder, name: &str, x: &str) -> String {
+    let root = graph.scalar(&format!("{name}/sqrt2.value"), std::f64::consts::SQRT_2);
+    let y = graph.node("Div", &format!("{name}/sqrt2"), &[x, &root], vec![]);
+    let y = graph.node("Erf", &format!("{name}/erf"), &[&y], vec![]);
+    let one = graph.scalar(&format!("{name}/one.value"), 1.0);
+    let y = graph.node("Add", &format!("{name}/one"), &[&y, &one], vec![]);
+    let half = graph.scalar(&format!("{name}/half.value"), 0.5);
+    let y = graph.node("Mul", &format!("{name}/half"), &[&y, &half], vec![]);
+    graph.node("Mul", &format!("{name}/gelu"), &[x, &y], vec![])
 }
 
 fn clip_node(graph: &mut GraphBuilder, name: &str, x: &str, lo: f64, hi: f64) -> String {
@@ -318,7 +350,7 @@ fn nonneg_chain(
         let next = nonneg_output_shape(network, layer, &shape)?;
         v = match layer {
             NonnegLayer::Affine(a) => nonneg_affine(graph, &name, &v, a, &shape)?,
-            NonnegLayer::Activation(a) => nonneg_activation(graph, &name, &v, a),
+            NonnegLayer::Activation(a) => nonneg_activation(graph, &name, &v, a)?,
             NonnegLayer::AvgPool2d(p) => pool_node(graph, "AveragePool", &name, &v, p),
             NonnegLayer::MaxPool2d(p) => pool_node(graph, "MaxPool", &name, &v, p),
             NonnegLayer::PaddedAvgPool2d { pool, pad } => {
@@ -415,6 +447,13 @@ fn nonneg_affine(graph: &mut GraphBuilder, name: &str, u: &str, a: &NonnegAffine
             let complement = graph.node("Conv", &format!("{name}/complement_weights"), &[&complement_in, &negative], attributes);
             (signal, complement, vec![out, 1, 1])
         }
+        AffineOp::Conv1d { .. } => {
+            return Err(Error::interop(
+                name,
+                "conv1d layers are not exported to ONNX yet; the layers this export writes are \
+                 listed in docs/INTEROP.md",
+            ))
+        }
     };
 
     let detector = graph.node("Add", &format!("{name}/detector"), &[&signal, &complement], vec![]);
@@ -424,11 +463,11 @@ fn nonneg_affine(graph: &mut GraphBuilder, name: &str, u: &str, a: &NonnegAffine
 
 /// Adds the activation device `f(v + input_offset) - output_offset`,
 /// clamped to the activation's output bounds as isonn's forward pass does.
-fn nonneg_activation(graph: &mut GraphBuilder, name: &str, v: &str, a: &NonnegActivation) -> String {
+fn nonneg_activation(graph: &mut GraphBuilder, name: &str, v: &str, a: &NonnegActivation) -> Result<String> {
     let shifted = offset_node(graph, &format!("{name}/shift"), v, -a.input_offset);
-    let mut y = activation_nodes(graph, name, &shifted, a.activation);
+    let mut y = activation_nodes(graph, name, &shifted, &a.activation)?;
     if let Some((lo, hi)) = a.activation.output_bounds() {
         y = clip_node(graph, &format!("{name}/clamp"), &y, lo, hi);
     }
-    offset_node(graph, &format!("{name}/output_offset"), &y, a.output_offset)
+    Ok(offset_node(graph, &format!("{name}/output_offset"), &y, a.output_offset))
 }

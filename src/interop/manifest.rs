@@ -180,7 +180,7 @@ pub fn build_manifest(network: &NonnegNetwork) -> Result<(Manifest, Vec<(String,
                     hi: hi - a.output_offset,
                 });
                 ManifestLayer::Activation {
-                    activation: a.activation,
+                    activation: a.activation.clone(),
                     input_offset: a.input_offset,
                     output_offset: a.output_offset,
                     output_range,
@@ -244,6 +244,12 @@ fn affine_layer(name: &str, a: &NonnegAffine, tensors: &mut Vec<(String, Tensor)
             pad: a.pad.clone(),
             affine,
         },
+        AffineOp::Conv1d { .. } => {
+            return Err(Error::interop(
+                name,
+                "conv1d layers are not in manifest schema version 1; docs/MANIFEST.md lists the layers it holds",
+            ))
+        }
     })
 }
 
@@ -312,7 +318,7 @@ pub fn read_manifest(dir: &Path) -> Result<NonnegNetwork> {
                 if !(input_offset.is_finite() && output_offset.is_finite()) {
                     return Err(at("input_offset and output_offset must be finite".into()));
                 }
-                NonnegLayer::Activation(NonnegActivation { activation: *activation, input_offset: *input_offset, output_offset: *output_offset })
+                NonnegLayer::Activation(NonnegActivation { activation: activation.clone(), input_offset: *input_offset, output_offset: *output_offset })
             }
             ManifestLayer::AvgPool2d { pool } => NonnegLayer::AvgPool2d(*pool),
             ManifestLayer::MaxPool2d { pool } => NonnegLayer::MaxPool2d(*pool),
@@ -376,6 +382,7 @@ fn read_affine(
     let rank = match op {
         AffineOp::Linear => 2,
         AffineOp::Conv2d { .. } => 4,
+        AffineOp::Conv1d { .. } => 3,
     };
     if positive.rank() != rank || negative.dims() != positive.dims() || routing.dims() != positive.dims() {
         return Err(format!(
