@@ -67,7 +67,7 @@ fn mlps_and_cnns_round_trip() {
 #[test]
 fn resnet_with_batch_norm_round_trips() {
     for activation in [Activation::PhotonicSigmoid, Activation::PhotonicSinusoidal, Activation::ReluN { n: 4.0 }, Activation::Relu, Activation::Tanh] {
-        let mut network = Network::resnet(&[3, 8, 8], 4, 5, activation, Init::Xavier, 5).unwrap();
+        let mut network = Network::resnet(&[3, 8, 8], 4, 5, activation.clone(), Init::Xavier, 5).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         network
             .visit_mut(&mut |_, layer| {
