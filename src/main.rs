@@ -219,7 +219,9 @@ enum Command {
     /// Export a model directory of either kind to an ONNX file. A
     /// non-negative model exports as its physical data flow: modulator,
     /// complement port, P and N weights, non-negative bias and shifted
-    /// activation devices, as named nodes (docs/INTEROP.md).
+    /// activation devices, as named nodes (docs/INTEROP.md). With --format
+    /// manifest it writes the hardware manifest (docs/MANIFEST.md), and
+    /// --gain or an effect option adds the device mapping to it.
     Export {
         /// The model directory.
         model: PathBuf,

@@ -101,8 +101,14 @@ pub(super) fn build_mapping(
         let offsets = format!("{name}.offsets");
         // The largest transmission is 1 in f64; rounding to f32 can push it
         // a few ulp above, so the stored values are clipped to [0, 1].
-        tensors.push((signal_transmission.clone(), device.signal.to_dtype(DType::F32)?.clamp(0f32, 1f32)?));
-        tensors.push((complement_transmission.clone(), device.complement.to_dtype(DType::F32)?.clamp(0f32, 1f32)?));
+        tensors.push((
+            signal_transmission.clone(),
+            device.signal.to_dtype(DType::F32)?.clamp(0f32, 1f32)?,
+        ));
+        tensors.push((
+            complement_transmission.clone(),
+            device.complement.to_dtype(DType::F32)?.clamp(0f32, 1f32)?,
+        ));
         tensors.push((offsets.clone(), device.offsets.to_dtype(DType::F32)?));
         layers.push(ManifestLayerMapping {
             name,
@@ -114,7 +120,11 @@ pub(super) fn build_mapping(
             offsets,
         });
     }
-    Ok(ManifestMapping { gain: settings.granularity, layers, effects: settings.effects })
+    Ok(ManifestMapping {
+        gain: settings.granularity,
+        layers,
+        effects: settings.effects,
+    })
 }
 
 /// Takes and checks the tensors of the mapping section. `affine` lists
@@ -156,15 +166,26 @@ pub(super) fn read_mapping(
         let out = a.positive.dims()[0];
         let gains = read_gains(section.gain, entry, &field, out, tensors)?;
         if !(entry.full_scale.is_finite() && entry.full_scale >= 0.0) {
-            return Err(format!("{field}.full_scale is {}; it must be finite and >= 0", entry.full_scale));
+            return Err(format!(
+                "{field}.full_scale is {}; it must be finite and >= 0",
+                entry.full_scale
+            ));
         }
-        let layer = LayerMapping { layer: *index, gains, alpha: a.alpha.clone(), full_scale: entry.full_scale };
+        let layer = LayerMapping {
+            layer: *index,
+            gains,
+            alpha: a.alpha.clone(),
+            full_scale: entry.full_scale,
+        };
         let device = read_device_values(entry, &field, &layer, a, tensors)?;
         layers.push(layer);
         transmissions.push(device);
     }
     Ok(ReadMapping {
-        mapping: DeviceMapping { granularity: section.gain, layers },
+        mapping: DeviceMapping {
+            granularity: section.gain,
+            layers,
+        },
         transmissions,
         effects: section.effects,
     })
@@ -186,15 +207,25 @@ fn read_gains(
             values.into_iter().map(f64::from).collect()
         }
         (GainGranularity::PerLayer, ..) => {
-            return Err(format!("{field}: a per-layer mapping needs gain (a number) and no gains tensor"))
+            return Err(format!(
+                "{field}: a per-layer mapping needs gain (a number) and no gains tensor"
+            ))
         }
         (GainGranularity::PerOutput, ..) => {
-            return Err(format!("{field}: a per-output mapping needs gains (a tensor name) and no gain"))
+            return Err(format!(
+                "{field}: a per-output mapping needs gains (a tensor name) and no gain"
+            ))
         }
     };
-    let label = if entry.gains.is_some() { "gains" } else { "gain" };
+    let label = if entry.gains.is_some() {
+        "gains"
+    } else {
+        "gain"
+    };
     if let Some(g) = gains.iter().find(|g| !(g.is_finite() && **g > 0.0)) {
-        return Err(format!("{field}.{label} contains {g}; every gain must be finite and > 0"));
+        return Err(format!(
+            "{field}.{label} contains {g}; every gain must be finite and > 0"
+        ));
     }
     Ok(gains)
 }
@@ -211,7 +242,9 @@ fn read_device_values(
 ) -> std::result::Result<MappedLayer, String> {
     let dims = a.positive.dims().to_vec();
     let out = dims[0];
-    let scale = layer.transmission_scale(a).map_err(|e| format!("{field}: {e}"))?; // alpha / g
+    let scale = layer
+        .transmission_scale(a)
+        .map_err(|e| format!("{field}: {e}"))?; // alpha / g
     let mut take_transmission = |tensor: &str, part: &str, weights: &Tensor| {
         let values = take_f32(tensors, tensor, &format!("{field}.{part}"), &dims)?;
         if let Some(t) = values.iter().find(|t| !(0.0..=1.0).contains(*t)) {
@@ -219,7 +252,8 @@ fn read_device_values(
                 "tensor {tensor} ({field}.{part}) contains {t}; a transmission lies in [0, 1]"
             ));
         }
-        let stored = Tensor::from_vec(values, dims.as_slice(), &Device::Cpu).map_err(|e| e.to_string())?;
+        let stored =
+            Tensor::from_vec(values, dims.as_slice(), &Device::Cpu).map_err(|e| e.to_string())?;
         let error = max_abs_difference(&weights.mul(&scale).map_err(|e| e.to_string())?, &stored)?;
         if error > TRANSMISSION_TOLERANCE {
             return Err(format!(
@@ -229,8 +263,16 @@ fn read_device_values(
         }
         Ok(stored)
     };
-    let signal = take_transmission(&entry.signal_transmission, "signal_transmission", &a.positive)?;
-    let complement = take_transmission(&entry.complement_transmission, "complement_transmission", &a.negative)?;
+    let signal = take_transmission(
+        &entry.signal_transmission,
+        "signal_transmission",
+        &a.positive,
+    )?;
+    let complement = take_transmission(
+        &entry.complement_transmission,
+        "complement_transmission",
+        &a.negative,
+    )?;
 
     let values = take_f32(tensors, &entry.offsets, &format!("{field}.offsets"), &[out])?;
     let bias: Vec<f32> = a.bias.to_vec1().map_err(|e| e.to_string())?;
@@ -245,7 +287,11 @@ fn read_device_values(
         }
     }
     let offsets = Tensor::from_vec(values, out, &Device::Cpu).map_err(|e| e.to_string())?;
-    Ok(MappedLayer { signal, complement, offsets })
+    Ok(MappedLayer {
+        signal,
+        complement,
+        offsets,
+    })
 }
 
 /// Removes the f32 tensor `name` with shape `dims` from `tensors` and
@@ -266,7 +312,10 @@ fn take_f32(
             tensor.dims()
         ));
     }
-    tensor.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())
+    tensor
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| e.to_string())
 }
 
 fn max_abs_difference(a: &Tensor, b: &Tensor) -> std::result::Result<f32, String> {
