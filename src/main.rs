@@ -13,6 +13,7 @@ use isonn::bound::{self, BoundMode, BoundRecord, Granularity, Statistic};
 use isonn::data::{self, DatasetName};
 use isonn::experiment::{self, ReproduceConfig};
 use isonn::hardware::{self, Effects, GainGranularity, Sweep};
+use isonn::interop::manifest::DeviceSettings;
 use isonn::model::{Arch, Init, Network};
 use isonn::nonneg::{transform, ActivationRange, ShiftPolicy, TransformOptions};
 use isonn::progress::Progress;
@@ -218,7 +219,9 @@ enum Command {
     /// Export a model directory of either kind to an ONNX file. A
     /// non-negative model exports as its physical data flow: modulator,
     /// complement port, P and N weights, non-negative bias and shifted
-    /// activation devices, as named nodes (docs/INTEROP.md).
+    /// activation devices, as named nodes (docs/INTEROP.md). With --format
+    /// manifest it writes the hardware manifest (docs/MANIFEST.md), and
+    /// --gain or an effect option adds the device mapping to it.
     Export {
         /// The model directory.
         model: PathBuf,
@@ -228,6 +231,10 @@ enum Command {
         /// The file to write (ONNX), or the directory (manifest).
         #[arg(long, value_name = "PATH")]
         out: PathBuf,
+        /// With --format manifest, add the device mapping of `isonn
+        /// hardware` and these effect settings to the manifest.
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// Import an ONNX model (as torch.onnx.export writes it) into a
     /// regular model directory that transform, eval and verify read.
@@ -454,15 +461,18 @@ struct EffectArgs {
     /// Extinction ratio of the weight elements, in dB.
     #[arg(long, value_name = "DB")]
     extinction_db: Option<f64>,
-    /// Standard deviation of each transmission, as a fraction of full transmission.
-    #[arg(long, default_value_t = 0.0)]
-    weight_noise: f64,
-    /// Standard deviation of the additive detector noise, as a fraction of full scale.
-    #[arg(long, default_value_t = 0.0)]
-    detector_noise: f64,
-    /// Shot-like noise: standard deviation at full scale, as a fraction of full scale.
-    #[arg(long, default_value_t = 0.0)]
-    shot_noise: f64,
+    /// Standard deviation of each transmission, as a fraction of full
+    /// transmission (default 0).
+    #[arg(long, value_name = "S")]
+    weight_noise: Option<f64>,
+    /// Standard deviation of the additive detector noise, as a fraction of
+    /// full scale (default 0).
+    #[arg(long, value_name = "S")]
+    detector_noise: Option<f64>,
+    /// Shot-like noise: standard deviation at full scale, as a fraction of
+    /// full scale (default 0).
+    #[arg(long, value_name = "S")]
+    shot_noise: Option<f64>,
 }
 
 impl EffectArgs {
@@ -472,12 +482,51 @@ impl EffectArgs {
             weight_bits: self.weight_bits,
             adc_bits: self.adc_bits,
             extinction_db: self.extinction_db,
-            weight_noise: self.weight_noise,
-            detector_noise: self.detector_noise,
-            shot_noise: self.shot_noise,
+            weight_noise: self.weight_noise.unwrap_or(0.0),
+            detector_noise: self.detector_noise.unwrap_or(0.0),
+            shot_noise: self.shot_noise.unwrap_or(0.0),
         };
         effects.validate()?;
         Ok(effects)
+    }
+
+    /// Returns `true` when any effect option is on the command line, even
+    /// one that sets its default.
+    fn any_given(&self) -> bool {
+        self.input_bits.is_some()
+            || self.weight_bits.is_some()
+            || self.adc_bits.is_some()
+            || self.extinction_db.is_some()
+            || self.weight_noise.is_some()
+            || self.detector_noise.is_some()
+            || self.shot_noise.is_some()
+    }
+}
+
+/// The device mapping and effects of the hardware model, shared by
+/// `isonn hardware` and `isonn export --format manifest`.
+#[derive(clap::Args, Clone)]
+struct DeviceArgs {
+    #[command(flatten)]
+    effects: EffectArgs,
+    /// Gains of the mapping: one per layer (default) or one per output.
+    #[arg(long, value_enum)]
+    gain: Option<GainGranularity>,
+}
+
+impl DeviceArgs {
+    /// Returns the gain granularity, per layer unless --gain is given.
+    fn granularity(&self) -> GainGranularity {
+        self.gain.unwrap_or_default()
+    }
+
+    /// Returns the checked settings when --gain or any effect option is
+    /// given, `None` otherwise.
+    fn settings(&self) -> Result<Option<DeviceSettings>> {
+        if self.gain.is_none() && !self.effects.any_given() {
+            return Ok(None);
+        }
+        Ok(Some(DeviceSettings { granularity: self.granularity(), effects: self.effects.to_effects()? }))
     }
 }
 
@@ -498,10 +547,7 @@ struct HardwareArgs {
     #[arg(long, value_name = "FILE", requires = "cost")]
     energy: Option<PathBuf>,
     #[command(flatten)]
-    effects: EffectArgs,
-    /// Gains of the mapping: one per layer or one per output.
-    #[arg(long, value_enum, default_value_t = GainGranularity::PerLayer)]
-    gain: GainGranularity,
+    device: DeviceArgs,
     /// Number of noise seeds N; the seeds are 0, 1, ..., N-1.
     #[arg(long, default_value_t = 5)]
     seeds: u64,
@@ -993,10 +1039,17 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             isonn::interop::npy::write_npy_f32(&out, &[n, classes], &logits)?;
             println!("wrote the logits of {n} inputs ({classes} classes) to {}", out.display());
         }
-        Command::Export { model, format, out } => {
+        Command::Export { model, format, out, device } => {
             let (loaded, _) = load_model(&model)?;
+            let settings = device.settings()?;
             match format {
                 ExportFormat::Onnx => {
+                    if settings.is_some() {
+                        bail!(
+                            "--gain and the effect options describe the device mapping of a hardware \
+                             manifest; add --format manifest or leave them out"
+                        );
+                    }
                     let onnx = isonn::interop::export_model(&loaded)?;
                     isonn::interop::write_model(&out, &onnx)?;
                 }
@@ -1008,7 +1061,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                             model.display()
                         );
                     };
-                    isonn::interop::manifest::write_manifest(&out, network)?;
+                    isonn::interop::manifest::write_manifest(&out, network, settings.as_ref())?;
                 }
             }
             println!("wrote {} model {} as {}", loaded.kind(), model.display(), out.display());
@@ -1508,7 +1561,7 @@ fn run_hardware(args: HardwareArgs, progress: &Progress) -> Result<()> {
     if args.cost {
         return print_cost(&args);
     }
-    let effects = args.effects.to_effects()?;
+    let effects = args.device.effects.to_effects()?;
     if args.seeds == 0 {
         bail!("invalid --seeds 0: evaluate with at least one noise seed");
     }
@@ -1535,7 +1588,7 @@ fn run_hardware(args: HardwareArgs, progress: &Progress) -> Result<()> {
     let seeds: Vec<u64> = (0..args.seeds).collect();
     let Some(sweep) = sweep else {
         for (label, network) in &models {
-            let a = hardware::evaluate(network, args.gain, &effects, &images, &seeds, progress)?;
+            let a = hardware::evaluate(network, args.device.granularity(), &effects, &images, &seeds, progress)?;
             println!(
                 "{label}: {} test images, accuracy {:.4} +- {:.4} (mean +- std over {} seed(s))",
                 images.len(),
@@ -1556,7 +1609,7 @@ fn run_hardware(args: HardwareArgs, progress: &Progress) -> Result<()> {
         .out
         .clone()
         .context("--sweep writes a table and a plot: pass --out DIR")?;
-    let report = hardware::run_sweep(&models, &effects, &sweep, args.gain, &images, &seeds, progress)?;
+    let report = hardware::run_sweep(&models, &effects, &sweep, args.device.granularity(), &images, &seeds, progress)?;
     let title = args
         .title
         .clone()

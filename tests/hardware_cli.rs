@@ -44,6 +44,13 @@ fn hardware_evaluates_sweeps_and_counts() {
         accuracy_of(&ideal.get_output().stdout),
         "ideal hardware and eval disagree"
     );
+    // --gain comes from the options shared with `isonn export`.
+    let per_output = isonn().arg("hardware").arg(&nonneg).args(&subset[..2]).args(["--gain", "per-output"]).assert().success();
+    assert_eq!(
+        accuracy_of(&eval.get_output().stdout),
+        accuracy_of(&per_output.get_output().stdout),
+        "ideal per-output hardware and eval disagree"
+    );
     isonn()
         .arg("hardware")
         .arg(&nonneg)

@@ -41,43 +41,52 @@ pub struct Effects {
 impl Effects {
     /// Rejects bit widths outside `1..=MAX_BITS`, a non-positive or
     /// non-finite extinction ratio and negative or non-finite noise levels.
+    /// The error names the command-line option, e.g. `--weight-bits`.
     pub fn validate(&self) -> Result<()> {
+        match self.first_invalid() {
+            Some(invalid) => Err(Error::config(
+                format!("--{}", invalid.field.replace('_', "-")),
+                invalid.value,
+                invalid.reason,
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Returns the first setting that [`validate`](Self::validate) rejects,
+    /// named by its field (`weight_bits`), or `None` when all are valid.
+    pub fn first_invalid(&self) -> Option<InvalidEffect> {
         let bits = [
-            ("--input-bits", self.input_bits),
-            ("--weight-bits", self.weight_bits),
-            ("--adc-bits", self.adc_bits),
+            ("input_bits", self.input_bits),
+            ("weight_bits", self.weight_bits),
+            ("adc_bits", self.adc_bits),
         ];
-        for (name, value) in bits {
+        for (field, value) in bits {
             if let Some(b) = value {
                 if !(1..=MAX_BITS).contains(&b) {
-                    return Err(Error::config(name, b, format!("must be between 1 and {MAX_BITS} bits")));
+                    let reason = format!("must be between 1 and {MAX_BITS} bits");
+                    return Some(InvalidEffect { field, value: b.to_string(), reason });
                 }
             }
         }
         if let Some(db) = self.extinction_db {
             if !(db.is_finite() && db > 0.0) {
-                return Err(Error::config(
-                    "--extinction-db",
-                    db,
-                    "must be a finite ratio > 0 dB, e.g. 30",
-                ));
+                let reason = "must be a finite ratio > 0 dB, e.g. 30".to_string();
+                return Some(InvalidEffect { field: "extinction_db", value: db.to_string(), reason });
             }
         }
         let noises = [
-            ("--weight-noise", self.weight_noise),
-            ("--detector-noise", self.detector_noise),
-            ("--shot-noise", self.shot_noise),
+            ("weight_noise", self.weight_noise),
+            ("detector_noise", self.detector_noise),
+            ("shot_noise", self.shot_noise),
         ];
-        for (name, value) in noises {
+        for (field, value) in noises {
             if !(value.is_finite() && value >= 0.0) {
-                return Err(Error::config(
-                    name,
-                    value,
-                    "must be a finite standard deviation >= 0, relative to full scale",
-                ));
+                let reason = "must be a finite standard deviation >= 0, relative to full scale".to_string();
+                return Some(InvalidEffect { field, value: value.to_string(), reason });
             }
         }
-        Ok(())
+        None
     }
 
     /// Returns `true` when no effect is switched on.
@@ -154,6 +163,17 @@ impl Effects {
             None => Ok(m.clone()),
         }
     }
+}
+
+/// An effect setting that [`Effects::validate`] rejects.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidEffect {
+    /// The field of [`Effects`], e.g. `weight_bits`.
+    pub field: &'static str,
+    /// The rejected value, as written.
+    pub value: String,
+    /// The range it must lie in.
+    pub reason: String,
 }
 
 /// Clips `x` to `[0, 1]` and rounds it to the nearest of the `2^bits` levels

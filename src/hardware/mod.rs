@@ -10,7 +10,7 @@ mod mapping;
 mod sweep;
 
 pub use cost::{cost_table, CostRow, CostTable, Energies, Scheme, SchemeCount};
-pub use effects::{quantise, Effects, MAX_BITS};
+pub use effects::{quantise, Effects, InvalidEffect, MAX_BITS};
 pub use eval::{
     evaluate, realise, HardwareAccuracy, HardwareTraining, NoiseSource, RealisedAffine, RealisedNetwork,
 };

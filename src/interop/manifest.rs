@@ -2,6 +2,10 @@
 //! reads it, `manifest.json` (layers, ranges, shifts, activations) beside
 //! `manifest.safetensors` (weights, biases and routing masks). The schema
 //! is in docs/MANIFEST.md; [`read_manifest`] validates all of it.
+//! Exported with [`DeviceSettings`], the manifest also carries the device
+//! mapping of `src/hardware` in its optional `mapping` section.
+
+mod mapping;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,6 +17,8 @@ use crate::activation::Activation;
 use crate::error::{Error, Result};
 use crate::model::{Pool, Range};
 use crate::nonneg::{AffineOp, NonnegActivation, NonnegAffine, NonnegLayer, NonnegNetwork};
+
+pub use mapping::{DeviceSettings, ManifestLayerMapping, ManifestMapping, ReadMapping};
 
 /// The `format` tag of `manifest.json`.
 pub const MANIFEST_FORMAT: &str = "isonn-hardware-manifest";
@@ -42,6 +48,10 @@ pub struct Manifest {
     pub layers: Vec<ManifestLayer>,
     /// The logits are the last layer's physical output plus this.
     pub output_offset: f64,
+    /// The device mapping and effect settings. The key is absent unless the
+    /// manifest was exported with them, so files without it keep their bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapping: Option<ManifestMapping>,
 }
 
 /// The network input.
@@ -165,9 +175,13 @@ pub struct AffineSpec {
     pub output_range: SignalRange,
 }
 
-/// Builds the manifest of `network` and its named tensors. Only chains of
-/// layers are written; a residual block or an Elman cell is an error.
-pub fn build_manifest(network: &NonnegNetwork) -> Result<(Manifest, Vec<(String, Tensor)>)> {
+/// Builds the manifest of `network` and its named tensors, with the
+/// mapping section when `settings` is given. Only chains of layers are
+/// written; a residual block or an Elman cell is an error.
+pub fn build_manifest(
+    network: &NonnegNetwork,
+    settings: Option<&DeviceSettings>,
+) -> Result<(Manifest, Vec<(String, Tensor)>)> {
     let mut tensors = Vec::new();
     let mut layers = Vec::new();
     for (i, layer) in network.layers.iter().enumerate() {
@@ -209,6 +223,7 @@ pub fn build_manifest(network: &NonnegNetwork) -> Result<(Manifest, Vec<(String,
         input: ManifestInput { shape: network.input_shape.clone(), ranges },
         layers,
         output_offset: network.output_offset,
+        mapping: settings.map(|s| mapping::build_mapping(network, s, &mut tensors)).transpose()?,
     };
     Ok((manifest, tensors))
 }
@@ -253,10 +268,11 @@ fn affine_layer(name: &str, a: &NonnegAffine, tensors: &mut Vec<(String, Tensor)
     })
 }
 
-/// Writes the manifest of `network` into `dir`: the tensors first, then
-/// `manifest.json`, each atomically.
-pub fn write_manifest(dir: &Path, network: &NonnegNetwork) -> Result<()> {
-    let (manifest, tensors) = build_manifest(network)?;
+/// Writes the manifest of `network` into `dir`, with the mapping section
+/// when `settings` is given: the tensors first, then `manifest.json`, each
+/// atomically.
+pub fn write_manifest(dir: &Path, network: &NonnegNetwork, settings: Option<&DeviceSettings>) -> Result<()> {
+    let (manifest, tensors) = build_manifest(network, settings)?;
     crate::fsio::create_dir_all(dir)?;
     let tensors_path = dir.join(MANIFEST_TENSORS);
     let bytes = crate::store::serialize_tensors(&tensors, None, &tensors_path)?;
@@ -272,8 +288,21 @@ pub fn write_manifest(dir: &Path, network: &NonnegNetwork) -> Result<()> {
 /// shape and ranges, and every named tensor's presence, type (f32, routing
 /// u8), shape and values (finite, `>= 0`). Each routing mask must be
 /// `(P > 0) + 2 (N > 0)`, `lo`, `alpha` and `shift` valid, and the layers
-/// must fit the shapes they read.
+/// must fit the shapes they read. A mapping section is validated as in
+/// [`read_manifest_with_mapping`] and dropped.
 pub fn read_manifest(dir: &Path) -> Result<NonnegNetwork> {
+    Ok(read_manifest_with_mapping(dir)?.0)
+}
+
+/// Reads and validates the manifest in `dir` like [`read_manifest`] and
+/// returns the network with its mapping section, if the file has one.
+///
+/// The mapping checks name the field or tensor that fails: one entry per
+/// affine layer in order, gains finite and `> 0`, full scales finite and
+/// `>= 0`, transmissions in `[0, 1]` that equal `P alpha / g` and
+/// `N alpha / g` within 1e-5, offsets equal to `bias / g`, and effect
+/// settings in the ranges `isonn hardware` accepts.
+pub fn read_manifest_with_mapping(dir: &Path) -> Result<(NonnegNetwork, Option<ReadMapping>)> {
     let json_path = dir.join(MANIFEST_JSON);
     let manifest: Manifest = crate::fsio::read_json(&json_path, "hardware manifest")?;
     let invalid = |message: String| Error::Model { path: json_path.clone(), message };
@@ -305,7 +334,11 @@ pub fn read_manifest(dir: &Path) -> Result<NonnegNetwork> {
         message: format!("cannot read tensors ({e}); the file is damaged or not safetensors"),
     })?;
     let mut layers = Vec::with_capacity(manifest.layers.len());
+    let mut affine_names = Vec::new();
     for (i, layer) in manifest.layers.iter().enumerate() {
+        if let ManifestLayer::Linear { name, .. } | ManifestLayer::Conv2d { name, .. } = layer {
+            affine_names.push((i, name.clone()));
+        }
         let at = |message: String| invalid(format!("layers[{i}]: {message}"));
         layers.push(match layer {
             ManifestLayer::Linear { name, affine, .. } => NonnegLayer::Affine(read_affine(name, affine, AffineOp::Linear, Vec::new(), &mut tensors, &tensors_path).map_err(|e| at(e))?),
@@ -329,9 +362,6 @@ pub fn read_manifest(dir: &Path) -> Result<NonnegNetwork> {
             ManifestLayer::Dropout { p } => NonnegLayer::Dropout(*p),
         });
     }
-    if let Some(name) = tensors.keys().next() {
-        return Err(Error::Model { path: tensors_path, message: format!("tensor {name} belongs to no layer of {MANIFEST_JSON}") });
-    }
     let (input_range, channel_ranges) = match ranges.as_slice() {
         [r] => (*r, Vec::new()),
         _ => {
@@ -347,6 +377,13 @@ pub fn read_manifest(dir: &Path) -> Result<NonnegNetwork> {
         layers,
         output_offset: manifest.output_offset,
     };
+    let device = match &manifest.mapping {
+        Some(section) => Some(mapping::read_mapping(section, &affine_names, &network, &mut tensors).map_err(invalid)?),
+        None => None,
+    };
+    if let Some(name) = tensors.keys().next() {
+        return Err(Error::Model { path: tensors_path, message: format!("tensor {name} belongs to no layer of {MANIFEST_JSON}") });
+    }
     // Running one zero sample checks that every layer fits the shape the
     // previous one produces, with candle's own shape checks.
     let mut dims = vec![1];
@@ -355,7 +392,7 @@ pub fn read_manifest(dir: &Path) -> Result<NonnegNetwork> {
     network
         .forward(&probe)
         .map_err(|e| invalid(format!("the layers do not fit together or the input shape: {e}")))?;
-    Ok(network)
+    Ok((network, device))
 }
 
 /// Takes and checks the tensors of one affine layer.
