@@ -662,8 +662,8 @@ impl Loader<'_> {
         Ok(vec![c.out_channels, c.in_channels / c.groups, c.kernel])
     }
 
-    /// Rejects sizes that would allocate without bound before the shape
-    /// check sees them.
+    /// Rejects sizes that would allocate without bound, before the shape
+    /// check runs.
     fn check_sizes(&self, path: &str, sizes: &[usize]) -> Result<()> {
         const LIMIT: usize = 1 << 20;
         if sizes.iter().any(|&v| v == 0 || v > LIMIT) {

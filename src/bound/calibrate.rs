@@ -397,7 +397,7 @@ mod tests {
     use crate::activation::Activation;
     use crate::model::Linear;
 
-    /// A network `flatten -> identity linear -> ReLU -> linear` on `[1, 1, units]`
+    /// Builds `flatten -> identity linear -> ReLU -> linear` on `[1, 1, units]`
     /// inputs, so the ReLU's pre-activations are the input pixels.
     fn identity_network(units: usize) -> Network {
         let eye = Tensor::eye(units, DType::F64, &Device::Cpu).unwrap();

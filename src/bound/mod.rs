@@ -359,7 +359,7 @@ pub struct BoundRecord {
     pub schema_version: u32,
     /// The mode and its parameters.
     pub mode: BoundMode,
-    /// What the bounded model implements, in words.
+    /// Description of the network the bounded model implements.
     pub reference: String,
     /// Number of calibration images: the first images of the training split.
     pub calibration_samples: usize,
@@ -421,7 +421,7 @@ pub struct Bounded {
 /// Samples per forward pass of calibration and clip counting.
 pub const BATCH_SIZE: usize = 256;
 
-/// Bounds every ReLU of `network` as `mode` says, calibrating on
+/// Bounds every ReLU and GELU of `network` as `mode` sets, calibrating on
 /// `calibration` when the mode calibrates, and measures the clip rates on
 /// `calibration` and `test` and the test accuracy of both networks.
 pub fn bound_network(

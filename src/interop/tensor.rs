@@ -16,10 +16,10 @@ pub struct TensorData {
 /// Decodes a float, double, int32 or int64 tensor.
 ///
 /// The element count implied by `dims` must equal the number of values the
-/// tensor carries (in `raw_data` or in the typed field), and it is checked
+/// tensor carries (in `raw_data` or in the typed field). It is checked
 /// before any buffer is allocated, so a tensor that declares more values
-/// than the file holds is an error, not an allocation. Errors name the
-/// tensor and say what is wrong.
+/// than the file contains is an error, not an allocation. Errors name the
+/// tensor and what is wrong.
 pub fn decode_tensor(tensor: &TensorProto) -> Result<TensorData, String> {
     let name = tensor.name.as_deref().unwrap_or("(unnamed)");
     if tensor.data_location == Some(DataLocation::External as i32) || !tensor.external_data.is_empty() {

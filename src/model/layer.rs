@@ -423,7 +423,7 @@ impl Layer {
 
 /// Returns the most negative finite value of `dtype`, the padding of a
 /// max pool (PyTorch pads with minus infinity, which gives the same maxima
-/// since every window holds an input).
+/// since every window contains an input).
 fn lowest(dtype: DType) -> f64 {
     match dtype {
         DType::F64 => f64::MIN,

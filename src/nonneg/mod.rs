@@ -494,7 +494,7 @@ impl NonnegNetwork {
     }
 
     /// Returns every affine layer, nested ones included, with the index of
-    /// the top-level layer that holds it and the prefix of the names its
+    /// the top-level layer that contains it and the prefix of the names its
     /// signals are observed under (`""`, `"main.0."`, ...).
     pub fn affines(&self) -> Vec<(usize, String, &NonnegAffine)> {
         let mut out = Vec::new();

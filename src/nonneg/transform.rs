@@ -196,7 +196,7 @@ impl Edge {
         }
     }
 
-    /// The range of the sum of two signals: the bounds add.
+    /// Returns the range of the sum of two signals, whose bounds add.
     fn plus(&self, other: &Edge) -> Self {
         let n = self.len().max(other.len());
         Edge {
