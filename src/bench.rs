@@ -67,6 +67,11 @@ pub struct Measurement {
     pub batch_size: usize,
     /// Seconds of each repetition.
     pub seconds: Vec<f64>,
+    /// CPU seconds (user and system, every thread of the process) of each
+    /// repetition. On a loaded machine they vary less than the wall-clock
+    /// seconds, which include the time spent waiting for a core.
+    #[serde(default)]
+    pub cpu_seconds: Vec<f64>,
 }
 
 impl Measurement {
@@ -74,9 +79,16 @@ impl Measurement {
     pub fn spread(&self) -> (f64, f64, f64) {
         let mut s = self.seconds.clone();
         s.sort_by(f64::total_cmp);
-        let n = s.len();
-        let median = if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 };
-        (s[0], median, s[n - 1])
+        (s[0], median(&s), s[s.len() - 1])
+    }
+
+    /// Returns the median CPU seconds per repetition, `None` when they were
+    /// not measured.
+    pub fn median_cpu_seconds(&self) -> Option<f64> {
+        if self.cpu_seconds.is_empty() {
+            return None;
+        }
+        Some(median(&self.cpu_seconds))
     }
 
     /// Returns the median images per second.
@@ -88,6 +100,33 @@ impl Measurement {
     pub fn seconds_per_epoch(&self, samples: usize) -> f64 {
         samples as f64 / self.images_per_second()
     }
+}
+
+/// Returns the median of `values`, which must not be empty.
+fn median(values: &[f64]) -> f64 {
+    let mut s = values.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Returns the CPU seconds (user and system) that this process has used,
+/// or 0 where the operating system does not say.
+fn process_cpu_seconds() -> f64 {
+    #[cfg(unix)]
+    {
+        // SAFETY: getrusage writes only into the struct it is given.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
+            let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+            return seconds(usage.ru_utime) + seconds(usage.ru_stime);
+        }
+    }
+    0.0
 }
 
 /// Times `workload` on `arch` with the photonic sigmoid: three warm-up batches,
@@ -104,11 +143,23 @@ pub fn measure(
         Arch::CifarCnn => [3usize, 32, 32],
         _ => [1, 28, 28],
     };
-    let mut network = Network::build(arch, &shape, &[100, 200], 10, Activation::PhotonicSigmoid, Init::Xavier, 0)?;
+    let mut network = Network::build(
+        arch,
+        &shape,
+        &[100, 200],
+        10,
+        Activation::PhotonicSigmoid,
+        Init::Xavier,
+        0,
+    )?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let values = batch_size * shape.iter().product::<usize>();
     let pixels: Vec<f32> = (0..values).map(|_| rng.gen::<f32>()).collect();
-    let x = Tensor::from_vec(pixels, (batch_size, shape[0], shape[1], shape[2]), &Device::Cpu)?;
+    let x = Tensor::from_vec(
+        pixels,
+        (batch_size, shape[0], shape[1], shape[2]),
+        &Device::Cpu,
+    )?;
     let labels: Vec<u32> = (0..batch_size).map(|_| rng.gen_range(0..10)).collect();
     let y = Tensor::from_vec(labels, batch_size, &Device::Cpu)?;
     let mut nonneg = transform(&network, &TransformOptions::default())?;
@@ -137,11 +188,19 @@ pub fn measure(
             })
         }
         Workload::RegularForward => Box::new(move || {
-            network.forward(&x)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+            network
+                .forward(&x)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
             Ok(())
         }),
         Workload::NonnegForward => Box::new(move || {
-            nonneg.forward(&x)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+            nonneg
+                .forward(&x)?
+                .to_dtype(DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
             Ok(())
         }),
     };
@@ -149,12 +208,14 @@ pub fn measure(
         run_once()?;
     }
     let mut seconds = Vec::with_capacity(repetitions);
+    let mut cpu_seconds = Vec::with_capacity(repetitions);
     for _ in 0..repetitions.max(1) {
-        let start = Instant::now();
+        let (start, cpu_start) = (Instant::now(), process_cpu_seconds());
         for _ in 0..batches {
             run_once()?;
         }
         seconds.push(start.elapsed().as_secs_f64());
+        cpu_seconds.push(process_cpu_seconds() - cpu_start);
     }
     Ok(Measurement {
         arch,
@@ -162,6 +223,7 @@ pub fn measure(
         batches,
         batch_size,
         seconds,
+        cpu_seconds,
     })
 }
 
@@ -183,15 +245,31 @@ pub struct GemmMeasurement {
 /// Measures the f32 GEMM throughput of [`crate::ops::linear`]'s kernel on
 /// `[m, k] x [k, n]`, median over `repetitions` timed runs of enough
 /// products to take about 50 ms each.
-pub fn measure_gemm(label: &str, m: usize, k: usize, n: usize, repetitions: usize) -> GemmMeasurement {
+pub fn measure_gemm(
+    label: &str,
+    m: usize,
+    k: usize,
+    n: usize,
+    repetitions: usize,
+) -> GemmMeasurement {
     use crate::ops::linear::{gemm_into, Operand};
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
     let lhs: Vec<f32> = (0..m * k).map(|_| rng.gen::<f32>()).collect();
     let rhs: Vec<f32> = (0..k * n).map(|_| rng.gen::<f32>()).collect();
     let mut dst = vec![0f32; m * n];
     let mut product = || {
-        let lhs = Operand { values: &lhs, rows: m, cols: k, transposed: false };
-        let rhs = Operand { values: &rhs, rows: k, cols: n, transposed: false };
+        let lhs = Operand {
+            values: &lhs,
+            rows: m,
+            cols: k,
+            transposed: false,
+        };
+        let rhs = Operand {
+            values: &rhs,
+            rows: k,
+            cols: n,
+            transposed: false,
+        };
         gemm_into(&mut dst, lhs, rhs, false);
     };
     let flop = 2.0 * (m * n * k) as f64;
@@ -245,12 +323,14 @@ pub struct Environment {
 impl Environment {
     /// Reads the environment of this process.
     pub fn current() -> Self {
-        let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        });
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            });
         let load_average = std::fs::read_to_string("/proc/loadavg")
             .ok()
             .and_then(|text| text.split_whitespace().next().and_then(|v| v.parse().ok()));
@@ -290,6 +370,8 @@ pub struct MeasurementSummary {
     pub images_per_second: f64,
     /// Median seconds for 60,000 images.
     pub seconds_per_epoch: f64,
+    /// Median CPU seconds per repetition, all threads together.
+    pub median_cpu_seconds: Option<f64>,
 }
 
 impl From<Measurement> for MeasurementSummary {
@@ -297,6 +379,7 @@ impl From<Measurement> for MeasurementSummary {
         let (min_seconds, median_seconds, max_seconds) = measurement.spread();
         MeasurementSummary {
             images_per_second: measurement.images_per_second(),
+            median_cpu_seconds: measurement.median_cpu_seconds(),
             seconds_per_epoch: measurement.seconds_per_epoch(EPOCH_SAMPLES),
             measurement,
             min_seconds,

@@ -88,7 +88,10 @@ impl DeviceMapping {
             .affine_layers()
             .map(|(i, a)| layer_mapping(i, a, granularity))
             .collect::<Result<Vec<_>>>()?;
-        Ok(DeviceMapping { granularity, layers })
+        Ok(DeviceMapping {
+            granularity,
+            layers,
+        })
     }
 
     /// Returns the mapping of the affine layer at network index `layer`.
@@ -130,7 +133,8 @@ impl DeviceMapping {
             let crate::nonneg::NonnegLayer::Affine(a) = &mut out.layers[i] else {
                 unreachable!("affine_layers returned index {i}");
             };
-            let (positive, negative, bias) = m.parameters_of(a, &device.signal, &device.complement, &device.offsets)?;
+            let (positive, negative, bias) =
+                m.parameters_of(a, &device.signal, &device.complement, &device.offsets)?;
             a.positive = positive;
             a.negative = negative;
             a.bias = bias;
@@ -139,8 +143,9 @@ impl DeviceMapping {
     }
 
     fn checked_layer(&self, layer: usize) -> Result<&LayerMapping> {
-        self.layer(layer)
-            .ok_or_else(|| Error::Shape(format!("the device mapping has no entry for layer {layer}")))
+        self.layer(layer).ok_or_else(|| {
+            Error::Shape(format!("the device mapping has no entry for layer {layer}"))
+        })
     }
 }
 
@@ -176,7 +181,11 @@ impl LayerMapping {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let inverse = self.transmission_scale(a)?.recip()?;
         let bias_inverse = self.bias_scale(a)?.recip()?;
-        Ok((signal.mul(&inverse)?, complement.mul(&inverse)?, offsets.mul(&bias_inverse)?))
+        Ok((
+            signal.mul(&inverse)?,
+            complement.mul(&inverse)?,
+            offsets.mul(&bias_inverse)?,
+        ))
     }
 
     fn gain_of(&self, output: usize) -> f64 {
@@ -185,7 +194,11 @@ impl LayerMapping {
 }
 
 /// Computes gains and the full scale of one layer in f64.
-fn layer_mapping(index: usize, a: &NonnegAffine, granularity: GainGranularity) -> Result<LayerMapping> {
+fn layer_mapping(
+    index: usize,
+    a: &NonnegAffine,
+    granularity: GainGranularity,
+) -> Result<LayerMapping> {
     for alpha in &a.alpha {
         if !(alpha.is_finite() && *alpha > 0.0) {
             return Err(Error::Shape(format!(
@@ -221,7 +234,9 @@ fn layer_mapping(index: usize, a: &NonnegAffine, granularity: GainGranularity) -
     // A row (or layer) of zeros keeps gain 1: every transmission is 0 anyway.
     let positive_or_one = |g: f64| if g > 0.0 { g } else { 1.0 };
     let gains = match granularity {
-        GainGranularity::PerLayer => vec![positive_or_one(row_peaks.iter().fold(0.0, |m, v| m.max(*v)))],
+        GainGranularity::PerLayer => vec![positive_or_one(
+            row_peaks.iter().fold(0.0, |m, v| m.max(*v)),
+        )],
         GainGranularity::PerOutput => row_peaks.into_iter().map(positive_or_one).collect(),
     };
     Ok(LayerMapping {

@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor
 use rayon::prelude::*;
 
 use super::conv::Float;
+use super::fastmath::{vectorized, SliceLoop};
 use super::linear::contiguous_values;
 use crate::activation::{sigmoid_fit, Activation};
 use crate::Result;
@@ -48,68 +49,170 @@ pub fn shifted_activation(x: &Tensor, op: ShiftedActivation) -> Result<Option<Te
     Ok(Some(x.contiguous()?.apply_op1(op)?))
 }
 
-impl ShiftedActivation {
-    /// Returns `f(x + input_offset) - output_offset` and `f'(x + input_offset)`.
+/// The constants of a [`ShiftedActivation`] in the dtype `T`, converted
+/// once per call rather than once per value.
+struct Response<'a, T> {
+    form: Form<'a, T>,
+    input_offset: T,
+    output_offset: T,
+    /// Output bounds when the op clamps, else (-inf, inf).
+    lo: T,
+    hi: T,
+}
+
+/// The response `f` with its constants in `T`.
+enum Form<'a, T> {
+    Sigmoid(Sigmoid<T>),
+    Sinusoid,
+    Curve(&'a crate::curve::TransferCurve),
+}
+
+/// The photonic sigmoid's constants in `T`.
+#[derive(Clone, Copy)]
+struct Sigmoid<T> {
+    cutoff: T,
+    x0: T,
+    d: T,
+    a1: T,
+    span: T,
+    slope: T,
+}
+
+impl<T: Float> Sigmoid<T> {
+    /// Returns the sigmoid and its derivative at `x`; 0 above the cutoff.
+    #[inline(always)]
+    fn eval(&self, x: T) -> (T, T) {
+        let t = (x.min(self.cutoff) - self.x0) / self.d;
+        let s = T::one() / (T::one() + (-t).fast_exp());
+        let dy = self.slope * s * (T::one() - s);
+        (
+            self.a1 + self.span * s,
+            if x < self.cutoff { dy } else { T::zero() },
+        )
+    }
+}
+
+/// Returns the photonic sinusoid `sin^2(pi/2 clamp(x, 0, 1))` and its
+/// derivative at `x`; 0 outside (0, 1).
+#[inline(always)]
+fn sinusoid<T: Float>(x: T) -> (T, T) {
+    let half_pi = T::from(std::f64::consts::FRAC_PI_2).unwrap_or_else(T::nan);
+    let pi = half_pi + half_pi;
+    let u = x.max(T::zero()).min(T::one());
+    // sin(pi u) = 2 sin(pi u / 2) cos(pi u / 2), and the cosine is the sine
+    // of the other part of the quadrant.
+    let s = (half_pi * u).fast_sin_quadrant();
+    let c = (half_pi * (T::one() - u)).fast_sin_quadrant();
+    let inside = x > T::zero() && x < T::one();
+    (s * s, if inside { pi * s * c } else { T::zero() })
+}
+
+impl<'a, T: Float> Response<'a, T> {
+    /// Converts the constants of `op`, or returns `None` for an activation
+    /// that the fused op does not cover.
+    fn new(op: &'a ShiftedActivation) -> Option<Self> {
+        let c = |v: f64| T::from(v).unwrap_or_else(T::nan);
+        let form = match &op.activation {
+            Activation::PhotonicSigmoid => {
+                use sigmoid_fit::*;
+                Form::Sigmoid(Sigmoid {
+                    cutoff: c(X0 + CUTOFF),
+                    x0: c(X0),
+                    d: c(D),
+                    a1: c(A1),
+                    span: c(A2 - A1),
+                    slope: c((A2 - A1) / D),
+                })
+            }
+            Activation::PhotonicSinusoidal => Form::Sinusoid,
+            Activation::Curve(curve) => Form::Curve(curve),
+            Activation::ReluN { .. }
+            | Activation::Relu
+            | Activation::Tanh
+            | Activation::Gelu
+            | Activation::GeluN { .. } => return None,
+        };
+        let (lo, hi) = match (op.clamp, op.activation.output_bounds()) {
+            (true, Some((lo, hi))) => (c(lo), c(hi)),
+            _ => (T::neg_infinity(), T::infinity()),
+        };
+        Some(Response {
+            form,
+            input_offset: c(op.input_offset),
+            output_offset: c(op.output_offset),
+            lo,
+            hi,
+        })
+    }
+
+    /// Applies `f(x + input_offset) - output_offset` (with `values`) or
+    /// `g f'(x + input_offset)` (with `gradients`) to each value of `x`.
     ///
     /// The derivative is 0 where the fitted model clamps the input (above
     /// `X0 + CUTOFF` for the sigmoid, outside `[0, 1]` for the sinusoid), as
     /// candle's `minimum` and `clamp` give it. A curve's derivative is the
     /// slope of the segment on the right of `x`. Clamping the output to the
     /// bounds changes only rounding, so it leaves the derivative as it is.
-    #[inline]
-    fn eval<T: num_traits::Float>(&self, x: T) -> (T, T) {
-        let c = |v: f64| T::from(v).unwrap_or_else(T::nan);
-        let x = x + c(self.input_offset);
-        let (y, dy) = match &self.activation {
-            Activation::PhotonicSigmoid => {
-                use sigmoid_fit::*;
-                let cutoff = c(X0 + CUTOFF);
-                let t = (x.min(cutoff) - c(X0)) / c(D);
-                let s = T::one() / (T::one() + (-t).exp());
-                let y = c(A1) + c(A2 - A1) * s;
-                let dy = if x < cutoff {
-                    c((A2 - A1) / D) * s * (T::one() - s)
-                } else {
-                    T::zero()
-                };
-                (y, dy)
-            }
-            Activation::PhotonicSinusoidal => {
-                let half_pi = c(std::f64::consts::FRAC_PI_2);
-                let s = (half_pi * x.max(T::zero()).min(T::one())).sin();
-                let dy = if x > T::zero() && x < T::one() {
-                    half_pi * (c(std::f64::consts::PI) * x).sin()
-                } else {
-                    T::zero()
-                };
-                (s * s, dy)
-            }
-            Activation::Curve(curve) => curve.eval_with_slope(x),
-            // shifted_activation never builds the op for these.
-            Activation::ReluN { .. }
-            | Activation::Relu
-            | Activation::Tanh
-            | Activation::Gelu
-            | Activation::GeluN { .. } => (T::nan(), T::nan()),
-        };
-        let y = match (self.clamp, self.activation.output_bounds()) {
-            (true, Some((lo, hi))) => y.max(c(lo)).min(c(hi)),
-            _ => y,
-        };
-        (y - c(self.output_offset), dy)
+    #[inline(always)]
+    fn apply(&self, x: &[T], gradients: Option<&[T]>, out: &mut [T]) {
+        match self.form {
+            Form::Sigmoid(sigmoid) => self.each(|x| sigmoid.eval(x), x, gradients, out),
+            Form::Sinusoid => self.each(sinusoid, x, gradients, out),
+            Form::Curve(curve) => self.each(|x| curve.eval_with_slope(x), x, gradients, out),
+        }
     }
 
+    /// Runs [`apply`](Self::apply)'s loop for one response `f`, which
+    /// returns the value and the derivative.
+    #[inline(always)]
+    fn each(&self, f: impl Fn(T) -> (T, T), x: &[T], gradients: Option<&[T]>, out: &mut [T]) {
+        match gradients {
+            None => {
+                for (o, &x) in out.iter_mut().zip(x) {
+                    let y = f(x + self.input_offset).0;
+                    *o = y.max(self.lo).min(self.hi) - self.output_offset;
+                }
+            }
+            Some(g) => {
+                for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
+                    *o = g * f(x + self.input_offset).1;
+                }
+            }
+        }
+    }
+}
+
+/// One chunk of [`Response::apply`], for [`vectorized`].
+struct Chunk<'r, 'a, T> {
+    response: &'r Response<'a, T>,
+    x: &'r [T],
+    gradients: Option<&'r [T]>,
+    out: &'r mut [T],
+}
+
+impl<T: Float> SliceLoop for Chunk<'_, '_, T> {
+    #[inline(always)]
+    fn run(self) {
+        self.response.apply(self.x, self.gradients, self.out)
+    }
+}
+
+impl ShiftedActivation {
     fn forward<T: Float>(
         &self,
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_values::<T>(storage, layout, "activation input")?;
+        let response = Response::<T>::new(self).ok_or_else(|| not_fused(&self.activation))?;
         let mut out = vec![T::default(); x.len()];
-        let apply = |(o, x): (&mut [T], &[T])| {
-            for (o, &x) in o.iter_mut().zip(x) {
-                *o = self.eval(x).0;
-            }
+        let apply = |(out, x): (&mut [T], &[T])| {
+            vectorized(Chunk {
+                response: &response,
+                x,
+                gradients: None,
+                out,
+            })
         };
         if x.len() > PARALLEL_CHUNK {
             out.par_chunks_mut(PARALLEL_CHUNK)
@@ -135,11 +238,15 @@ impl ShiftedActivation {
         }
         let x_values = contiguous_values::<T>(x.0, x.1, "activation input")?;
         let grad_values = contiguous_values::<T>(grad.0, grad.1, "activation output gradient")?;
+        let response = Response::<T>::new(self).ok_or_else(|| not_fused(&self.activation))?;
         let mut out = vec![T::default(); x_values.len()];
-        let apply = |((o, x), g): ((&mut [T], &[T]), &[T])| {
-            for ((o, &x), &g) in o.iter_mut().zip(x).zip(g) {
-                *o = g * self.eval(x).1;
-            }
+        let apply = |((out, x), g): ((&mut [T], &[T]), &[T])| {
+            vectorized(Chunk {
+                response: &response,
+                x,
+                gradients: Some(g),
+                out,
+            })
         };
         if x_values.len() > PARALLEL_CHUNK {
             out.par_chunks_mut(PARALLEL_CHUNK)
@@ -151,6 +258,14 @@ impl ShiftedActivation {
         }
         Ok((T::into_storage(out), x.1.shape().clone()))
     }
+}
+
+/// The error for an op built around an activation it does not cover, which
+/// [`shifted_activation`] never does.
+fn not_fused(activation: &Activation) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "the fused activation op does not cover {activation}"
+    ))
 }
 
 impl CustomOp1 for ShiftedActivation {
@@ -179,7 +294,9 @@ impl CustomOp1 for ShiftedActivation {
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         let grad = grad_res.contiguous()?;
-        Ok(Some(x.apply_op2_no_bwd(&grad, &ActivationGrad(self.clone()))?))
+        Ok(Some(
+            x.apply_op2_no_bwd(&grad, &ActivationGrad(self.clone()))?,
+        ))
     }
 }
 

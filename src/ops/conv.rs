@@ -401,7 +401,9 @@ fn unpadded_outputs(
 
 /// A float type that the fused CPU kernels of this module and its siblings
 /// support, with access to its `CpuStorage` variant.
-pub(crate) trait Float: Copy + Default + AddAssign + Send + Sync + 'static + num_traits::Float {
+pub(crate) trait Float:
+    Copy + Default + AddAssign + Send + Sync + 'static + num_traits::Float + super::fastmath::FastMath
+{
     const DTYPE: DType;
 
     fn values(storage: &CpuStorage) -> candle_core::Result<&[Self]>;
@@ -597,7 +599,11 @@ impl CustomOp2 for Conv2dIm2col {
         kernel: &CpuStorage,
         kernel_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch_float!(self.forward(x, x_layout, kernel, kernel_layout), x.dtype(), IM2COL_OP)
+        dispatch_float!(
+            self.forward(x, x_layout, kernel, kernel_layout),
+            x.dtype(),
+            IM2COL_OP
+        )
     }
 
     // NOTE: the gradients come from ops without a backward pass, so a second
@@ -793,7 +799,11 @@ impl CustomOp2 for Conv2dKernelGrad {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch_float!(self.kernel_grad(x, x_layout, grad, grad_layout), x.dtype(), IM2COL_OP)
+        dispatch_float!(
+            self.kernel_grad(x, x_layout, grad, grad_layout),
+            x.dtype(),
+            IM2COL_OP
+        )
     }
 }
 
@@ -1062,8 +1072,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
     use crate::ops::test_util::relative_error;
+    use candle_core::{Device, Var};
     use proptest::prelude::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -1389,10 +1399,16 @@ mod tests {
     #[test]
     fn conv2d_broadcast_input() {
         // Stride 0 in every dimension but the channels, and a width of 1.
-        let kernel = Tensor::new(&[[[[1.0f64, 2.0], [3.0, 4.0]]], [[[0.5, 0.0], [0.0, -1.0]]]], &Device::Cpu)
-            .unwrap();
+        let kernel = Tensor::new(
+            &[[[[1.0f64, 2.0], [3.0, 4.0]]], [[[0.5, 0.0], [0.0, -1.0]]]],
+            &Device::Cpu,
+        )
+        .unwrap();
         for shape in [(2, 1, 3, 3), (1, 1, 2, 1)] {
-            let x = Tensor::new(&[[[[0.25f64]]]], &Device::Cpu).unwrap().broadcast_as(shape).unwrap();
+            let x = Tensor::new(&[[[[0.25f64]]]], &Device::Cpu)
+                .unwrap()
+                .broadcast_as(shape)
+                .unwrap();
             let kernel = kernel.narrow(3, 0, shape.3.min(2)).unwrap();
             let ours = conv2d(&x, &kernel, 0, 1, 1, 1).unwrap();
             let expected = x.contiguous().unwrap().conv2d(&kernel, 0, 1, 1, 1).unwrap();
