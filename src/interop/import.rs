@@ -102,17 +102,18 @@ pub fn import_model(model: &ModelProto, path: &Path, input_ranges: &[Range]) -> 
     let input_shape = importer.add_graph_input(model)?;
 
     let mut output_function = None;
-    let output_name =
-        match graph.output.as_slice() {
-            [o] => o.name.clone().unwrap_or_default(),
-            outputs => return Err(Error::interop(
+    let output_name = match graph.output.as_slice() {
+        [o] => o.name.clone().unwrap_or_default(),
+        outputs => {
+            return Err(Error::interop(
                 &location,
                 format!(
                     "the graph has {} outputs; isonn imports a graph with one output, the logits",
                     outputs.len()
                 ),
-            )),
-        };
+            ))
+        }
+    };
     for node in &graph.node {
         let op = node.op_type.as_deref().unwrap_or("");
         if op == "Softmax" || op == "LogSoftmax" {

@@ -26,6 +26,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::linear::{gemm_into, Operand};
 use crate::{Error, Result};
 
 /// The maximum elements of the column matrix, and of its product with the kernel,
@@ -408,8 +409,6 @@ pub(crate) trait Float:
 
     fn values(storage: &CpuStorage) -> candle_core::Result<&[Self]>;
 
-    fn into_values(storage: CpuStorage) -> candle_core::Result<Vec<Self>>;
-
     fn into_storage(values: Vec<Self>) -> CpuStorage;
 }
 
@@ -417,13 +416,6 @@ impl Float for f32 {
     const DTYPE: DType = DType::F32;
 
     fn values(storage: &CpuStorage) -> candle_core::Result<&[Self]> {
-        match storage {
-            CpuStorage::F32(values) => Ok(values),
-            other => Err(dtype_mismatch(Self::DTYPE, other.dtype())),
-        }
-    }
-
-    fn into_values(storage: CpuStorage) -> candle_core::Result<Vec<Self>> {
         match storage {
             CpuStorage::F32(values) => Ok(values),
             other => Err(dtype_mismatch(Self::DTYPE, other.dtype())),
@@ -439,13 +431,6 @@ impl Float for f64 {
     const DTYPE: DType = DType::F64;
 
     fn values(storage: &CpuStorage) -> candle_core::Result<&[Self]> {
-        match storage {
-            CpuStorage::F64(values) => Ok(values),
-            other => Err(dtype_mismatch(Self::DTYPE, other.dtype())),
-        }
-    }
-
-    fn into_values(storage: CpuStorage) -> candle_core::Result<Vec<Self>> {
         match storage {
             CpuStorage::F64(values) => Ok(values),
             other => Err(dtype_mismatch(Self::DTYPE, other.dtype())),
@@ -493,16 +478,21 @@ impl GroupedKernel {
         self.start_offset + group * self.group_out * self.group_rows
     }
 
-    /// Returns the layout of group `group` as a `[O / groups, C / groups * KH * KW]` matrix.
-    fn group_layout(&self, group: usize) -> Layout {
-        let shape = (self.group_out, self.group_rows);
-        Layout::contiguous_with_offset(shape, self.group_offset(group))
-    }
-
-    /// Returns the layout of the transpose of [`GroupedKernel::group_layout`].
-    fn transposed_group_layout(&self, group: usize) -> Layout {
-        let shape = Shape::from((self.group_rows, self.group_out));
-        Layout::new(shape, vec![1, self.group_rows], self.group_offset(group))
+    /// Returns group `group` of the kernel's `values` (its whole storage) as
+    /// a `[O / groups, C / groups * KH * KW]` GEMM operand, read transposed
+    /// when `transposed`.
+    fn group_operand<'a, T>(
+        &self,
+        values: &'a [T],
+        group: usize,
+        transposed: bool,
+    ) -> Operand<'a, T> {
+        Operand {
+            values: &values[self.group_offset(group)..],
+            rows: self.group_out,
+            cols: self.group_rows,
+            transposed,
+        }
     }
 }
 
@@ -547,28 +537,36 @@ impl Conv2dIm2col {
         let geometry = Geometry::from_image_layout(x_layout, self.window)?;
         let grouped = GroupedKernel::new(kernel_layout, self.groups)?;
         let x_values = T::values(x)?;
+        let kernel_values = T::values(kernel)?;
         let out_image_len = grouped.out_channels * geometry.out_area();
         let mut out = vec![T::default(); geometry.batch * out_image_len];
+        // One column buffer and one product buffer, sized for the largest
+        // chunk and reused, so that no chunk allocates or zeroes memory.
+        let mut buffers = ChunkBuffers::new(&geometry, grouped.out_channels);
 
         for images in geometry.chunks(grouped.out_channels) {
             let chunk = geometry.chunk(&images);
-            let cols = im2col_values(x_values, &chunk_layout(x_layout, &images)?, &chunk);
-            let cols = T::into_storage(cols);
             let chunk_cols = chunk.col_len();
+            let cols = buffers.cols(&chunk);
+            im2col_into(x_values, &chunk_layout(x_layout, &images)?, &chunk, cols);
             let out_chunk = &mut out[images.start * out_image_len..images.end * out_image_len];
             for group in 0..self.groups {
-                let cols_offset = group * grouped.group_rows * chunk_cols;
-                let cols_layout =
-                    Layout::contiguous_with_offset((grouped.group_rows, chunk_cols), cols_offset);
+                let group_cols = &buffers.cols[group * grouped.group_rows * chunk_cols..];
                 // product: [O / groups, images, OH * OW]
-                let product = kernel.matmul(
-                    &cols,
-                    (1, grouped.group_out, chunk_cols, grouped.group_rows),
-                    &grouped.group_layout(group),
-                    &cols_layout,
-                )?;
+                let product = &mut buffers.product[..grouped.group_out * chunk_cols];
+                gemm_into(
+                    product,
+                    grouped.group_operand(kernel_values, group, false),
+                    Operand {
+                        values: group_cols,
+                        rows: grouped.group_rows,
+                        cols: chunk_cols,
+                        transposed: false,
+                    },
+                    false,
+                );
                 scatter_channels(
-                    T::values(&product)?,
+                    product,
                     out_chunk,
                     grouped.out_channels,
                     group * grouped.group_out,
@@ -669,38 +667,38 @@ impl Conv2dInputGrad {
         let grad_values = output_grad_values::<T>(grad, grad_layout, out_dims)?;
         let out_image_len = grouped.out_channels * out_area;
         let image_len = geometry.image_len();
+        let kernel_values = T::values(kernel)?;
         let mut x_grad = vec![T::default(); geometry.batch * image_len];
+        let mut buffers = ChunkBuffers::new(&geometry, grouped.out_channels);
 
         for images in geometry.chunks(grouped.out_channels) {
             let chunk = geometry.chunk(&images);
             let chunk_cols = chunk.col_len();
             let grad_chunk = &grad_values[images.start * out_image_len..images.end * out_image_len];
             // [O, images * OH * OW], the layout of the forward product.
-            let grad_t =
-                T::into_storage(gather_channels(grad_chunk, grouped.out_channels, out_area));
+            let grad_t = &mut buffers.product[..grouped.out_channels * chunk_cols];
+            gather_channels_into(grad_chunk, grouped.out_channels, out_area, grad_t);
 
             // Column gradients of the groups, stacked by rows as in the column matrix.
-            let mut col_grad = Vec::new();
+            let col_grad = &mut buffers.cols[..chunk.col_rows() * chunk_cols];
             for group in 0..self.groups {
-                let grad_offset = group * grouped.group_out * chunk_cols;
-                let grad_layout =
-                    Layout::contiguous_with_offset((grouped.group_out, chunk_cols), grad_offset);
-                let product = kernel.matmul(
-                    &grad_t,
-                    (1, grouped.group_rows, chunk_cols, grouped.group_out),
-                    &grouped.transposed_group_layout(group),
-                    &grad_layout,
-                )?;
-                if self.groups == 1 {
-                    col_grad = T::into_values(product)?;
-                } else {
-                    col_grad.extend_from_slice(T::values(&product)?);
-                }
+                let group_grad = &buffers.product[group * grouped.group_out * chunk_cols..];
+                gemm_into(
+                    &mut col_grad[group * grouped.group_rows * chunk_cols..],
+                    grouped.group_operand(kernel_values, group, true),
+                    Operand {
+                        values: group_grad,
+                        rows: grouped.group_out,
+                        cols: chunk_cols,
+                        transposed: false,
+                    },
+                    false,
+                );
             }
 
             let col_layout = Layout::contiguous((chunk.col_rows(), chunk_cols));
             let x_grad_chunk = &mut x_grad[images.start * image_len..images.end * image_len];
-            col2im_values(&col_grad, &col_layout, &chunk, x_grad_chunk);
+            col2im_values(col_grad, &col_layout, &chunk, x_grad_chunk);
         }
         Ok((T::into_storage(x_grad), Shape::from(geometry.image_dims())))
     }
@@ -753,34 +751,39 @@ impl Conv2dKernelGrad {
         let out_image_len = out_channels * out_area;
         let group_len = group_out * group_rows;
         let mut kernel_grad = vec![T::default(); out_channels * group_rows];
+        let mut buffers = ChunkBuffers::new(&geometry, out_channels);
 
         for images in geometry.chunks(out_channels) {
             let chunk = geometry.chunk(&images);
             let chunk_cols = chunk.col_len();
-            let cols = im2col_values(x_values, &chunk_layout(x_layout, &images)?, &chunk);
-            let cols = T::into_storage(cols);
+            im2col_into(
+                x_values,
+                &chunk_layout(x_layout, &images)?,
+                &chunk,
+                buffers.cols(&chunk),
+            );
             let grad_chunk = &grad_values[images.start * out_image_len..images.end * out_image_len];
-            let grad_t = T::into_storage(gather_channels(grad_chunk, out_channels, out_area));
+            let grad_t = &mut buffers.product[..out_channels * chunk_cols];
+            gather_channels_into(grad_chunk, out_channels, out_area, grad_t);
             for group in 0..self.groups {
-                let grad_offset = group * group_out * chunk_cols;
-                let grad_layout =
-                    Layout::contiguous_with_offset((group_out, chunk_cols), grad_offset);
-                // The transpose of this group's rows of the column matrix.
-                let cols_layout = Layout::new(
-                    Shape::from((chunk_cols, group_rows)),
-                    vec![1, chunk_cols],
-                    group * group_rows * chunk_cols,
+                // This group's rows of the output gradient times the transpose
+                // of its rows of the column matrix, added over the chunks.
+                gemm_into(
+                    &mut kernel_grad[group * group_len..(group + 1) * group_len],
+                    Operand {
+                        values: &buffers.product[group * group_out * chunk_cols..],
+                        rows: group_out,
+                        cols: chunk_cols,
+                        transposed: false,
+                    },
+                    Operand {
+                        values: &buffers.cols[group * group_rows * chunk_cols..],
+                        rows: group_rows,
+                        cols: chunk_cols,
+                        transposed: true,
+                    },
+                    true,
                 );
-                let product = grad_t.matmul(
-                    &cols,
-                    (1, group_out, group_rows, chunk_cols),
-                    &grad_layout,
-                    &cols_layout,
-                )?;
-                let group_grad = &mut kernel_grad[group * group_len..(group + 1) * group_len];
-                for (sum, value) in group_grad.iter_mut().zip(T::values(&product)?) {
-                    *sum += *value;
-                }
             }
         }
         Ok((T::into_storage(kernel_grad), Shape::from(self.kernel_dims)))
@@ -829,15 +832,19 @@ fn scatter_channels<T: Copy + Send + Sync>(
         });
 }
 
-/// Returns `grad` `[N, O, A]` transposed to `[O, N, A]`, where `A` is `area`.
-fn gather_channels<T: Copy + Default + Send + Sync>(
+/// Writes `grad` `[N, O, A]` transposed to `[O, N, A]` into `transposed`,
+/// where `A` is `area`.
+fn gather_channels_into<T: Copy + Send + Sync>(
     grad: &[T],
     channels: usize,
     area: usize,
-) -> Vec<T> {
-    let images = grad.len() / (channels * area);
-    let mut transposed = vec![T::default(); grad.len()];
-    transposed
+    transposed: &mut [T],
+) {
+    let images = grad.len() / (channels * area).max(1);
+    if images * area == 0 {
+        return;
+    }
+    transposed[..grad.len()]
         .par_chunks_mut(images * area)
         .enumerate()
         .for_each(|(channel, row)| {
@@ -846,7 +853,36 @@ fn gather_channels<T: Copy + Default + Send + Sync>(
                 row[image * area..(image + 1) * area].copy_from_slice(&grad[src..src + area]);
             }
         });
-    transposed
+}
+
+/// The column matrix and product of the largest chunk of a convolution,
+/// allocated once per call and reused for every chunk.
+struct ChunkBuffers<T> {
+    /// The column matrix (or its gradient), `[C * KH * KW, images * OH * OW]`.
+    cols: Vec<T>,
+    /// The product with the kernel (or the transposed output gradient),
+    /// `[O, images * OH * OW]`.
+    product: Vec<T>,
+}
+
+impl<T: Copy + Default> ChunkBuffers<T> {
+    fn new(geometry: &Geometry, out_channels: usize) -> Self {
+        let images = geometry
+            .chunks(out_channels)
+            .map(|r| r.len())
+            .max()
+            .unwrap_or(0);
+        let cols = images * geometry.out_area();
+        Self {
+            cols: vec![T::default(); geometry.col_rows() * cols],
+            product: vec![T::default(); out_channels * cols],
+        }
+    }
+
+    /// Returns the column buffer of `chunk`.
+    fn cols(&mut self, chunk: &Geometry) -> &mut [T] {
+        &mut self.cols[..chunk.col_rows() * chunk.col_len()]
+    }
 }
 
 /// The unfolding behind [`im2col`]: `[B, C, H, W]` to `[C * KH * KW, B * OH * OW]`.
@@ -953,6 +989,17 @@ fn im2col_values<T>(values: &[T], layout: &Layout, geometry: &Geometry) -> Vec<T
 where
     T: Copy + Default + Send + Sync,
 {
+    let mut cols = vec![T::default(); geometry.col_rows() * geometry.col_len()];
+    im2col_into(values, layout, geometry, &mut cols);
+    cols
+}
+
+/// Unfolds like [`im2col_values`] into `cols`, which has exactly the
+/// column matrix's length. Entries that fall into the padding are set to 0.
+fn im2col_into<T>(values: &[T], layout: &Layout, geometry: &Geometry, cols: &mut [T])
+where
+    T: Copy + Default + Send + Sync,
+{
     let &[stride_b, stride_c, stride_h, stride_w] = layout.stride() else {
         unreachable!("Geometry::from_image_layout or chunk_layout checked that the layout is 4-D")
     };
@@ -969,9 +1016,11 @@ where
     let out_area = geometry.out_area();
     let col_len = geometry.col_len();
 
-    let mut cols = vec![T::default(); geometry.col_rows() * col_len];
-    if cols.is_empty() {
-        return cols;
+    if cols.is_empty() || col_len == 0 {
+        return;
+    }
+    if window.padding > 0 {
+        cols.fill(T::default());
     }
     cols.par_chunks_mut(col_len)
         .enumerate()
@@ -1000,14 +1049,14 @@ where
                     } else if src_step == 0 {
                         dst.fill(src[0]);
                     } else {
-                        for (d, s) in dst.iter_mut().zip(src.iter().step_by(src_step)) {
-                            *d = *s;
+                        let src = &src[..(dst.len() - 1) * src_step + 1];
+                        for (i, d) in dst.iter_mut().enumerate() {
+                            *d = src[i * src_step];
                         }
                     }
                 }
             }
         });
-    cols
 }
 
 /// Adds the column matrix `values` with `layout` (any strides and offset) into
@@ -1056,12 +1105,28 @@ where
                     for oh in valid_h.clone() {
                         let ih = ((oh * window.stride) as isize + offset_h) as usize;
                         let src_start = row_start + (oh * out_w + valid_w.start) * stride_col;
-                        let src = values[src_start..].iter().step_by(stride_col);
-                        let dst = plane[ih * width + first_iw..(ih + 1) * width]
-                            .iter_mut()
-                            .step_by(window.stride);
-                        for (d, s) in dst.zip(src).take(valid_w.len()) {
-                            *d += *s;
+                        let dst = &mut plane[ih * width + first_iw..(ih + 1) * width];
+                        let count = valid_w.len();
+                        // Slicing first lets the compiler drop the bounds checks.
+                        let dst = &mut dst[..(count - 1) * window.stride + 1];
+                        match (stride_col, window.stride) {
+                            (1, 1) => {
+                                let src = &values[src_start..src_start + count];
+                                for (d, s) in dst.iter_mut().zip(src) {
+                                    *d += *s;
+                                }
+                            }
+                            (1, step) => {
+                                let src = &values[src_start..src_start + count];
+                                for (i, s) in src.iter().enumerate() {
+                                    dst[i * step] += *s;
+                                }
+                            }
+                            (col_step, step) => {
+                                for i in 0..count {
+                                    dst[i * step] += values[src_start + i * col_step];
+                                }
+                            }
                         }
                     }
                 }
