@@ -227,9 +227,7 @@ impl FromStr for Activation {
                         "name the CSV file of the measured curve, e.g. curve:transfer.csv",
                     ));
                 }
-                Ok(Activation::Curve(TransferCurve::from_csv(
-                    std::path::Path::new(path),
-                )?))
+                Ok(Activation::Curve(TransferCurve::from_csv(std::path::Path::new(path))?))
             }
             _ => {
                 let (prefix, unbounded) = if s.starts_with("relu-n:") {
@@ -361,10 +359,7 @@ mod tests {
         ];
         for (x, want) in cases {
             let got = gelu(x);
-            assert!(
-                (got - want).abs() <= 1e-12,
-                "gelu({x}) = {got}, expected {want}"
-            );
+            assert!((got - want).abs() <= 1e-12, "gelu({x}) = {got}, expected {want}");
         }
     }
 
@@ -374,26 +369,14 @@ mod tests {
             .map(|i| -3.0 + i as f64 * 2e-5)
             .map(gelu)
             .fold(f64::INFINITY, f64::min);
-        assert!(
-            lowest >= GELU_MIN,
-            "gelu reaches {lowest} below GELU_MIN {GELU_MIN}"
-        );
-        assert!(
-            lowest - GELU_MIN <= 1e-3,
-            "GELU_MIN {GELU_MIN} is loose: gelu's minimum is {lowest}"
-        );
+        assert!(lowest >= GELU_MIN, "gelu reaches {lowest} below GELU_MIN {GELU_MIN}");
+        assert!(lowest - GELU_MIN <= 1e-3, "GELU_MIN {GELU_MIN} is loose: gelu's minimum is {lowest}");
     }
 
     #[test]
     fn bounded_versions_of_unbounded() {
-        assert_eq!(
-            Activation::Relu.bounded(3.0),
-            Some(Activation::ReluN { n: 3.0 })
-        );
-        assert_eq!(
-            Activation::Gelu.bounded(3.0),
-            Some(Activation::GeluN { n: 3.0 })
-        );
+        assert_eq!(Activation::Relu.bounded(3.0), Some(Activation::ReluN { n: 3.0 }));
+        assert_eq!(Activation::Gelu.bounded(3.0), Some(Activation::GeluN { n: 3.0 }));
         assert_eq!(Activation::Tanh.bounded(3.0), None);
         let unbounded: Vec<_> = ALL.iter().filter(|a| a.is_unbounded()).collect();
         assert_eq!(unbounded, [&Activation::Relu, &Activation::Gelu]);
@@ -404,15 +387,7 @@ mod tests {
         for act in ALL {
             assert_eq!(act.to_string().parse::<Activation>().unwrap(), act);
         }
-        for bad in [
-            "sigmoid",
-            "relu-n:",
-            "relu-n:-1",
-            "relu-n:nan",
-            "relu-n:inf",
-            "gelu-n:0",
-            "gelu-n:x",
-        ] {
+        for bad in ["sigmoid", "relu-n:", "relu-n:-1", "relu-n:nan", "relu-n:inf", "gelu-n:0", "gelu-n:x"] {
             let message = bad.parse::<Activation>().unwrap_err().to_string();
             assert!(message.contains(bad), "{message}");
         }

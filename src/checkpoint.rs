@@ -96,12 +96,7 @@ pub struct Checkpoint {
 ///
 /// Rejects non-finite parameters, naming the tensor, so a diverged run
 /// never replaces the last good checkpoint.
-pub fn save(
-    path: &Path,
-    vars: &[Var],
-    optimizer: &OptimizerState,
-    position: &Position,
-) -> Result<()> {
+pub fn save(path: &Path, vars: &[Var], optimizer: &OptimizerState, position: &Position) -> Result<()> {
     let mut tensors = Vec::with_capacity(vars.len() * 2);
     for (i, var) in vars.iter().enumerate() {
         let name = format!("parameters.{i}");
@@ -150,18 +145,11 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
         .metadata()
         .as_ref()
         .and_then(|m| m.get(METADATA_KEY))
-        .ok_or_else(|| {
-            damaged(format!(
-                "no \"{METADATA_KEY}\" metadata, so not an isonn checkpoint"
-            ))
-        })?;
+        .ok_or_else(|| damaged(format!("no \"{METADATA_KEY}\" metadata, so not an isonn checkpoint")))?;
     let header: Header =
         serde_json::from_str(json).map_err(|e| damaged(format!("unreadable metadata ({e})")))?;
     if header.format != FORMAT {
-        return Err(damaged(format!(
-            "format \"{}\" is not \"{FORMAT}\"",
-            header.format
-        )));
+        return Err(damaged(format!("format \"{}\" is not \"{FORMAT}\"", header.format)));
     }
     if header.version != VERSION {
         return Err(Error::Model {
@@ -179,9 +167,7 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
     let mut parameters = Vec::with_capacity(header.parameters.min(tensors.len()));
     for i in 0..header.parameters {
         let name = format!("parameters.{i}");
-        let t = tensors
-            .remove(&name)
-            .ok_or_else(|| damaged(format!("missing tensor {name}")))?;
+        let t = tensors.remove(&name).ok_or_else(|| damaged(format!("missing tensor {name}")))?;
         store::check_finite(&t, &name, path)?;
         parameters.push(t);
     }
@@ -195,9 +181,7 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
         return Err(damaged(format!("unexpected tensor {extra}")));
     }
     let position = header.position;
-    if position.batches_done > 0
-        && position.batches_done.saturating_mul(position.batch_size) >= position.train_len.max(1)
-    {
+    if position.batches_done > 0 && position.batches_done.saturating_mul(position.batch_size) >= position.train_len.max(1) {
         return Err(damaged(format!(
             "{} batches of {} samples done in an epoch of {} samples",
             position.batches_done, position.batch_size, position.train_len

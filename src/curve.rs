@@ -159,11 +159,7 @@ impl TransferCurve {
                 // The first row may name the columns.
                 (Err(_), Err(_)) if pairs.is_empty() && !is_header_seen(text, index) => {}
                 _ => {
-                    let bad = if parsed.0.is_err() {
-                        fields[0]
-                    } else {
-                        fields[1]
-                    };
+                    let bad = if parsed.0.is_err() { fields[0] } else { fields[1] };
                     return Err(format!("line {line}: `{bad}` is not a number"));
                 }
             }
@@ -200,9 +196,7 @@ impl TransferCurve {
     /// Returns the middle of the steepest segment, where the photonic
     /// initialisation centres pre-activations.
     pub fn steepest_input(&self) -> f64 {
-        let CurvePoints {
-            inputs, outputs, ..
-        } = &*self.points;
+        let CurvePoints { inputs, outputs, .. } = &*self.points;
         let slope = |k: usize| ((outputs[k + 1] - outputs[k]) / (inputs[k + 1] - inputs[k])).abs();
         let steepest = (0..inputs.len() - 1)
             .max_by(|&a, &b| slope(a).total_cmp(&slope(b)))
@@ -218,9 +212,7 @@ impl TransferCurve {
     #[inline]
     pub fn eval_with_slope<T: num_traits::Float>(&self, x: T) -> (T, T) {
         let c = |v: f64| T::from(v).unwrap_or_else(T::nan);
-        let CurvePoints {
-            inputs, outputs, ..
-        } = &*self.points;
+        let CurvePoints { inputs, outputs, .. } = &*self.points;
         let last = inputs.len() - 1;
         if x.is_nan() {
             return (x, x);
@@ -252,9 +244,7 @@ impl TransferCurve {
     /// input candle's clamp passes half the gradient to each side, so there
     /// the gradient is the mean of the two slopes instead of the right one.
     pub fn forward_generic(&self, x: &Tensor) -> Result<Tensor> {
-        let CurvePoints {
-            inputs, outputs, ..
-        } = &*self.points;
+        let CurvePoints { inputs, outputs, .. } = &*self.points;
         let mut y = x.zeros_like()?.affine(0.0, outputs[0])?;
         for k in 0..inputs.len() - 1 {
             let slope = (outputs[k + 1] - outputs[k]) / (inputs[k + 1] - inputs[k]);

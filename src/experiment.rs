@@ -14,9 +14,7 @@ use crate::fsio;
 use crate::model::{Arch, Init};
 use crate::nonneg::TransformOptions;
 use crate::progress::Progress;
-use crate::scenario::{
-    run_scenario, settings, NonnegOptimizerKind as Opt, Pretrained, Scenario, ScenarioResult,
-};
+use crate::scenario::{run_scenario, settings, NonnegOptimizerKind as Opt, Pretrained, Scenario, ScenarioResult};
 use crate::store::{self, Model};
 
 /// Settings of a reproduction run.
@@ -83,23 +81,13 @@ fn file_name_part(activation: &Activation) -> String {
     activation
         .to_string()
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '-'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '-' })
         .collect()
 }
 
 impl Cell {
     fn name(model: Arch, activation: &Activation, scenario: Scenario, seed: u64) -> String {
-        format!(
-            "{model}-{}-{}-seed{seed}",
-            file_name_part(activation),
-            scenario.name()
-        )
+        format!("{model}-{}-{}-seed{seed}", file_name_part(activation), scenario.name())
     }
 }
 
@@ -156,10 +144,7 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
                         continue;
                     }
                     let seeds = match baselines {
-                        true => config
-                            .baseline_seeds
-                            .unwrap_or(config.seeds)
-                            .min(config.seeds),
+                        true => config.baseline_seeds.unwrap_or(config.seeds).min(config.seeds),
                         false => config.seeds,
                     };
                     for seed in 0..seeds {
@@ -175,14 +160,7 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
     for (model, activation, scenario, seed) in grid {
         let name = Cell::name(model, &activation, scenario, seed);
         let cell_path = config.out.join("cells").join(format!("{name}.json"));
-        let s = settings(
-            model,
-            &activation,
-            scenario,
-            config.budget,
-            config.post_epochs,
-            config.shuffle,
-        );
+        let s = settings(model, &activation, scenario, config.budget, config.post_epochs, config.shuffle);
         if (config.resume || config.report_only) && cell_path.exists() {
             let bytes = fsio::read(&cell_path)?;
             match serde_json::from_slice::<Cell>(&bytes) {
@@ -208,10 +186,7 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
                     bar.inc(1);
                     continue;
                 }
-                Err(e) => tracing::warn!(
-                    "{}: unreadable ({e}), running the cell again",
-                    cell_path.display()
-                ),
+                Err(e) => tracing::warn!("{}: unreadable ({e}), running the cell again", cell_path.display()),
             }
         }
         if config.report_only {
@@ -227,7 +202,8 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
             s.regular_lr,
             s.optimizer
         );
-        let (result, models) = run_scenario(
+        let (result, models) =
+            run_scenario(
             model,
             activation.clone(),
             scenario,
@@ -251,23 +227,13 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
             // After non-negative training the regular network is the one the
             // training started from, not an equivalent of the result.
             let folder = match scenario {
-                Scenario::PostTraining(_) | Scenario::FromScratch(_) => {
-                    "regular-before-nonneg-training"
-                }
+                Scenario::PostTraining(_) | Scenario::FromScratch(_) => "regular-before-nonneg-training",
                 _ => "regular",
             };
-            store::save(
-                &dir.join(folder),
-                &Model::Regular(regular.clone()),
-                &provenance,
-            )?;
+            store::save(&dir.join(folder), &Model::Regular(regular.clone()), &provenance)?;
         }
         if let Some(nonneg) = &models.nonneg {
-            store::save(
-                &dir.join("nonneg"),
-                &Model::Nonneg(nonneg.clone()),
-                &provenance,
-            )?;
+            store::save(&dir.join("nonneg"), &Model::Nonneg(nonneg.clone()), &provenance)?;
         }
         if seed == 0 && scenario == Scenario::Transformation {
             if let (Some(regular), Some(nonneg)) = (&models.regular, &models.transformed) {
@@ -300,10 +266,7 @@ pub fn reproduce(config: &ReproduceConfig, data: &Dataset, progress: &Progress) 
         seconds: start.elapsed().as_secs_f64(),
     };
     fsio::write_json_atomic(&config.out.join("results.json"), &results)?;
-    fsio::write_atomic(
-        &config.out.join("results.md"),
-        markdown(&results).as_bytes(),
-    )?;
+    fsio::write_atomic(&config.out.join("results.md"), markdown(&results).as_bytes())?;
     plot_curves(&results)?;
     Ok(results)
 }
@@ -332,9 +295,7 @@ fn plot_curves(results: &Results) -> Result<()> {
             if series.is_empty() {
                 continue;
             }
-            let path = config
-                .out
-                .join(format!("curves-{model}-{}.png", file_name_part(activation)));
+            let path = config.out.join(format!("curves-{model}-{}.png", file_name_part(activation)));
             crate::report::line_chart(
                 &path,
                 &format!("{model}, {activation}: test accuracy per epoch (seed 0)"),
@@ -364,23 +325,12 @@ fn plot_histograms(
         return Ok(());
     };
     let values = |t: &candle_core::Tensor| -> Result<Vec<f64>> {
-        Ok(t.flatten_all()?
-            .to_dtype(candle_core::DType::F64)?
-            .to_vec1::<f64>()?)
+        Ok(t.flatten_all()?.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>()?)
     };
     let magnitudes: Vec<f64> = values(&weight)?.iter().map(|v| v.abs()).collect();
-    let positive: Vec<f64> = values(&affine.positive)?
-        .into_iter()
-        .filter(|v| *v > 0.0)
-        .collect();
-    let negative: Vec<f64> = values(&affine.negative)?
-        .into_iter()
-        .filter(|v| *v > 0.0)
-        .collect();
-    let path = config.out.join(format!(
-        "histogram-{model}-{}.png",
-        file_name_part(activation)
-    ));
+    let positive: Vec<f64> = values(&affine.positive)?.into_iter().filter(|v| *v > 0.0).collect();
+    let negative: Vec<f64> = values(&affine.negative)?.into_iter().filter(|v| *v > 0.0).collect();
+    let path = config.out.join(format!("histogram-{model}-{}.png", file_name_part(activation)));
     crate::report::histogram(
         &path,
         &format!("{model}, {activation}: first layer before and after the transformation"),
@@ -436,11 +386,7 @@ pub fn published(model: Arch, activation: &Activation, scenario: Scenario) -> Op
 /// Returns the figure of the method's public PyTorch code run with the same protocol on the full
 /// Fashion-MNIST on a machine of this kind (seeds 0-2 for the
 /// non-negative scenarios, one seed for the transformation).
-pub fn pytorch_reference(
-    model: Arch,
-    activation: &Activation,
-    scenario: Scenario,
-) -> Option<Figure> {
+pub fn pytorch_reference(model: Arch, activation: &Activation, scenario: Scenario) -> Option<Figure> {
     use Activation::{PhotonicSigmoid as Sig, PhotonicSinusoidal as Sin};
     if model != Arch::Mlp {
         return None;
@@ -481,12 +427,7 @@ fn format_figure(figure: Option<Figure>) -> String {
     }
 }
 
-fn group<'a>(
-    results: &'a Results,
-    model: Arch,
-    activation: &Activation,
-    scenario: Scenario,
-) -> Vec<&'a Cell> {
+fn group<'a>(results: &'a Results, model: Arch, activation: &Activation, scenario: Scenario) -> Vec<&'a Cell> {
     results
         .cells
         .iter()
@@ -498,10 +439,7 @@ fn ours(cells: &[&Cell]) -> String {
     if cells.is_empty() {
         return "not run".into();
     }
-    let values: Vec<f64> = cells
-        .iter()
-        .map(|c| 100.0 * c.result.test_accuracy)
-        .collect();
+    let values: Vec<f64> = cells.iter().map(|c| 100.0 * c.result.test_accuracy).collect();
     let (mean, std) = mean_std(&values);
     if values.len() > 1 {
         format!("**{mean:.2} +- {std:.2}**")
@@ -523,10 +461,7 @@ pub fn markdown(results: &Results) -> String {
          PyTorch code run with the same protocol (seeds 0-2, mean +- std, for the \
          non-negative scenarios; one seed for the transformation).\n\n",
         results.dataset,
-        results
-            .data_source
-            .trim_end_matches(')')
-            .replacen(" (", ", ", 1),
+        results.data_source.trim_end_matches(')').replacen(" (", ", ", 1),
         results.train_samples,
         results.test_samples,
         results.isonn_version,
@@ -549,39 +484,15 @@ pub fn markdown(results: &Results) -> String {
         md.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
         for (model, activation) in transformation {
             let cells = group(results, model, &activation, Scenario::Transformation);
-            let reports: Vec<_> = cells
-                .iter()
-                .filter_map(|c| c.result.equivalence.as_ref())
-                .collect();
-            let reports64: Vec<_> = cells
-                .iter()
-                .filter_map(|c| c.result.equivalence_f64.as_ref())
-                .collect();
-            let regular: Vec<f64> = reports
-                .iter()
-                .map(|r| 100.0 * r.accuracy_original)
-                .collect();
+            let reports: Vec<_> = cells.iter().filter_map(|c| c.result.equivalence.as_ref()).collect();
+            let reports64: Vec<_> = cells.iter().filter_map(|c| c.result.equivalence_f64.as_ref()).collect();
+            let regular: Vec<f64> = reports.iter().map(|r| 100.0 * r.accuracy_original).collect();
             let (mean, std) = mean_std(&regular);
-            let agreement = reports
-                .iter()
-                .map(|r| r.argmax_agreement)
-                .fold(1.0f64, f64::min);
-            let rel32 = reports
-                .iter()
-                .map(|r| r.max_rel_diff)
-                .fold(0.0f64, f64::max);
-            let rel64 = reports64
-                .iter()
-                .map(|r| r.max_rel_diff)
-                .fold(0.0f64, f64::max);
-            let negative: usize = reports
-                .iter()
-                .map(|r| r.negative_weights + r.negative_biases)
-                .sum();
-            let min_signal = reports
-                .iter()
-                .map(|r| r.min_signal)
-                .fold(f64::INFINITY, f64::min);
+            let agreement = reports.iter().map(|r| r.argmax_agreement).fold(1.0f64, f64::min);
+            let rel32 = reports.iter().map(|r| r.max_rel_diff).fold(0.0f64, f64::max);
+            let rel64 = reports64.iter().map(|r| r.max_rel_diff).fold(0.0f64, f64::max);
+            let negative: usize = reports.iter().map(|r| r.negative_weights + r.negative_biases).sum();
+            let min_signal = reports.iter().map(|r| r.min_signal).fold(f64::INFINITY, f64::min);
             md.push_str(&format!(
                 "| {model} | {activation} | {} | {} | {} | {} | {agreement:.4} | {rel32:.1e} | {rel64:.1e} | {negative} | {min_signal:.1e} |\n",
                 if regular.len() > 1 { format!("{mean:.2} +- {std:.2}") } else { format!("{mean:.2}") },
@@ -595,44 +506,24 @@ pub fn markdown(results: &Results) -> String {
 
     let post = [
         ("regular + clip", Scenario::RegularClip),
-        (
-            "proposed + projected",
-            Scenario::PostTraining(Opt::Projected),
-        ),
-        (
-            "proposed + sign-preserving",
-            Scenario::PostTraining(Opt::SignPreserving),
-        ),
+        ("proposed + projected", Scenario::PostTraining(Opt::Projected)),
+        ("proposed + sign-preserving", Scenario::PostTraining(Opt::SignPreserving)),
     ];
     let scratch = [
         ("exp init + projected", Scenario::ExpInit(Opt::Projected)),
-        (
-            "proposed + projected",
-            Scenario::FromScratch(Opt::Projected),
-        ),
-        (
-            "exp init + sign-preserving",
-            Scenario::ExpInit(Opt::SignPreserving),
-        ),
-        (
-            "proposed + sign-preserving",
-            Scenario::FromScratch(Opt::SignPreserving),
-        ),
+        ("proposed + projected", Scenario::FromScratch(Opt::Projected)),
+        ("exp init + sign-preserving", Scenario::ExpInit(Opt::SignPreserving)),
+        ("proposed + sign-preserving", Scenario::FromScratch(Opt::SignPreserving)),
     ];
     for (title, columns) in [
-        (
-            "Non-negative post-training (regular pre-training, then non-negative)",
-            &post[..],
-        ),
+        ("Non-negative post-training (regular pre-training, then non-negative)", &post[..]),
         ("Non-negative training from scratch", &scratch[..]),
     ] {
         let rows = keys(results, |s| columns.iter().any(|(_, c)| *c == s));
         if rows.is_empty() {
             continue;
         }
-        md.push_str(&format!(
-            "## {title}\n\nEach cell: ours / published / PyTorch run.\n\n"
-        ));
+        md.push_str(&format!("## {title}\n\nEach cell: ours / published / PyTorch run.\n\n"));
         md.push_str("| model | activation |");
         for (name, _) in columns {
             md.push_str(&format!(" {name} |"));
@@ -690,22 +581,15 @@ pub fn markdown(results: &Results) -> String {
             Cell::name(c.model, &c.activation, c.scenario, c.seed),
             c.result.negative_after_steps,
             c.result.zeroed,
-            c.result
-                .inverse_rel_diff
-                .map(|d| format!("{d:.1e}"))
-                .unwrap_or_else(|| "-".into())
+            c.result.inverse_rel_diff.map(|d| format!("{d:.1e}")).unwrap_or_else(|| "-".into())
         ));
     }
     md.push_str("\nDifferences from the published protocol: ");
     md.push_str(match results.config.shuffle {
-        true => {
-            "this run shuffles the training set every epoch (`--shuffle`; the reference code \
-                 does not);"
-        }
-        false => {
-            "none in the order of the training set, which this run visits in file order \
-                  every epoch as the reference code does;"
-        }
+        true => "this run shuffles the training set every epoch (`--shuffle`; the reference code \
+                 does not);",
+        false => "none in the order of the training set, which this run visits in file order \
+                  every epoch as the reference code does;",
     });
     md.push_str(
         " the CNN reuses the MLP's non-negative learning \
@@ -722,8 +606,7 @@ fn keys(results: &Results, filter: impl Fn(Scenario) -> bool) -> Vec<(Arch, Acti
     let mut out: BTreeMap<String, (Arch, Activation)> = BTreeMap::new();
     for c in &results.cells {
         if filter(c.scenario) {
-            out.entry(format!("{}-{}", c.model, c.activation))
-                .or_insert_with(|| (c.model, c.activation.clone()));
+            out.entry(format!("{}-{}", c.model, c.activation)).or_insert_with(|| (c.model, c.activation.clone()));
         }
     }
     out.into_values().collect()

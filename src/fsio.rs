@@ -84,10 +84,7 @@ pub fn read_capped(path: &Path, max_bytes: u64, what: &str) -> Result<Vec<u8>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let metadata = file.metadata().map_err(|e| Error::io(path, e))?;
     if !metadata.is_file() {
-        return Err(Error::data(
-            path,
-            format!("not a regular file; pass the path of a {what}"),
-        ));
+        return Err(Error::data(path, format!("not a regular file; pass the path of a {what}")));
     }
     let len = metadata.len();
     if len > max_bytes {
@@ -105,10 +102,7 @@ pub fn read_capped(path: &Path, max_bytes: u64, what: &str) -> Result<Vec<u8>> {
         .read_to_end(&mut bytes)
         .map_err(|e| Error::io(path, e))?;
     if bytes.len() as u64 > max_bytes {
-        return Err(Error::data(
-            path,
-            format!("{what} grew past {max_bytes} bytes while it was read"),
-        ));
+        return Err(Error::data(path, format!("{what} grew past {max_bytes} bytes while it was read")));
     }
     Ok(bytes)
 }

@@ -29,9 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Images;
 use crate::error::Result;
-use crate::nonneg::{
-    transform, AffineOp, NonnegAffine, NonnegNetwork, ShiftPolicy, TransformOptions,
-};
+use crate::nonneg::{transform, AffineOp, NonnegAffine, NonnegNetwork, ShiftPolicy, TransformOptions};
 use crate::progress::Progress;
 use crate::store::Model;
 use crate::verify::json_f64;
@@ -224,11 +222,7 @@ impl SignalStats {
     /// Starts empty statistics for `network`.
     pub fn new(network: &NonnegNetwork) -> Self {
         SignalStats {
-            affine: network
-                .affines()
-                .into_iter()
-                .map(|(i, prefix, _)| (i, prefix))
-                .collect(),
+            affine: network.affines().into_iter().map(|(i, prefix, _)| (i, prefix)).collect(),
             signals: HashMap::new(),
             samples: 0,
         }
@@ -243,9 +237,7 @@ impl SignalStats {
         let key = match layer {
             None if name == "modulator" => None,
             Some(i) => {
-                let found = self.affine.iter().find(|(j, prefix)| {
-                    *j == i && name.strip_prefix(prefix.as_str()) == Some("output")
-                });
+                let found = self.affine.iter().find(|(j, prefix)| *j == i && name.strip_prefix(prefix.as_str()) == Some("output"));
                 match found {
                     Some(key) => Some(key.clone()),
                     None => return Ok(()),
@@ -292,11 +284,7 @@ fn unit_extremes(t: &Tensor) -> Result<(Vec<f64>, Vec<f64>)> {
 
 /// Summarises per-unit extremes, with `full_scale` the bound of the signal.
 fn summarise(extremes: &UnitExtremes, full_scale: f64) -> Observed {
-    let max = extremes
-        .max
-        .iter()
-        .copied()
-        .fold(f64::NEG_INFINITY, f64::max);
+    let max = extremes.max.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let min = extremes.min.iter().copied().fold(f64::INFINITY, f64::min);
     let ratios: Vec<f64> = extremes
         .min
@@ -305,8 +293,7 @@ fn summarise(extremes: &UnitExtremes, full_scale: f64) -> Observed {
         .filter(|(_, &hi)| hi > 0.0)
         .map(|(&lo, &hi)| (hi - lo) / hi)
         .collect();
-    let swing_ratio =
-        (!ratios.is_empty()).then(|| ratios.iter().sum::<f64>() / ratios.len() as f64);
+    let swing_ratio = (!ratios.is_empty()).then(|| ratios.iter().sum::<f64>() / ratios.len() as f64);
     let swing_ratio_min = ratios.iter().copied().reduce(f64::min);
     Observed {
         max,
@@ -321,16 +308,8 @@ fn summarise(extremes: &UnitExtremes, full_scale: f64) -> Observed {
 
 /// Counts where the weights of `layer` are routed.
 fn weight_routing(layer: &NonnegAffine) -> Result<WeightRouting> {
-    let p: Vec<f64> = layer
-        .positive
-        .flatten_all()?
-        .to_dtype(DType::F64)?
-        .to_vec1()?;
-    let n: Vec<f64> = layer
-        .negative
-        .flatten_all()?
-        .to_dtype(DType::F64)?
-        .to_vec1()?;
+    let p: Vec<f64> = layer.positive.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+    let n: Vec<f64> = layer.negative.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
     let mut routing = WeightRouting {
         signal: 0,
         complement: 0,
@@ -354,11 +333,7 @@ fn weight_routing(layer: &NonnegAffine) -> Result<WeightRouting> {
 }
 
 /// Builds the figures of one affine layer.
-fn layer_report(
-    label: String,
-    layer: &NonnegAffine,
-    observed: Option<Observed>,
-) -> Result<LayerReport> {
+fn layer_report(label: String, layer: &NonnegAffine, observed: Option<Observed>) -> Result<LayerReport> {
     let (kind, conv) = match layer.op {
         AffineOp::Linear => ("linear", None),
         AffineOp::Conv2d {
@@ -423,13 +398,8 @@ pub fn report(network: &NonnegNetwork, stats: Option<&SignalStats>) -> Result<Ne
         observed: observed(None, alpha),
     };
     let mut layers = Vec::new();
-    for ((i, prefix, layer), (path, _)) in network.affines().into_iter().zip(network.affine_paths())
-    {
-        layers.push(layer_report(
-            path,
-            layer,
-            observed(Some((i, prefix)), layer.out_max),
-        )?);
+    for ((i, prefix, layer), (path, _)) in network.affines().into_iter().zip(network.affine_paths()) {
+        layers.push(layer_report(path, layer, observed(Some((i, prefix)), layer.out_max))?);
     }
     Ok(NetworkReport {
         samples: stats.map_or(0, SignalStats::samples),
@@ -593,11 +563,7 @@ pub fn format_signals(reports: &[(&str, &NetworkReport)]) -> String {
     }
     out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
     let row = |label: &str, name: &str, cells: [String; 8]| {
-        let policy = if named {
-            format!(" {name} |")
-        } else {
-            String::new()
-        };
+        let policy = if named { format!(" {name} |") } else { String::new() };
         format!("| {label} |{policy} {} |\n", cells.join(" | "))
     };
     let observed_cells = |o: Option<&Observed>| match o {
@@ -613,16 +579,7 @@ pub fn format_signals(reports: &[(&str, &NetworkReport)]) -> String {
     for (name, report) in reports {
         let m = &report.modulators;
         let [max, min, swing, worst, used] = observed_cells(m.observed.as_ref());
-        let cells = [
-            "-".into(),
-            "-".into(),
-            format_value(m.alpha),
-            max,
-            min,
-            swing,
-            worst,
-            used,
-        ];
+        let cells = ["-".into(), "-".into(), format_value(m.alpha), max, min, swing, worst, used];
         out.push_str(&row(&m.label, name, cells));
     }
     let layer_count = reports.first().map_or(0, |(_, r)| r.layers.len());
@@ -712,9 +669,7 @@ mod tests {
         let nonneg = transform(&hand_network(), &options).unwrap();
         let mut stats = SignalStats::new(&nonneg);
         nonneg
-            .forward_observed(&hand_inputs(), &mut |layer, name, t| {
-                stats.observe(layer, name, t)
-            })
+            .forward_observed(&hand_inputs(), &mut |layer, name, t| stats.observe(layer, name, t))
             .unwrap();
         report(&nonneg, Some(&stats)).unwrap()
     }
@@ -723,16 +678,10 @@ mod tests {
     fn routing_counts_match_weights() {
         let report = observed_report(ShiftPolicy::Minimal);
         let first = report.layers[0].weights;
-        assert_eq!(
-            (first.signal, first.complement, first.zero, first.both),
-            (2, 1, 1, 0)
-        );
+        assert_eq!((first.signal, first.complement, first.zero, first.both), (2, 1, 1, 0));
         assert_eq!(first.total, 4);
         let second = report.layers[1].weights;
-        assert_eq!(
-            (second.signal, second.complement, second.zero, second.both),
-            (1, 1, 0, 0)
-        );
+        assert_eq!((second.signal, second.complement, second.zero, second.both), (1, 1, 0, 0));
         assert_eq!(second.total, 2);
         assert_eq!(report.layers[0].label, "layers.1");
         assert_eq!(report.layers[1].label, "layers.3");
@@ -749,40 +698,15 @@ mod tests {
     #[test]
     fn shift_bias_and_full_scale_match_hand_values() {
         let cases = [
-            (
-                ShiftPolicy::Minimal,
-                [1.515, 0.7575],
-                [(0.015, 1.765), (0.0075, 0.0075)],
-                [3.015, 3.0075],
-            ),
-            (
-                ShiftPolicy::Published,
-                [1.5, 0.75],
-                [(0.0, 1.75), (0.0, 0.0)],
-                [3.0, 3.0],
-            ),
+            (ShiftPolicy::Minimal, [1.515, 0.7575], [(0.015, 1.765), (0.0075, 0.0075)], [3.015, 3.0075]),
+            (ShiftPolicy::Published, [1.5, 0.75], [(0.0, 1.75), (0.0, 0.0)], [3.0, 3.0]),
         ];
         for (policy, shifts, biases, full_scales) in cases {
             let report = observed_report(policy);
             for (k, layer) in report.layers.iter().enumerate() {
-                assert!(
-                    close(layer.shift, shifts[k]),
-                    "{policy:?} {}: shift {}",
-                    layer.label,
-                    layer.shift
-                );
-                assert!(
-                    close(layer.bias.min, biases[k].0),
-                    "{policy:?} {}: bias {:?}",
-                    layer.label,
-                    layer.bias
-                );
-                assert!(
-                    close(layer.bias.max, biases[k].1),
-                    "{policy:?} {}: bias {:?}",
-                    layer.label,
-                    layer.bias
-                );
+                assert!(close(layer.shift, shifts[k]), "{policy:?} {}: shift {}", layer.label, layer.shift);
+                assert!(close(layer.bias.min, biases[k].0), "{policy:?} {}: bias {:?}", layer.label, layer.bias);
+                assert!(close(layer.bias.max, biases[k].1), "{policy:?} {}: bias {:?}", layer.label, layer.bias);
                 assert!(
                     close(layer.full_scale, full_scales[k]),
                     "{policy:?} {}: full scale {}",
@@ -811,45 +735,21 @@ mod tests {
         assert!(close(first.min, 0.015), "min {}", first.min);
         let ratios = [3.0 / 3.015, 0.5 / 2.265];
         let mean = (ratios[0] + ratios[1]) / 2.0;
-        assert!(
-            close(first.swing_ratio.unwrap(), mean),
-            "swing {:?}",
-            first.swing_ratio
-        );
-        assert!(
-            close(first.swing_ratio_min.unwrap(), ratios[1]),
-            "worst {:?}",
-            first.swing_ratio_min
-        );
-        assert!(
-            close(first.full_scale_use.unwrap(), 1.0),
-            "use {:?}",
-            first.full_scale_use
-        );
+        assert!(close(first.swing_ratio.unwrap(), mean), "swing {:?}", first.swing_ratio);
+        assert!(close(first.swing_ratio_min.unwrap(), ratios[1]), "worst {:?}", first.swing_ratio_min);
+        assert!(close(first.full_scale_use.unwrap(), 1.0), "use {:?}", first.full_scale_use);
         assert_eq!((first.units, first.dark_units), (2, 0));
 
         let second = report.layers[1].observed.as_ref().unwrap();
         assert!(close(second.max, 2.7575), "max {}", second.max);
         assert!(close(second.min, 0.2575), "min {}", second.min);
-        assert!(
-            close(second.swing_ratio.unwrap(), 2.5 / 2.7575),
-            "swing {:?}",
-            second.swing_ratio
-        );
-        assert!(
-            close(second.full_scale_use.unwrap(), 2.7575 / 3.0075),
-            "use {:?}",
-            second.full_scale_use
-        );
+        assert!(close(second.swing_ratio.unwrap(), 2.5 / 2.7575), "swing {:?}", second.swing_ratio);
+        assert!(close(second.full_scale_use.unwrap(), 2.7575 / 3.0075), "use {:?}", second.full_scale_use);
 
         for layer in &report.layers {
             let o = layer.observed.as_ref().unwrap();
             for ratio in [o.swing_ratio.unwrap(), o.swing_ratio_min.unwrap()] {
-                assert!(
-                    ratio > 0.0,
-                    "{}: swing ratio {ratio} not above 0",
-                    layer.label
-                );
+                assert!(ratio > 0.0, "{}: swing ratio {ratio} not above 0", layer.label);
                 assert!(ratio <= 1.0, "{}: swing ratio {ratio} above 1", layer.label);
             }
         }
@@ -870,11 +770,7 @@ mod tests {
         let second = report.layers[1].observed.as_ref().unwrap();
         assert!(close(second.max, 2.75), "max {}", second.max);
         assert!(close(second.min, 0.25), "min {}", second.min);
-        assert!(
-            close(second.swing_ratio.unwrap(), 2.5 / 2.75),
-            "swing {:?}",
-            second.swing_ratio
-        );
+        assert!(close(second.swing_ratio.unwrap(), 2.5 / 2.75), "swing {:?}", second.swing_ratio);
     }
 
     #[test]
@@ -893,13 +789,7 @@ mod tests {
 
     #[test]
     fn dark_units_are_left_out() {
-        let observed = summarise(
-            &UnitExtremes {
-                min: vec![0.0, 1.0],
-                max: vec![0.0, 2.0],
-            },
-            4.0,
-        );
+        let observed = summarise(&UnitExtremes { min: vec![0.0, 1.0], max: vec![0.0, 2.0] }, 4.0);
         assert_eq!(observed.dark_units, 1);
         assert_eq!(observed.swing_ratio, Some(0.5));
     }
@@ -920,10 +810,7 @@ mod tests {
     fn recorded_policy_reads_transform_record() {
         let provenance = serde_json::json!({ "transform": { "shift": "published", "activation_range": "method" } });
         assert_eq!(recorded_policy(&provenance), Some(ShiftPolicy::Published));
-        assert_eq!(
-            recorded_policy(&serde_json::json!({ "source_model": "m" })),
-            None
-        );
+        assert_eq!(recorded_policy(&serde_json::json!({ "source_model": "m" })), None);
     }
 
     #[test]
@@ -933,12 +820,6 @@ mod tests {
         assert_eq!(format_value(2.5), "2.500");
         assert_eq!(format_value(123.456), "123.5");
         assert_eq!(format_value(2e-5), "2.000e-5");
-        assert_eq!(
-            format_span(Span {
-                min: 0.0,
-                max: 1.75
-            }),
-            "0..1.750"
-        );
+        assert_eq!(format_span(Span { min: 0.0, max: 1.75 }), "0..1.750");
     }
 }

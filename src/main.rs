@@ -16,11 +16,11 @@ use isonn::hardware::{self, Effects, GainGranularity, Sweep};
 use isonn::interop::manifest::DeviceSettings;
 use isonn::model::{Arch, Init, Network};
 use isonn::nonneg::{transform, ActivationRange, ShiftPolicy, TransformOptions};
-use isonn::optim::Momentum;
 use isonn::progress::Progress;
 use isonn::provenance::{self, DataRecord};
-use isonn::scenario::{self, NonnegOptimizer, NonnegOptimizerKind, Scenario};
 use isonn::store::{self, Model};
+use isonn::optim::Momentum;
+use isonn::scenario::{self, NonnegOptimizer, NonnegOptimizerKind, Scenario};
 use isonn::train::{fit_checkpointed, Checkpointing, Sgd, TrainConfig};
 use isonn::verify::{self, Precision};
 
@@ -424,11 +424,7 @@ enum Command {
         #[arg(long, default_value = "all")]
         scenarios: String,
         /// Activations, comma-separated.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "photonic-sigmoid,photonic-sinusoidal"
-        )]
+        #[arg(long, value_delimiter = ',', default_value = "photonic-sigmoid,photonic-sinusoidal")]
         activations: Vec<String>,
         /// Initialisation of the regular networks.
         #[arg(long, value_enum, default_value_t = Init::Xavier)]
@@ -530,10 +526,7 @@ impl DeviceArgs {
         if self.gain.is_none() && !self.effects.any_given() {
             return Ok(None);
         }
-        Ok(Some(DeviceSettings {
-            granularity: self.granularity(),
-            effects: self.effects.to_effects()?,
-        }))
+        Ok(Some(DeviceSettings { granularity: self.granularity(), effects: self.effects.to_effects()? }))
     }
 }
 
@@ -630,16 +623,10 @@ fn main() -> std::process::ExitCode {
     match run(cli.command, &progress) {
         Ok(code) => code,
         Err(e) => {
-            if let Some(isonn::Error::Interrupted { checkpoint, .. }) =
-                e.downcast_ref::<isonn::Error>()
-            {
+            if let Some(isonn::Error::Interrupted { checkpoint, .. }) = e.downcast_ref::<isonn::Error>() {
                 let _ = writeln!(std::io::stderr(), "{e}");
                 if checkpoint.is_some() {
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "to continue the run, execute:\n  {}",
-                        resume_command()
-                    );
+                    let _ = writeln!(std::io::stderr(), "to continue the run, execute:\n  {}", resume_command());
                 }
                 return std::process::ExitCode::from(EXIT_INTERRUPTED);
             }
@@ -655,10 +642,7 @@ fn main() -> std::process::ExitCode {
 fn install_stop_handler() {
     let result = ctrlc::set_handler(|| {
         if STOP.swap(true, Ordering::SeqCst) {
-            let _ = writeln!(
-                std::io::stderr(),
-                "second interrupt: exiting without saving"
-            );
+            let _ = writeln!(std::io::stderr(), "second interrupt: exiting without saving");
             std::process::exit(i32::from(EXIT_INTERRUPTED));
         }
         let _ = writeln!(
@@ -674,17 +658,12 @@ fn install_stop_handler() {
 /// Returns this process's command line with `--resume` in place of
 /// `--force`, quoted for a POSIX shell.
 fn resume_command() -> String {
-    let mut args: Vec<String> = command_line()
-        .into_iter()
-        .filter(|a| a != "--force")
-        .collect();
+    let mut args: Vec<String> = command_line().into_iter().filter(|a| a != "--force").collect();
     if !args.iter().any(|a| a == "--resume") {
         args.push("--resume".into());
     }
     let quote = |a: &String| {
-        let plain = !a.is_empty()
-            && a.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@+".contains(c));
+        let plain = !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,@+".contains(c));
         if plain {
             a.clone()
         } else {
@@ -739,10 +718,7 @@ fn check_output(dir: &Path, force: bool, resume: bool) -> Result<()> {
         return Ok(());
     }
     if dir.exists() && !dir.is_dir() {
-        bail!(
-            "--out {} exists and is not a directory; choose another --out",
-            dir.display()
-        );
+        bail!("--out {} exists and is not a directory; choose another --out", dir.display());
     }
     let non_empty = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
     if non_empty && !force {
@@ -761,16 +737,11 @@ fn check_output(dir: &Path, force: bool, resume: bool) -> Result<()> {
 fn warn_data_mismatch(dir: &Path, provenance: &serde_json::Value, data: &DataRecord) {
     match provenance::trained_on(provenance) {
         Some(trained) => {
-            if let Some(warning) =
-                provenance::data_mismatch(&format!("model {}", dir.display()), &trained, data)
-            {
+            if let Some(warning) = provenance::data_mismatch(&format!("model {}", dir.display()), &trained, data) {
                 tracing::warn!("{warning}");
             }
         }
-        None => tracing::debug!(
-            "model {} records no training data; cannot compare data sets",
-            dir.display()
-        ),
+        None => tracing::debug!("model {} records no training data; cannot compare data sets", dir.display()),
     }
 }
 
@@ -780,10 +751,7 @@ fn parse_range(text: &str) -> std::result::Result<isonn::model::Range, String> {
     let [lo, hi] = parts[..] else {
         return Err(format!("expected LO,HI such as 0,1, got {text:?}"));
     };
-    let parse = |v: &str| {
-        v.parse::<f64>()
-            .map_err(|_| format!("{v:?} in {text:?} is not a number"))
-    };
+    let parse = |v: &str| v.parse::<f64>().map_err(|_| format!("{v:?} in {text:?} is not a number"));
     isonn::model::Range::new(parse(lo)?, parse(hi)?).map_err(|e| e.to_string())
 }
 
@@ -794,9 +762,7 @@ fn load_model(dir: &Path) -> Result<(Model, serde_json::Value)> {
 /// Warns that a learning rate of zero leaves every parameter where it is.
 fn warn_if_frozen(flag: &str, lr: f64) {
     if lr == 0.0 {
-        tracing::warn!(
-            "{flag} 0: training will not change any parameter; pass a positive value to train"
-        );
+        tracing::warn!("{flag} 0: training will not change any parameter; pass a positive value to train");
     }
 }
 
@@ -835,9 +801,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             config.validate()?;
             let hidden = hidden.unwrap_or_else(|| arch.default_hidden());
             if hidden.iter().any(|&h| h == 0 || h > MAX_WIDTH) {
-                bail!(
-                    "invalid --hidden {hidden:?}: every hidden width must lie in 1..={MAX_WIDTH}"
-                );
+                bail!("invalid --hidden {hidden:?}: every hidden width must lie in 1..={MAX_WIDTH}");
             }
             if batch_size > MAX_WIDTH {
                 bail!("invalid --batch-size {batch_size}: must be at most {MAX_WIDTH}");
@@ -848,15 +812,8 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             let dataset = data.load()?;
             let data_record = DataRecord::of(&dataset);
             let shape = dataset.train.sample_shape();
-            let mut network = Network::build(
-                arch,
-                &shape,
-                &hidden,
-                dataset.classes,
-                activation.clone(),
-                init,
-                seed,
-            )?;
+            let mut network =
+                Network::build(arch, &shape, &hidden, dataset.classes, activation.clone(), init, seed)?;
             scenario::use_input_range_of(&mut network, &dataset, init, seed)?;
             tracing::info!("training {arch} with {activation}, init {init}, lr {lr}, batch {batch_size}, seed {seed}");
             let vars = network.make_trainable()?;
@@ -873,17 +830,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             };
             let metrics = {
                 let forward = |x: &candle_core::Tensor, mode| network.forward_mode(x, mode);
-                fit_checkpointed(
-                    &forward,
-                    &shape,
-                    &vars,
-                    &mut sgd,
-                    &dataset,
-                    &config,
-                    progress,
-                    &mut || Ok(()),
-                    &checkpointing,
-                )?
+                fit_checkpointed(&forward, &shape, &vars, &mut sgd, &dataset, &config, progress, &mut || Ok(()), &checkpointing)?
             };
             let provenance = provenance::record(
                 &command_line(),
@@ -915,18 +862,11 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
         } => {
             let (loaded, source_provenance) = load_model(&model)?;
             let Model::Regular(network) = loaded else {
-                bail!(
-                    "{} is already a non-negative model; transform takes a regular one",
-                    model.display()
-                );
+                bail!("{} is already a non-negative model; transform takes a regular one", model.display());
             };
             // The regular network's f32 parameters are exact in f64, so the
             // f64 network computes the same function in higher precision.
-            let network = if f64 {
-                network.to_dtype(candle_core::DType::F64)?
-            } else {
-                network
-            };
+            let network = if f64 { network.to_dtype(candle_core::DType::F64)? } else { network };
             check_output(&out, force, false)?;
             let options = TransformOptions {
                 shift,
@@ -935,13 +875,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             // Read the data before writing anything, so a bad --dataset
             // leaves no output behind.
             let dataset = match dataset {
-                Some(name) => Some(
-                    DataArgs {
-                        dataset: name,
-                        data,
-                    }
-                    .load()?,
-                ),
+                Some(name) => Some(DataArgs { dataset: name, data }.load()?),
                 None => {
                     if data.is_some() {
                         bail!("--data without --dataset: name the data set to verify on, e.g. --dataset fashion-mnist");
@@ -973,8 +907,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             store::save(&out, &Model::Nonneg(nonneg.clone()), &provenance)?;
             println!("non-negative model written to {}", out.display());
             if let Some(dataset) = dataset {
-                let mut report =
-                    verify::verify(&network, &nonneg, &dataset.test, 1000, precision, progress)?;
+                let mut report = verify::verify(&network, &nonneg, &dataset.test, 1000, precision, progress)?;
                 report.reference = reference;
                 isonn::fsio::write_json_atomic(&out.join("equivalence.json"), &report)?;
                 println!("{}", report.summary());
@@ -1035,10 +968,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                     println!("the model has no ReLU, so --calibrate {source} has nothing to bound");
                 } else {
                     let (calibration, test) = if source.ends_with(".npy") {
-                        let images = isonn::interop::samples::images_from_npy(
-                            Path::new(source),
-                            &imported.network,
-                        )?;
+                        let images = isonn::interop::samples::images_from_npy(Path::new(source), &imported.network)?;
                         (images.clone(), images)
                     } else {
                         let dataset = data::load(source.parse::<DatasetName>()?, None)?;
@@ -1049,13 +979,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                         margin: 0.0,
                         granularity: Granularity::Layer,
                     };
-                    let bounded = bound::bound_network(
-                        &imported.network,
-                        &mode,
-                        &calibration,
-                        &test,
-                        progress,
-                    )?;
+                    let bounded = bound::bound_network(&imported.network, &mode, &calibration, &test, progress)?;
                     println!("{}", bounded.record.reference);
                     imported.network = bounded.network;
                     bound_record = Some(bounded.record);
@@ -1076,12 +1000,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 record.save(&out)?;
             }
             let layers: Vec<&str> = imported.network.layers.iter().map(|l| l.kind()).collect();
-            println!(
-                "imported {} ({}) into {}",
-                model.display(),
-                layers.join(", "),
-                out.display()
-            );
+            println!("imported {} ({}) into {}", model.display(), layers.join(", "), out.display());
             if let Some(function) = imported.output_function {
                 println!("the graph ends in {function}; the model outputs the logits before it, with the same argmax");
             }
@@ -1096,28 +1015,17 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
         } => {
             let onnx = isonn::interop::read_model(&model)?;
             let network = isonn::interop::import_model(&onnx, &model, &input_range)?.network;
-            let options = TransformOptions {
-                shift,
-                ..Default::default()
-            };
+            let options = TransformOptions { shift, ..Default::default() };
             let nonneg = transform(&network, &options)?;
             let images = match &inputs {
                 Some(path) => isonn::interop::samples::images_from_npy(path, &network)?,
                 None => isonn::interop::samples::uniform_images(&network, samples, 0)?,
             };
-            let report =
-                verify::verify(&network, &nonneg, &images, 1000, Precision::Model, progress)?;
+            let report = verify::verify(&network, &nonneg, &images, 1000, Precision::Model, progress)?;
             isonn::interop::write_model(&out, &isonn::interop::export_nonneg(&nonneg)?)?;
             match &inputs {
-                Some(path) => println!(
-                    "verified on the {} inputs in {}",
-                    images.len(),
-                    path.display()
-                ),
-                None => println!(
-                    "verified on {} samples drawn from the input range (seed 0)",
-                    images.len()
-                ),
+                Some(path) => println!("verified on the {} inputs in {}", images.len(), path.display()),
+                None => println!("verified on {} samples drawn from the input range (seed 0)", images.len()),
             }
             println!("labels are the imported model's predictions, so accuracy_isomorphic is the agreement");
             println!("{}", report.summary());
@@ -1130,17 +1038,9 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             let (n, logits) = isonn::interop::samples::predict(&loaded, &data, &inputs)?;
             let classes = logits.len() / n.max(1);
             isonn::interop::npy::write_npy_f32(&out, &[n, classes], &logits)?;
-            println!(
-                "wrote the logits of {n} inputs ({classes} classes) to {}",
-                out.display()
-            );
+            println!("wrote the logits of {n} inputs ({classes} classes) to {}", out.display());
         }
-        Command::Export {
-            model,
-            format,
-            out,
-            device,
-        } => {
+        Command::Export { model, format, out, device } => {
             let (loaded, _) = load_model(&model)?;
             let settings = device.settings()?;
             match format {
@@ -1165,12 +1065,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                     isonn::interop::manifest::write_manifest(&out, network, settings.as_ref())?;
                 }
             }
-            println!(
-                "wrote {} model {} as {}",
-                loaded.kind(),
-                model.display(),
-                out.display()
-            );
+            println!("wrote {} model {} as {}", loaded.kind(), model.display(), out.display());
         }
         Command::Eval { model, data } => {
             let (loaded, model_provenance) = load_model(&model)?;
@@ -1185,11 +1080,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 loaded.dtype(),
                 progress,
             )?;
-            println!(
-                "{} model, {} test images: accuracy {accuracy:.4}",
-                loaded.kind(),
-                dataset.test.len()
-            );
+            println!("{} model, {} test images: accuracy {accuracy:.4}", loaded.kind(), dataset.test.len());
         }
         Command::TrainNonneg {
             model,
@@ -1289,22 +1180,8 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 stop: Some(&STOP),
             };
             let report = match &hardware {
-                None => scenario::train_nonneg_checkpointed(
-                    &mut network,
-                    &dataset,
-                    &config,
-                    &rule,
-                    progress,
-                    &checkpointing,
-                )?,
-                Some(h) => scenario::train_nonneg_on_hardware(
-                    &mut network,
-                    &dataset,
-                    &config,
-                    &rule,
-                    h,
-                    progress,
-                )?,
+                None => scenario::train_nonneg_checkpointed(&mut network, &dataset, &config, &rule, progress, &checkpointing)?,
+                Some(h) => scenario::train_nonneg_on_hardware(&mut network, &dataset, &config, &rule, h, progress)?,
             };
             let provenance = provenance::record(
                 &command_line(),
@@ -1323,10 +1200,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             store::save(&out, &Model::Nonneg(network), &provenance)?;
             isonn::fsio::write_json_atomic(&out.join("metrics.json"), &report)?;
             if report.zeroed > 0 {
-                tracing::warn!(
-                    "{} parameters became exactly 0 and can no longer change",
-                    report.zeroed
-                );
+                tracing::warn!("{} parameters became exactly 0 and can no longer change", report.zeroed);
             }
             println!("test_accuracy {:.4}", report.metrics.test_accuracy);
             println!("model written to {}", out.display());
@@ -1343,18 +1217,9 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 bail!("invalid --batch-size {batch_size}: must be at most {MAX_WIDTH}");
             }
             if batches == 0 || batch_size == 0 || repetitions == 0 {
-                bail!(
-                    "invalid --batches, --batch-size or --repetitions 0: each must be at least 1"
-                );
+                bail!("invalid --batches, --batch-size or --repetitions 0: each must be at least 1");
             }
-            run_bench(
-                &models,
-                &workloads,
-                batches,
-                batch_size,
-                repetitions,
-                json.as_deref(),
-            )?;
+            run_bench(&models, &workloads, batches, batch_size, repetitions, json.as_deref())?;
         }
         Command::Hardware(args) => run_hardware(args, progress)?,
         Command::Reproduce {
@@ -1402,8 +1267,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 resume,
                 report_only,
             };
-            let started =
-                std::fs::read_dir(out.join("cells")).is_ok_and(|mut d| d.next().is_some());
+            let started = std::fs::read_dir(out.join("cells")).is_ok_and(|mut d| d.next().is_some());
             if !resume && !report_only && (started || out.join("results.json").exists()) {
                 bail!(
                     "{} already contains results; pass --resume to continue that run, or choose another --out",
@@ -1423,10 +1287,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             print!("{}", experiment::markdown(&results));
             println!("\nresults written to {}", out.display());
             let failed = results.cells.iter().any(|c| {
-                c.result
-                    .equivalence
-                    .as_ref()
-                    .is_some_and(|e| !e.passes(TOLERANCE_F32))
+                c.result.equivalence.as_ref().is_some_and(|e| !e.passes(TOLERANCE_F32))
                     || c.result.negative_after_steps > 0
             });
             if failed {
@@ -1446,10 +1307,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
 ///
 /// A model stored in f32 contains its biases `c + s` rounded to f32, so even
 /// an f64 comparison cannot beat f32 rounding. f64 models must agree to 1e-9.
-fn verdict(
-    report: &verify::EquivalenceReport,
-    stored: candle_core::DType,
-) -> std::process::ExitCode {
+fn verdict(report: &verify::EquivalenceReport, stored: candle_core::DType) -> std::process::ExitCode {
     let tolerance = match stored {
         candle_core::DType::F64 => TOLERANCE_F64,
         _ => TOLERANCE_F32,
@@ -1491,11 +1349,7 @@ fn run_inspect(
     let (model, model_provenance) = load_model(dir)?;
     let images = match dataset {
         Some(name) => {
-            let dataset = DataArgs {
-                dataset: name,
-                data,
-            }
-            .load()?;
+            let dataset = DataArgs { dataset: name, data }.load()?;
             warn_data_mismatch(dir, &model_provenance, &DataRecord::of(&dataset));
             let images = match samples {
                 Some(n) => dataset.test.take(n),
@@ -1516,17 +1370,8 @@ fn run_inspect(
     )?;
     let first = &reports[0].network;
     match &images {
-        Some((name, i)) => println!(
-            "{} model {}, {} {name} test images\n",
-            model.kind(),
-            dir.display(),
-            i.len()
-        ),
-        None => println!(
-            "{} model {}, no data (pass --dataset to observe the signals)\n",
-            model.kind(),
-            dir.display()
-        ),
+        Some((name, i)) => println!("{} model {}, {} {name} test images\n", model.kind(), dir.display(), i.len()),
+        None => println!("{} model {}, no data (pass --dataset to observe the signals)\n", model.kind(), dir.display()),
     }
     println!("{}", isonn::inspect::format_structure(first));
     let columns: Vec<(&str, &isonn::inspect::NetworkReport)> = reports
@@ -1565,10 +1410,7 @@ fn run_bench(
         environment.isonn,
         environment.threads,
         environment.cpu.as_deref().unwrap_or("unknown"),
-        environment
-            .load_average
-            .map(|l| format!("{l:.2}"))
-            .unwrap_or_else(|| "unknown".into())
+        environment.load_average.map(|l| format!("{l:.2}")).unwrap_or_else(|| "unknown".into())
     );
     println!(
         "| model | workload | batches x size | min s | median s | max s | images/s | s per 60k epoch | median CPU s |\n\
@@ -1581,13 +1423,7 @@ fn run_bench(
             Arch::Cnn | Arch::Resnet | Arch::CifarCnn => (batches / 10).max(2),
         };
         for &workload in workloads {
-            let m = MeasurementSummary::from(bench::measure(
-                arch,
-                workload,
-                count,
-                batch_size,
-                repetitions,
-            )?);
+            let m = MeasurementSummary::from(bench::measure(arch, workload, count, batch_size, repetitions)?);
             println!(
                 "| {arch} | {} | {count} x {batch_size} | {:.3} | {:.3} | {:.3} | {:.0} | {:.2} | {} |",
                 workload.name(),
@@ -1623,12 +1459,8 @@ fn run_bench(
 /// Returns the network a bounded regular model implements, from the
 /// `bound.json` in its directory, or `None` for a model as trained.
 fn bound_reference(regular: &Path) -> Result<Option<String>> {
-    let record = BoundRecord::load(regular).with_context(|| {
-        format!(
-            "cannot read the bound record of model {}",
-            regular.display()
-        )
-    })?;
+    let record = BoundRecord::load(regular)
+        .with_context(|| format!("cannot read the bound record of model {}", regular.display()))?;
     Ok(record.map(|r| r.reference))
 }
 
@@ -1669,13 +1501,7 @@ fn run_bound(args: BoundArgs, progress: &Progress) -> Result<()> {
             args.model.display()
         );
     }
-    if matches!(
-        mode,
-        BoundMode::Calibrate {
-            granularity: Granularity::Channel,
-            ..
-        }
-    ) {
+    if matches!(mode, BoundMode::Calibrate { granularity: Granularity::Channel, .. }) {
         bound::check_per_channel(&network)?;
     }
     check_output(&args.out, args.force, false)?;
@@ -1720,10 +1546,7 @@ fn run_bound(args: BoundArgs, progress: &Progress) -> Result<()> {
     }
     println!(
         "clip rate          calibration {:.6} ({} images), test {:.6} ({} images)",
-        record.clip_rate_calibration,
-        record.calibration_samples,
-        record.clip_rate_test,
-        record.test_samples
+        record.clip_rate_calibration, record.calibration_samples, record.clip_rate_test, record.test_samples
     );
     println!(
         "test accuracy      unbounded {:.4}, bounded {:.4} (change {:+.4})",
@@ -1756,10 +1579,7 @@ fn run_hardware(args: HardwareArgs, progress: &Progress) -> Result<()> {
             );
         };
         // The directory name labels the model's line and table column.
-        let label = dir.file_name().map_or_else(
-            || dir.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        );
+        let label = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
         models.push((label, network));
     }
     let dataset = args.data.load()?;
@@ -1770,14 +1590,7 @@ fn run_hardware(args: HardwareArgs, progress: &Progress) -> Result<()> {
     let seeds: Vec<u64> = (0..args.seeds).collect();
     let Some(sweep) = sweep else {
         for (label, network) in &models {
-            let a = hardware::evaluate(
-                network,
-                args.device.granularity(),
-                &effects,
-                &images,
-                &seeds,
-                progress,
-            )?;
+            let a = hardware::evaluate(network, args.device.granularity(), &effects, &images, &seeds, progress)?;
             println!(
                 "{label}: {} test images, accuracy {:.4} +- {:.4} (mean +- std over {} seed(s))",
                 images.len(),
@@ -1798,15 +1611,7 @@ fn run_hardware(args: HardwareArgs, progress: &Progress) -> Result<()> {
         .out
         .clone()
         .context("--sweep writes a table and a plot: pass --out DIR")?;
-    let report = hardware::run_sweep(
-        &models,
-        &effects,
-        &sweep,
-        args.device.granularity(),
-        &images,
-        &seeds,
-        progress,
-    )?;
+    let report = hardware::run_sweep(&models, &effects, &sweep, args.device.granularity(), &images, &seeds, progress)?;
     let title = args
         .title
         .clone()
@@ -1819,11 +1624,7 @@ fn run_hardware(args: HardwareArgs, progress: &Progress) -> Result<()> {
 
 /// Prints (and with --out writes) the cost-of-signs table of each model.
 fn print_cost(args: &HardwareArgs) -> Result<()> {
-    let energies = args
-        .energy
-        .as_deref()
-        .map(hardware::Energies::load)
-        .transpose()?;
+    let energies = args.energy.as_deref().map(hardware::Energies::load).transpose()?;
     let mut markdown = String::new();
     let mut tables = Vec::new();
     for dir in &args.models {
@@ -1833,11 +1634,7 @@ fn print_cost(args: &HardwareArgs) -> Result<()> {
             Model::Nonneg(n) => isonn::nonneg::inverse(&n)?,
         };
         let table = hardware::cost_table(&network, energies.as_ref())?;
-        markdown.push_str(&format!(
-            "### {}\n\n{}\n",
-            dir.display(),
-            table.to_markdown()
-        ));
+        markdown.push_str(&format!("### {}\n\n{}\n", dir.display(), table.to_markdown()));
         tables.push(serde_json::json!({ "model": dir.display().to_string(), "table": table }));
     }
     print!("{markdown}");

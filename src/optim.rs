@@ -72,11 +72,7 @@ fn check_momentum(name: &str, momentum: f64) -> Result<()> {
 
 fn check_rate(name: &str, rate: f64) -> Result<()> {
     if !(rate.is_finite() && rate >= 0.0) {
-        return Err(Error::config(
-            name,
-            rate,
-            "a learning rate must be finite and >= 0",
-        ));
+        return Err(Error::config(name, rate, "a learning rate must be finite and >= 0"));
     }
     Ok(())
 }
@@ -98,11 +94,7 @@ impl Sgd {
         check_rate("--lr", lr)?;
         check_momentum("--momentum", momentum)?;
         if !(weight_decay.is_finite() && weight_decay >= 0.0) {
-            return Err(Error::config(
-                "--weight-decay",
-                weight_decay,
-                "must be finite and >= 0",
-            ));
+            return Err(Error::config("--weight-decay", weight_decay, "must be finite and >= 0"));
         }
         Ok(Sgd {
             lr,
@@ -278,9 +270,7 @@ impl Optimizer for SignPreserving {
             let g = &g.detach();
             let p = var.as_tensor();
             if self.momentum == Momentum::None {
-                if let Some((updated, zeroed)) =
-                    crate::ops::sign_preserving_update(p, g, self.lr_in, self.lr_out)?
-                {
+                if let Some((updated, zeroed)) = crate::ops::sign_preserving_update(p, g, self.lr_in, self.lr_out)? {
                     self.zeroed += zeroed;
                     var.set(&updated)?;
                     continue;
@@ -288,9 +278,9 @@ impl Optimizer for SignPreserving {
             }
             let t = match self.momentum {
                 Momentum::None => g.affine(self.lr_in, 0.0)?.tanh()?,
-                Momentum::Gradient(beta) => with_momentum(state, beta, g.clone())?
-                    .affine(self.lr_in, 0.0)?
-                    .tanh()?,
+                Momentum::Gradient(beta) => {
+                    with_momentum(state, beta, g.clone())?.affine(self.lr_in, 0.0)?.tanh()?
+                }
                 Momentum::Tanh(beta) => {
                     let t = g.affine(self.lr_in, 0.0)?.tanh()?;
                     let m = match state.take() {

@@ -30,10 +30,6 @@ impl Progress {
         )
         .expect("the template is valid")
         .progress_chars("=> ");
-        multi.add(
-            ProgressBar::new(len)
-                .with_style(style)
-                .with_prefix(label.to_string()),
-        )
+        multi.add(ProgressBar::new(len).with_style(style).with_prefix(label.to_string()))
     }
 }

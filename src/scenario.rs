@@ -113,11 +113,7 @@ fn fit_nonneg(
     let mut negative = 0usize;
     let mut audit = || -> Result<()> {
         for var in vars {
-            let smallest = var
-                .as_tensor()
-                .min_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
+            let smallest = var.as_tensor().min_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if smallest < 0.0 {
                 negative += crate::nonneg::count_negative(var.as_tensor())?;
             }
@@ -160,14 +156,7 @@ pub fn train_nonneg(
     optimizer: &NonnegOptimizer,
     progress: &Progress,
 ) -> Result<NonnegTrainReport> {
-    train_nonneg_checkpointed(
-        network,
-        data,
-        config,
-        optimizer,
-        progress,
-        &Checkpointing::default(),
-    )
+    train_nonneg_checkpointed(network, data, config, optimizer, progress, &Checkpointing::default())
 }
 
 /// Like [`train_nonneg`], with checkpoints, resume and interruption as
@@ -184,14 +173,7 @@ pub fn train_nonneg_checkpointed(
     let shape = network.input_shape.clone();
     let report = {
         let training_form = network.training_form_is_exact();
-        tracing::debug!(
-            "non-negative training uses the {} form",
-            if training_form {
-                "training"
-            } else {
-                "physical"
-            }
-        );
+        tracing::debug!("non-negative training uses the {} form", if training_form { "training" } else { "physical" });
         let forward = |x: &Tensor| {
             if training_form {
                 network.forward_training(x)
@@ -199,16 +181,7 @@ pub fn train_nonneg_checkpointed(
                 network.forward(x)
             }
         };
-        fit_nonneg(
-            &forward,
-            &shape,
-            &vars,
-            optimizer,
-            data,
-            config,
-            progress,
-            checkpointing,
-        )?
+        fit_nonneg(&forward, &shape, &vars, optimizer, data, config, progress, checkpointing)?
     };
     *network = network.to_dtype(network.dtype())?;
     Ok(report)
@@ -237,20 +210,10 @@ pub fn train_nonneg_on_hardware(
         let forward = |x: &Tensor| -> Result<Tensor> {
             // The gains follow the weights as they train.
             let mapping = DeviceMapping::new(network, hardware.granularity)?;
-            let realised =
-                noise.with_rng(|rng| realise(network, &mapping, &hardware.effects, rng))?;
+            let realised = noise.with_rng(|rng| realise(network, &mapping, &hardware.effects, rng))?;
             realised.forward(x, &noise)
         };
-        fit_nonneg(
-            &forward,
-            &shape,
-            &vars,
-            optimizer,
-            data,
-            config,
-            progress,
-            &Checkpointing::default(),
-        )?
+        fit_nonneg(&forward, &shape, &vars, optimizer, data, config, progress, &Checkpointing::default())?
     };
     *network = network.to_dtype(network.dtype())?;
     Ok(report)
@@ -262,12 +225,7 @@ pub fn train_nonneg_on_hardware(
 /// first-layer bias on the range's midpoint. Channels normalised apart get
 /// their own, tighter ranges ([`Dataset::input_ranges`]), which the
 /// transformation uses per channel.
-pub fn use_input_range_of(
-    network: &mut Network,
-    data: &Dataset,
-    init: Init,
-    seed: u64,
-) -> Result<()> {
+pub fn use_input_range_of(network: &mut Network, data: &Dataset, init: Init, seed: u64) -> Result<()> {
     let range = data.enclosing_input_range();
     let channels = data.input_ranges();
     let same = channels.iter().all(|r| *r == range);
@@ -292,16 +250,7 @@ pub fn train_regular(
     let shape = network.input_shape.clone();
     let metrics = {
         let forward = |x: &Tensor, mode: Mode| network.forward_mode(x, mode);
-        fit(
-            &forward,
-            &shape,
-            &vars,
-            &mut sgd,
-            data,
-            config,
-            progress,
-            &mut || Ok(()),
-        )?
+        fit(&forward, &shape, &vars, &mut sgd, data, config, progress, &mut || Ok(()))?
     };
     *network = network.detached();
     Ok(metrics)
@@ -475,9 +424,7 @@ pub fn settings(
         Scenario::Transformation => (budget, 0, None),
         Scenario::PostTraining(kind) => (post, post, Some(post_rule(kind))),
         Scenario::RegularClip => (post, post, Some(post_rule(NonnegOptimizerKind::Projected))),
-        Scenario::FromScratch(kind) | Scenario::ExpInit(kind) => {
-            (0, budget, Some(scratch_rule(kind)))
-        }
+        Scenario::FromScratch(kind) | Scenario::ExpInit(kind) => (0, budget, Some(scratch_rule(kind))),
     };
     ScenarioSettings {
         regular_epochs,
@@ -553,13 +500,7 @@ impl Pretrained {
         self.reused
     }
 
-    fn key(
-        arch: Arch,
-        activation: Activation,
-        init: Init,
-        seed: u64,
-        settings: &ScenarioSettings,
-    ) -> String {
+    fn key(arch: Arch, activation: Activation, init: Init, seed: u64, settings: &ScenarioSettings) -> String {
         format!(
             "{arch}-{activation}-{init}-seed{seed}-epochs{}-lr{:e}-batch{}-shuffle{}",
             settings.regular_epochs, settings.regular_lr, settings.batch_size, settings.shuffle
@@ -583,15 +524,7 @@ pub fn run_scenario(
     progress: &Progress,
 ) -> Result<(ScenarioResult, ScenarioModels)> {
     let shape = data.train.sample_shape();
-    let mut network = Network::build(
-        arch,
-        &shape,
-        &[100, 200],
-        data.classes,
-        activation.clone(),
-        init,
-        seed,
-    )?;
+    let mut network = Network::build(arch, &shape, &[100, 200], data.classes, activation.clone(), init, seed)?;
     use_input_range_of(&mut network, data, init, seed)?;
     let config = |epochs| TrainConfig {
         epochs,
@@ -610,17 +543,10 @@ pub fn run_scenario(
             network = trained.detached();
             curve.extend(epochs.iter().cloned());
         } else {
-            let metrics = train_regular(
-                &mut network,
-                data,
-                &config(settings.regular_epochs),
-                settings.regular_lr,
-                progress,
-            )?;
+            let metrics =
+                train_regular(&mut network, data, &config(settings.regular_epochs), settings.regular_lr, progress)?;
             network = network.detached();
-            pretrained
-                .done
-                .insert(key, (network.detached(), metrics.epochs.clone()));
+            pretrained.done.insert(key, (network.detached(), metrics.epochs.clone()));
             curve.extend(metrics.epochs);
         }
     }
@@ -642,12 +568,10 @@ pub fn run_scenario(
     let optimizer = settings.optimizer;
     let append = |result: &mut ScenarioResult, report: NonnegTrainReport| {
         let offset = result.curve.len();
-        result
-            .curve
-            .extend(report.metrics.epochs.into_iter().map(|mut e| {
-                e.epoch += offset;
-                e
-            }));
+        result.curve.extend(report.metrics.epochs.into_iter().map(|mut e| {
+            e.epoch += offset;
+            e
+        }));
         result.test_accuracy = report.metrics.test_accuracy;
         result.zeroed = report.zeroed;
         result.negative_after_steps = report.negative_after_steps;
@@ -655,24 +579,10 @@ pub fn run_scenario(
     match scenario {
         Scenario::Transformation => {
             let nonneg = transform(&network, transform_options)?;
-            let equivalence = verify::verify(
-                &network,
-                &nonneg,
-                &data.test,
-                1000,
-                Precision::Model,
-                progress,
-            )?;
+            let equivalence = verify::verify(&network, &nonneg, &data.test, 1000, Precision::Model, progress)?;
             let network64 = network.to_dtype(DType::F64)?;
             let nonneg64 = transform(&network64, transform_options)?;
-            let equivalence_f64 = verify::verify(
-                &network64,
-                &nonneg64,
-                &data.test,
-                1000,
-                Precision::F64,
-                progress,
-            )?;
+            let equivalence_f64 = verify::verify(&network64, &nonneg64, &data.test, 1000, Precision::F64, progress)?;
             result.test_accuracy = equivalence.accuracy_isomorphic;
             result.equivalence = Some(equivalence);
             result.equivalence_f64 = Some(equivalence_f64);
@@ -684,17 +594,10 @@ pub fn run_scenario(
             let optimizer = optimizer.expect("these scenarios have an optimizer");
             let mut nonneg = transform(&network, transform_options)?;
             models.transformed = Some(nonneg.clone());
-            let report = train_nonneg(
-                &mut nonneg,
-                data,
-                &config(settings.nonneg_epochs),
-                &optimizer,
-                progress,
-            )?;
+            let report = train_nonneg(&mut nonneg, data, &config(settings.nonneg_epochs), &optimizer, progress)?;
             append(&mut result, report);
             let back = inverse(&nonneg)?;
-            let check =
-                verify::verify(&back, &nonneg, &data.test, 1000, Precision::Model, progress)?;
+            let check = verify::verify(&back, &nonneg, &data.test, 1000, Precision::Model, progress)?;
             result.inverse_rel_diff = Some(check.max_rel_diff);
             models.nonneg = Some(nonneg);
             models.regular = Some(network);
@@ -710,16 +613,7 @@ pub fn run_scenario(
             let vars = plain.make_trainable()?;
             let report = {
                 let forward = |x: &Tensor| plain.forward(x);
-                fit_nonneg(
-                    &forward,
-                    &shape,
-                    &vars,
-                    &optimizer,
-                    data,
-                    &config(settings.nonneg_epochs),
-                    progress,
-                    &Checkpointing::default(),
-                )?
+                fit_nonneg(&forward, &shape, &vars, &optimizer, data, &config(settings.nonneg_epochs), progress, &Checkpointing::default())?
             };
             append(&mut result, report);
             models.regular = Some(plain.detached());

@@ -10,12 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::activation::Activation;
 use crate::error::{Error, Result};
 use crate::fsio;
-use crate::model::{
-    BatchNorm, Conv1d, Conv2d, Elman, Layer, Linear, Network, Pool, Range, Residual,
-};
+use crate::model::{BatchNorm, Conv1d, Conv2d, Elman, Layer, Linear, Network, Pool, Range, Residual};
 use crate::nonneg::{
-    AffineOp, NonnegActivation, NonnegAffine, NonnegElman, NonnegLayer, NonnegNetwork,
-    NonnegResidual,
+    AffineOp, NonnegActivation, NonnegAffine, NonnegElman, NonnegLayer, NonnegNetwork, NonnegResidual,
 };
 
 /// The `format` tag of every `model.json`.
@@ -206,13 +203,7 @@ enum LayerSpec {
     },
 }
 
-fn conv_spec(
-    weight: &Tensor,
-    stride: usize,
-    padding: usize,
-    dilation: usize,
-    groups: usize,
-) -> ConvSpec {
+fn conv_spec(weight: &Tensor, stride: usize, padding: usize, dilation: usize, groups: usize) -> ConvSpec {
     let d = weight.dims();
     ConvSpec {
         in_channels: d[1] * groups,
@@ -226,13 +217,7 @@ fn conv_spec(
     }
 }
 
-fn conv1d_spec(
-    weight: &Tensor,
-    stride: usize,
-    padding: usize,
-    dilation: usize,
-    groups: usize,
-) -> Conv1dSpec {
+fn conv1d_spec(weight: &Tensor, stride: usize, padding: usize, dilation: usize, groups: usize) -> Conv1dSpec {
     let d = weight.dims();
     Conv1dSpec {
         in_channels: d[1] * groups,
@@ -254,25 +239,11 @@ pub fn save(dir: &Path, model: &Model, provenance: &serde_json::Value) -> Result
     let (kind, input_shape, input_range, channel_ranges, layers, output_offset) = match model {
         Model::Regular(n) => {
             let layers = regular_specs(&n.layers, "layers", &mut tensors);
-            (
-                "regular",
-                &n.input_shape,
-                n.input_range,
-                &n.channel_ranges,
-                layers,
-                0.0,
-            )
+            ("regular", &n.input_shape, n.input_range, &n.channel_ranges, layers, 0.0)
         }
         Model::Nonneg(n) => {
             let layers = nonneg_specs(&n.layers, "layers", &mut tensors);
-            (
-                "nonneg",
-                &n.input_shape,
-                n.input_range,
-                &n.channel_ranges,
-                layers,
-                n.output_offset,
-            )
+            ("nonneg", &n.input_shape, n.input_range, &n.channel_ranges, layers, n.output_offset)
         }
     };
     let file = ModelFile {
@@ -299,11 +270,7 @@ pub fn save(dir: &Path, model: &Model, provenance: &serde_json::Value) -> Result
 }
 
 /// Describes regular layers, appending their tensors as `{prefix}.{i}.{name}`.
-fn regular_specs(
-    layers: &[Layer],
-    prefix: &str,
-    tensors: &mut Vec<(String, Tensor)>,
-) -> Vec<LayerSpec> {
+fn regular_specs(layers: &[Layer], prefix: &str, tensors: &mut Vec<(String, Tensor)>) -> Vec<LayerSpec> {
     let mut specs = Vec::with_capacity(layers.len());
     for (i, layer) in layers.iter().enumerate() {
         let path = format!("{prefix}.{i}");
@@ -320,9 +287,7 @@ fn regular_specs(
                 pad_value: c.pad_value.clone(),
                 ..conv1d_spec(&c.weight, c.stride, c.padding, c.dilation, c.groups)
             }),
-            Layer::Activation(a) => LayerSpec::Activation {
-                activation: a.clone(),
-            },
+            Layer::Activation(a) => LayerSpec::Activation { activation: a.clone() },
             Layer::AvgPool2d(p) => LayerSpec::AvgPool2d {
                 pool: *p,
                 pad: Vec::new(),
@@ -377,11 +342,7 @@ fn push_affine_tensors(a: &NonnegAffine, path: &str, tensors: &mut Vec<(String, 
 }
 
 /// Describes non-negative layers, appending their tensors.
-fn nonneg_specs(
-    layers: &[NonnegLayer],
-    prefix: &str,
-    tensors: &mut Vec<(String, Tensor)>,
-) -> Vec<LayerSpec> {
+fn nonneg_specs(layers: &[NonnegLayer], prefix: &str, tensors: &mut Vec<(String, Tensor)>) -> Vec<LayerSpec> {
     let mut specs = Vec::with_capacity(layers.len());
     for (i, layer) in layers.iter().enumerate() {
         let path = format!("{prefix}.{i}");
@@ -474,10 +435,7 @@ pub fn serialize_tensors(
 
 /// Rejects a tensor with a NaN or infinite entry, naming it.
 pub fn check_finite(tensor: &Tensor, name: &str, path: &Path) -> Result<()> {
-    let values = tensor
-        .to_dtype(DType::F64)?
-        .flatten_all()?
-        .to_vec1::<f64>()?;
+    let values = tensor.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     if let Some(index) = values.iter().position(|v| !v.is_finite()) {
         return Err(Error::Model {
             path: path.to_path_buf(),
@@ -497,19 +455,15 @@ pub fn check_finite(tensor: &Tensor, name: &str, path: &Path) -> Result<()> {
 /// range against the buffer before anything is allocated, so the largest
 /// allocation is the size of `bytes`.
 pub fn parse_tensors(bytes: &[u8], path: &Path) -> Result<HashMap<String, Tensor>> {
-    let tensors =
-        candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| Error::Model {
-            path: path.to_path_buf(),
-            message: format!("cannot read tensors ({e}); the file is damaged or not safetensors"),
-        })?;
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| Error::Model {
+        path: path.to_path_buf(),
+        message: format!("cannot read tensors ({e}); the file is damaged or not safetensors"),
+    })?;
     for (name, t) in &tensors {
         if !matches!(t.dtype(), DType::F32 | DType::F64) {
             return Err(Error::Model {
                 path: path.to_path_buf(),
-                message: format!(
-                    "tensor {name} has type {:?}; only f32 and f64 are supported",
-                    t.dtype()
-                ),
+                message: format!("tensor {name} has type {:?}; only f32 and f64 are supported", t.dtype()),
             });
         }
     }
@@ -554,14 +508,10 @@ pub fn load_bytes(
         message,
     };
     let value: serde_json::Value = serde_json::from_slice(text).map_err(|e| {
-        bad(format!(
-            "invalid JSON ({e}); the file is truncated or damaged, so write the model again"
-        ))
+        bad(format!("invalid JSON ({e}); the file is truncated or damaged, so write the model again"))
     })?;
     if value.get("format").and_then(|v| v.as_str()) != Some(FORMAT) {
-        return Err(bad(format!(
-            "not an isonn model (the \"format\" field is not \"{FORMAT}\")"
-        )));
+        return Err(bad(format!("not an isonn model (the \"format\" field is not \"{FORMAT}\")")));
     }
     match value.get("schema_version").and_then(|v| v.as_u64()) {
         Some(v) if v == SCHEMA_VERSION as u64 => {}
@@ -574,16 +524,15 @@ pub fn load_bytes(
         }
         None => return Err(bad("missing integer field \"schema_version\"".into())),
     }
-    let file: ModelFile = serde_json::from_value(value)
-        .map_err(|e| bad(format!("invalid model description: {e}")))?;
+    let file: ModelFile =
+        serde_json::from_value(value).map_err(|e| bad(format!("invalid model description: {e}")))?;
     if file.input.shape.len() != 3 || file.input.shape.iter().any(|&d| d == 0 || d > 1 << 16) {
         return Err(bad(format!(
             "input shape {:?} is not [channels, height, width] with sizes in 1..=65536",
             file.input.shape
         )));
     }
-    Range::new(file.input.range.lo, file.input.range.hi)
-        .map_err(|e| bad(format!("input range: {e}")))?;
+    Range::new(file.input.range.lo, file.input.range.hi).map_err(|e| bad(format!("input range: {e}")))?;
 
     let input_shape = file.input.shape.clone();
     crate::model::check_channel_ranges(file.input.range, &file.input.channel_ranges, &input_shape)
@@ -650,17 +599,12 @@ impl Loader<'_> {
     fn take(&mut self, name: String, shape: &[usize]) -> Result<Tensor> {
         let t = self.tensors.remove(&name).ok_or_else(|| Error::Model {
             path: self.tensor_path.to_path_buf(),
-            message: format!(
-                "missing tensor {name}; model.json and model.safetensors do not belong together"
-            ),
+            message: format!("missing tensor {name}; model.json and model.safetensors do not belong together"),
         })?;
         if t.dims() != shape {
             return Err(Error::Model {
                 path: self.tensor_path.to_path_buf(),
-                message: format!(
-                    "tensor {name} has shape {:?}, model.json implies {shape:?}",
-                    t.dims()
-                ),
+                message: format!("tensor {name} has shape {:?}, model.json implies {shape:?}", t.dims()),
             });
         }
         check_finite(&t, &name, self.tensor_path)?;
@@ -669,15 +613,7 @@ impl Loader<'_> {
 
     fn conv_shape(&self, c: &ConvSpec) -> Result<Vec<usize>> {
         const LIMIT: usize = 1 << 16;
-        let settings = [
-            c.kernel[0],
-            c.kernel[1],
-            c.stride,
-            c.dilation,
-            c.padding,
-            c.in_channels,
-            c.out_channels,
-        ];
+        let settings = [c.kernel[0], c.kernel[1], c.stride, c.dilation, c.padding, c.in_channels, c.out_channels];
         if settings.iter().any(|&v| v > LIMIT) {
             return Err(self.bad(format!(
                 "conv2d settings {settings:?} (kernel, stride, dilation, padding, channels) must each be at most {LIMIT}"
@@ -695,38 +631,21 @@ impl Loader<'_> {
                 c.groups, c.in_channels, c.out_channels
             )));
         }
-        Ok(vec![
-            c.out_channels,
-            c.in_channels / c.groups,
-            c.kernel[0],
-            c.kernel[1],
-        ])
+        Ok(vec![c.out_channels, c.in_channels / c.groups, c.kernel[0], c.kernel[1]])
     }
 
     /// Checks the settings of conv1d layer `path` and returns its kernel
     /// shape `[out, in / groups, k]`.
     fn conv1d_shape(&self, c: &Conv1dSpec, path: &str) -> Result<Vec<usize>> {
         const LIMIT: usize = 1 << 16;
-        let settings = [
-            c.kernel,
-            c.stride,
-            c.dilation,
-            c.padding,
-            c.in_channels,
-            c.out_channels,
-        ];
+        let settings = [c.kernel, c.stride, c.dilation, c.padding, c.in_channels, c.out_channels];
         if settings.iter().any(|&v| v > LIMIT) {
             return Err(self.bad(format!(
                 "layer {path} (conv1d): settings {settings:?} (kernel, stride, dilation, padding, \
                  in and out channels) must each be at most {LIMIT}"
             )));
         }
-        if c.kernel == 0
-            || c.stride == 0
-            || c.dilation == 0
-            || c.in_channels == 0
-            || c.out_channels == 0
-        {
+        if c.kernel == 0 || c.stride == 0 || c.dilation == 0 || c.in_channels == 0 || c.out_channels == 0 {
             return Err(self.bad(format!(
                 "layer {path} (conv1d): kernel {}, stride {}, dilation {} and channels {} -> {} \
                  must each be at least 1",
@@ -748,9 +667,7 @@ impl Loader<'_> {
     fn check_sizes(&self, path: &str, sizes: &[usize]) -> Result<()> {
         const LIMIT: usize = 1 << 20;
         if sizes.iter().any(|&v| v == 0 || v > LIMIT) {
-            return Err(self.bad(format!(
-                "{path}: sizes {sizes:?} must each be in 1..={LIMIT}"
-            )));
+            return Err(self.bad(format!("{path}: sizes {sizes:?} must each be in 1..={LIMIT}")));
         }
         Ok(())
     }
@@ -812,9 +729,7 @@ impl Loader<'_> {
                             "{path}: running variance {smallest} is negative; the model is damaged"
                         )));
                     }
-                    Layer::BatchNorm(BatchNorm::from_parts(
-                        weight, bias, mean, var, *eps, *momentum,
-                    ))
+                    Layer::BatchNorm(BatchNorm::from_parts(weight, bias, mean, var, *eps, *momentum))
                 }
                 LayerSpec::Residual { main, shortcut } => Layer::Residual(Residual {
                     main: self.regular_layers(main, &format!("{path}.main"))?,
@@ -827,10 +742,8 @@ impl Loader<'_> {
                 } => {
                     self.check_sizes(&path, &[*features, *hidden])?;
                     Layer::Elman(Elman {
-                        input_weight: self
-                            .take(format!("{path}.input_weight"), &[*hidden, *features])?,
-                        recurrent_weight: self
-                            .take(format!("{path}.recurrent_weight"), &[*hidden, *hidden])?,
+                        input_weight: self.take(format!("{path}.input_weight"), &[*hidden, *features])?,
+                        recurrent_weight: self.take(format!("{path}.recurrent_weight"), &[*hidden, *hidden])?,
                         bias: self.take(b, &[*hidden])?,
                         activation: activation.clone(),
                     })
@@ -849,13 +762,7 @@ impl Loader<'_> {
         Ok(layers)
     }
 
-    fn nonneg_affine(
-        &mut self,
-        op: AffineOp,
-        shape: Vec<usize>,
-        spec: &NonnegSpec,
-        path: &str,
-    ) -> Result<NonnegAffine> {
+    fn nonneg_affine(&mut self, op: AffineOp, shape: Vec<usize>, spec: &NonnegSpec, path: &str) -> Result<NonnegAffine> {
         check_nonneg_spec(path, spec, shape[1] * op.groups()).map_err(|m| self.bad(m))?;
         Ok(NonnegAffine {
             op,
@@ -914,14 +821,10 @@ impl Loader<'_> {
                     input_offset: *input_offset,
                     output_offset: *output_offset,
                 }),
-                LayerSpec::AvgPool2d { pool, pad } if pad.is_empty() => {
-                    NonnegLayer::AvgPool2d(*pool)
-                }
+                LayerSpec::AvgPool2d { pool, pad } if pad.is_empty() => NonnegLayer::AvgPool2d(*pool),
                 LayerSpec::AvgPool2d { pool, pad } => {
                     if pad.iter().any(|v| !(v.is_finite() && *v >= 0.0)) || pad.len() > 1 << 16 {
-                        return Err(
-                            self.bad(format!("{path}: padding values must be finite and >= 0"))
-                        );
+                        return Err(self.bad(format!("{path}: padding values must be finite and >= 0")));
                     }
                     NonnegLayer::PaddedAvgPool2d {
                         pool: *pool,
@@ -945,17 +848,10 @@ impl Loader<'_> {
                 } => {
                     self.check_sizes(&path, &[*features, *hidden])?;
                     if !(initial_state.is_finite() && *initial_state >= 0.0) {
-                        return Err(self.bad(format!(
-                            "{path}: initial_state {initial_state} must be finite and >= 0"
-                        )));
+                        return Err(self.bad(format!("{path}: initial_state {initial_state} must be finite and >= 0")));
                     }
                     let shape = vec![*hidden, features + hidden];
-                    let affine = self.nonneg_affine(
-                        AffineOp::Linear,
-                        shape,
-                        nonneg,
-                        &format!("{path}.affine"),
-                    )?;
+                    let affine = self.nonneg_affine(AffineOp::Linear, shape, nonneg, &format!("{path}.affine"))?;
                     NonnegLayer::Elman(NonnegElman {
                         affine,
                         activation: NonnegActivation {
@@ -981,11 +877,7 @@ impl Loader<'_> {
     }
 }
 
-fn check_nonneg_spec(
-    layer: &str,
-    spec: &NonnegSpec,
-    in_channels: usize,
-) -> std::result::Result<(), String> {
+fn check_nonneg_spec(layer: &str, spec: &NonnegSpec, in_channels: usize) -> std::result::Result<(), String> {
     let fits = |v: &[f64]| v.len() == 1 || v.len() == in_channels;
     if !fits(&spec.lo) || !fits(&spec.alpha) {
         return Err(format!(
@@ -994,22 +886,14 @@ fn check_nonneg_spec(
             spec.alpha.len()
         ));
     }
-    let finite = spec
-        .lo
-        .iter()
-        .chain(&spec.alpha)
-        .chain([&spec.shift, &spec.out_max])
-        .all(|v| v.is_finite());
+    let finite = spec.lo.iter().chain(&spec.alpha).chain([&spec.shift, &spec.out_max]).all(|v| v.is_finite());
     if !finite || spec.alpha.iter().any(|&a| a < 0.0) || spec.shift < 0.0 {
         return Err(format!(
             "layer {layer}: lo, alpha, shift and out_max must be finite, alpha and shift >= 0"
         ));
     }
     if !(spec.pad.is_empty() || fits(&spec.pad)) {
-        return Err(format!(
-            "layer {layer}: pad needs 0, 1 or {in_channels} values, got {}",
-            spec.pad.len()
-        ));
+        return Err(format!("layer {layer}: pad needs 0, 1 or {in_channels} values, got {}", spec.pad.len()));
     }
     let at = |v: &[f64], c: usize| v[c.min(v.len() - 1)];
     for (c, &q) in spec.pad.iter().enumerate() {

@@ -114,17 +114,7 @@ pub fn fit(
     after_step: &mut dyn FnMut() -> Result<()>,
 ) -> Result<TrainMetrics> {
     let checkpointing = Checkpointing::default();
-    fit_checkpointed(
-        forward,
-        input_shape,
-        vars,
-        optimizer,
-        data,
-        config,
-        progress,
-        after_step,
-        &checkpointing,
-    )
+    fit_checkpointed(forward, input_shape, vars, optimizer, data, config, progress, after_step, &checkpointing)
 }
 
 /// Shuffles the sample order of one epoch. Resuming replays it once per
@@ -160,21 +150,14 @@ pub fn fit_checkpointed(
     let checkpoint_path = checkpointing.dir.as_deref().map(checkpoint::path_in);
     let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
     let mut order: Vec<usize> = (0..data.train.len()).collect();
-    let dtype = vars
-        .first()
-        .map(|v| v.dtype())
-        .unwrap_or(candle_core::DType::F32);
+    let dtype = vars.first().map(|v| v.dtype()).unwrap_or(candle_core::DType::F32);
     let mut epochs = Vec::with_capacity(config.epochs);
     let mut resumed = checkpoint::PartialEpoch::default();
     let mut skip_batches = 0;
     let mut last_good: Option<(PathBuf, usize)> = None;
     if checkpointing.resume {
         let path = checkpoint_path.as_deref().ok_or_else(|| {
-            Error::config(
-                "--resume",
-                "(no checkpoint directory)",
-                "resuming needs a checkpoint directory",
-            )
+            Error::config("--resume", "(no checkpoint directory)", "resuming needs a checkpoint directory")
         })?;
         let position = restore(path, vars, optimizer, data, config, checkpointing)?;
         for _ in 0..position.epochs_done {
@@ -196,14 +179,8 @@ pub fn fit_checkpointed(
     let epoch_bar = progress.bar(config.epochs as u64, "epochs");
     epoch_bar.inc(epochs.len() as u64);
     let width = config.epochs.to_string().len();
-    let save = |epochs: &[EpochMetrics],
-                batches_done: usize,
-                partial: checkpoint::PartialEpoch,
-                optimizer: &dyn Optimizer|
-     -> Result<()> {
-        let Some(path) = &checkpoint_path else {
-            return Ok(());
-        };
+    let save = |epochs: &[EpochMetrics], batches_done: usize, partial: checkpoint::PartialEpoch, optimizer: &dyn Optimizer| -> Result<()> {
+        let Some(path) = &checkpoint_path else { return Ok(()) };
         let state = optimizer.state();
         let position = checkpoint::Position {
             settings: checkpointing.settings.clone(),
@@ -223,19 +200,13 @@ pub fn fit_checkpointed(
         let start = Instant::now();
         let (mut forward_s, mut backward_s, mut update_s) = (0.0, 0.0, 0.0);
         let partial = std::mem::take(&mut resumed);
-        let (mut loss_sum, mut batches, mut correct) =
-            (partial.loss_sum, skip_batches, partial.correct);
+        let (mut loss_sum, mut batches, mut correct) = (partial.loss_sum, skip_batches, partial.correct);
         let batch_bar = progress.bar(order.len() as u64, "batches");
         batch_bar.inc((skip_batches * config.batch_size).min(order.len()) as u64);
-        for (b, chunk) in order
-            .chunks(config.batch_size)
-            .enumerate()
-            .skip(std::mem::take(&mut skip_batches))
-        {
+        for (b, chunk) in order.chunks(config.batch_size).enumerate().skip(std::mem::take(&mut skip_batches)) {
             let (x, y) = if config.augment {
                 let augmentations = augment::for_batch(config.seed, epoch, b, chunk.len());
-                data.train
-                    .augmented_batch(chunk, &augmentations, &Device::Cpu)?
+                data.train.augmented_batch(chunk, &augmentations, &Device::Cpu)?
             } else {
                 data.train.batch(chunk, &Device::Cpu)?
             };
@@ -248,12 +219,7 @@ pub fn fit_checkpointed(
             let t2 = Instant::now();
             let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             if !loss_value.is_finite() {
-                return Err(diverged(
-                    epoch,
-                    b + 1,
-                    format!("the loss is {loss_value}"),
-                    &last_good,
-                ));
+                return Err(diverged(epoch, b + 1, format!("the loss is {loss_value}"), &last_good));
             }
             optimizer.step(vars, &grads)?;
             after_step()?;
@@ -265,11 +231,7 @@ pub fn fit_checkpointed(
             batches += 1;
             let predicted: Vec<u32> = logits.argmax(1)?.to_vec1()?;
             let labels: Vec<u32> = y.to_vec1()?;
-            correct += predicted
-                .iter()
-                .zip(&labels)
-                .filter(|(p, l)| p == l)
-                .count();
+            correct += predicted.iter().zip(&labels).filter(|(p, l)| p == l).count();
             batch_bar.inc(chunk.len() as u64);
             let last_batch = (b + 1) * config.batch_size >= order.len();
             if !last_batch && checkpointing.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
@@ -294,14 +256,7 @@ pub fn fit_checkpointed(
         let last = batches;
         check_parameters(vars, epoch, last, &last_good)?;
         let test_accuracy = if config.eval_every_epoch || epoch == config.epochs {
-            Some(verify::accuracy(
-                &|x: &Tensor| forward(x, Mode::Eval),
-                input_shape,
-                &data.test,
-                1000,
-                dtype,
-                progress,
-            )?)
+            Some(verify::accuracy(&|x: &Tensor| forward(x, Mode::Eval), input_shape, &data.test, 1000, dtype, progress)?)
         } else {
             None
         };
@@ -317,9 +272,7 @@ pub fn fit_checkpointed(
             config.epochs,
             metrics.loss,
             metrics.train_accuracy,
-            test_accuracy
-                .map(|a| format!("{a:.4}"))
-                .unwrap_or_else(|| "  -   ".into()),
+            test_accuracy.map(|a| format!("{a:.4}")).unwrap_or_else(|| "  -   ".into()),
         );
         tracing::debug!(
             "epoch {epoch} time: forward {forward_s:.2} s, backward {backward_s:.2} s, update {update_s:.2} s, \
@@ -376,10 +329,7 @@ fn restore(
         ),
     };
     let command = |settings: &serde_json::Value| settings.get("command").cloned();
-    if let (Some(then), Some(now)) = (
-        command(&position.settings),
-        command(&checkpointing.settings),
-    ) {
+    if let (Some(then), Some(now)) = (command(&position.settings), command(&checkpointing.settings)) {
         if then != now {
             return Err(Error::Model {
                 path: path.to_path_buf(),
@@ -397,25 +347,13 @@ fn restore(
         return Err(mismatch("settings", then, now));
     }
     if position.batch_size != config.batch_size {
-        return Err(mismatch(
-            "--batch-size",
-            position.batch_size.to_string(),
-            config.batch_size.to_string(),
-        ));
+        return Err(mismatch("--batch-size", position.batch_size.to_string(), config.batch_size.to_string()));
     }
     if position.seed != config.seed {
-        return Err(mismatch(
-            "--seed",
-            position.seed.to_string(),
-            config.seed.to_string(),
-        ));
+        return Err(mismatch("--seed", position.seed.to_string(), config.seed.to_string()));
     }
     if position.train_len != data.train.len() {
-        return Err(mismatch(
-            "training images",
-            position.train_len.to_string(),
-            data.train.len().to_string(),
-        ));
+        return Err(mismatch("training images", position.train_len.to_string(), data.train.len().to_string()));
     }
     let needed = position.epochs_done + usize::from(position.batches_done > 0);
     if needed > config.epochs {
@@ -428,11 +366,7 @@ fn restore(
         });
     }
     if saved.parameters.len() != vars.len() {
-        return Err(mismatch(
-            "parameters",
-            saved.parameters.len().to_string(),
-            vars.len().to_string(),
-        ));
+        return Err(mismatch("parameters", saved.parameters.len().to_string(), vars.len().to_string()));
     }
     for (i, (var, value)) in vars.iter().zip(&saved.parameters).enumerate() {
         if var.dims() != value.dims() || var.dtype() != value.dtype() {
@@ -457,66 +391,32 @@ fn settings_difference(then: &serde_json::Value, now: &serde_json::Value) -> (St
     let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
     keys.sort();
     keys.dedup();
-    let describe =
-        |object: &serde_json::Map<String, serde_json::Value>, key: &str| match object.get(key) {
-            Some(value) => format!("{key} {value}"),
-            None => format!("no {key}"),
-        };
-    let differing: Vec<&String> = keys
-        .into_iter()
-        .filter(|k| a.get(*k) != b.get(*k))
-        .collect();
-    let list = |object| {
-        differing
-            .iter()
-            .map(|k| describe(object, k))
-            .collect::<Vec<_>>()
-            .join(", ")
+    let describe = |object: &serde_json::Map<String, serde_json::Value>, key: &str| match object.get(key) {
+        Some(value) => format!("{key} {value}"),
+        None => format!("no {key}"),
     };
+    let differing: Vec<&String> = keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).collect();
+    let list = |object| differing.iter().map(|k| describe(object, k)).collect::<Vec<_>>().join(", ");
     (list(a), list(b))
 }
 
 /// Rejects non-finite parameters after the update of `batch`.
-fn check_parameters(
-    vars: &[Var],
-    epoch: usize,
-    batch: usize,
-    last_good: &Option<(PathBuf, usize)>,
-) -> Result<()> {
+fn check_parameters(vars: &[Var], epoch: usize, batch: usize, last_good: &Option<(PathBuf, usize)>) -> Result<()> {
     for (i, var) in vars.iter().enumerate() {
-        if store::check_finite(
-            var.as_tensor(),
-            &format!("parameters.{i}"),
-            Path::new("(in memory)"),
-        )
-        .is_err()
-        {
-            return Err(diverged(
-                epoch,
-                batch,
-                format!("parameter tensor {i} became NaN or infinite"),
-                last_good,
-            ));
+        if store::check_finite(var.as_tensor(), &format!("parameters.{i}"), Path::new("(in memory)")).is_err() {
+            return Err(diverged(epoch, batch, format!("parameter tensor {i} became NaN or infinite"), last_good));
         }
     }
     Ok(())
 }
 
-fn diverged(
-    epoch: usize,
-    batch: usize,
-    detail: String,
-    last_good: &Option<(PathBuf, usize)>,
-) -> Error {
+fn diverged(epoch: usize, batch: usize, detail: String, last_good: &Option<(PathBuf, usize)>) -> Error {
     Error::Diverged {
         epoch,
         batch,
         detail,
         last_good: match last_good {
-            Some((path, epoch)) => format!(
-                "the last good checkpoint is {} (after epoch {epoch})",
-                path.display()
-            ),
+            Some((path, epoch)) => format!("the last good checkpoint is {} (after epoch {epoch})", path.display()),
             None => "no checkpoint of this run was written before it".into(),
         },
     }

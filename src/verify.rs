@@ -136,10 +136,7 @@ impl EquivalenceReport {
             out.push(format!("argmax agreement {} < 1", self.argmax_agreement));
         }
         if !(self.max_rel_diff <= tolerance) {
-            out.push(format!(
-                "max_rel_diff {:.3e} above {tolerance:e}",
-                self.max_rel_diff
-            ));
+            out.push(format!("max_rel_diff {:.3e} above {tolerance:e}", self.max_rel_diff));
         }
         if self.negative_weights > 0 {
             out.push(format!("{} negative weights", self.negative_weights));
@@ -148,16 +145,10 @@ impl EquivalenceReport {
             out.push(format!("{} negative biases", self.negative_biases));
         }
         if !(self.min_signal >= 0.0) {
-            out.push(format!(
-                "physical signal {:.3e} < 0 (an input below its range?)",
-                self.min_signal
-            ));
+            out.push(format!("physical signal {:.3e} < 0 (an input below its range?)", self.min_signal));
         }
         if !self.range_violations.is_empty() {
-            out.push(format!(
-                "layers {:?} received signals above their range",
-                self.range_violations
-            ));
+            out.push(format!("layers {:?} received signals above their range", self.range_violations));
         }
         out
     }
@@ -245,10 +236,7 @@ pub fn verify(
             stats.observe(layer, name, t)?;
             let min = t.min_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let max = t.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            match signals
-                .iter_mut()
-                .find(|s| s.layer == layer && s.name == name)
-            {
+            match signals.iter_mut().find(|s| s.layer == layer && s.name == name) {
                 Some(s) => {
                     s.min = s.min.min(min);
                     s.max = s.max.max(max);
@@ -262,17 +250,8 @@ pub fn verify(
             }
             Ok(())
         })?;
-        let diff = a
-            .sub(&b)?
-            .abs()?
-            .max_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-        let largest = a
-            .abs()?
-            .max_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+        let diff = a.sub(&b)?.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let largest = a.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         max_abs_diff = max_abs_diff.max(if diff.is_nan() { f64::INFINITY } else { diff });
         max_abs_logit = max_abs_logit.max(largest);
         let pa: Vec<u32> = a.argmax(1)?.to_vec1()?;
@@ -307,11 +286,7 @@ pub fn verify(
         .collect();
     Ok(EquivalenceReport {
         max_abs_diff,
-        max_rel_diff: if max_abs_logit > 0.0 {
-            max_abs_diff / max_abs_logit
-        } else {
-            max_abs_diff
-        },
+        max_rel_diff: if max_abs_logit > 0.0 { max_abs_diff / max_abs_logit } else { max_abs_diff },
         argmax_agreement: agree as f64 / n,
         accuracy_original: correct_regular as f64 / n,
         accuracy_isomorphic: correct_nonneg as f64 / n,
@@ -337,9 +312,7 @@ pub fn check_images(input_shape: &[usize], images: &Images) -> Result<()> {
         )));
     }
     if images.is_empty() {
-        return Err(Error::Shape(
-            "the data set has no samples to compare".into(),
-        ));
+        return Err(Error::Shape("the data set has no samples to compare".into()));
     }
     Ok(())
 }
@@ -360,11 +333,7 @@ pub fn accuracy(
     for chunk in indices.chunks(batch_size.max(1)) {
         let (x, y) = images.batch(chunk, &Device::Cpu)?;
         let predicted = logits_of(&x.to_dtype(dtype)?)?.argmax(1)?;
-        let hits = predicted
-            .eq(&y)?
-            .to_dtype(DType::F32)?
-            .sum_all()?
-            .to_scalar::<f32>()?;
+        let hits = predicted.eq(&y)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
         correct += hits as usize;
         bar.inc(chunk.len() as u64);
     }
@@ -390,12 +359,7 @@ mod tests {
             samples: 4,
             precision: "f32".into(),
             range_violations: vec![],
-            layers: vec![LayerSignals {
-                layer: Some(1),
-                name: "signal".into(),
-                min: -0.5,
-                max: f64::INFINITY,
-            }],
+            layers: vec![LayerSignals { layer: Some(1), name: "signal".into(), min: -0.5, max: f64::INFINITY }],
             reference: None,
             inspection: None,
         };
@@ -405,14 +369,9 @@ mod tests {
         assert_eq!(back.max_abs_diff, f64::INFINITY);
         assert!(back.max_rel_diff.is_nan());
         assert_eq!(back.min_signal, f64::NEG_INFINITY);
-        assert_eq!(
-            (back.layers[0].min, back.layers[0].max),
-            (-0.5, f64::INFINITY)
-        );
+        assert_eq!((back.layers[0].min, back.layers[0].max), (-0.5, f64::INFINITY));
         let wrong = text.replace(r#""max_abs_diff":"inf""#, r#""max_abs_diff":"large""#);
-        let error = serde_json::from_str::<EquivalenceReport>(&wrong)
-            .unwrap_err()
-            .to_string();
+        let error = serde_json::from_str::<EquivalenceReport>(&wrong).unwrap_err().to_string();
         assert!(error.contains("found \"large\""), "{error}");
     }
 }

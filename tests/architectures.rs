@@ -9,9 +9,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{channel_inputs as inputs, compare, max_abs, randomise_with_norms as randomise};
 use isonn::activation::Activation;
-use isonn::model::{
-    fold_batchnorm, BatchNorm, Conv2d, Elman, Layer, Linear, Network, Pool, Range, Residual,
-};
+use isonn::model::{fold_batchnorm, BatchNorm, Conv2d, Elman, Layer, Linear, Network, Pool, Range, Residual};
 use isonn::nonneg::{inverse, transform, ActivationRange, ShiftPolicy, TransformOptions};
 use isonn::store::{self, Model};
 use proptest::prelude::*;
@@ -63,12 +61,7 @@ fn random_vgg(seed: u64, dtype: DType, range: Range) -> Network {
     let side = rng.gen_range(6..9);
     let (a, b) = (2 * rng.gen_range(1..3), 2 * rng.gen_range(1..3));
     let groups = if rng.gen_bool(0.5) { 2 } else { 1 };
-    let mut layers = vec![
-        conv(1, a, 3, 1, 1, 1),
-        act.clone(),
-        conv(a, a, 3, 1, 1, groups),
-        act.clone(),
-    ];
+    let mut layers = vec![conv(1, a, 3, 1, 1, 1), act.clone(), conv(a, a, 3, 1, 1, groups), act.clone()];
     layers.push(Layer::MaxPool2d(Pool::new(2, 2)));
     layers.extend([conv(a, b, 3, 1, 1, 1), act.clone()]);
     let padded = Pool {
@@ -76,19 +69,9 @@ fn random_vgg(seed: u64, dtype: DType, range: Range) -> Network {
         stride: 2,
         padding: 1,
     };
-    layers.push(if rng.gen_bool(0.5) {
-        Layer::MaxPool2d(padded)
-    } else {
-        Layer::AvgPool2d(padded)
-    });
+    layers.push(if rng.gen_bool(0.5) { Layer::MaxPool2d(padded) } else { Layer::AvgPool2d(padded) });
     let flat = Network::new(&[1, side, side], range, layers.clone()).output_shape_prefix();
-    layers.extend([
-        Layer::Flatten,
-        Layer::Dropout(0.5),
-        linear(flat, 6),
-        act,
-        linear(6, 3),
-    ]);
+    layers.extend([Layer::Flatten, Layer::Dropout(0.5), linear(flat, 6), act, linear(6, 3)]);
     finish(&[1, side, side], range, layers, seed, dtype)
 }
 
@@ -103,24 +86,12 @@ fn random_resnet(seed: u64, dtype: DType, range: Range) -> Network {
     let (w, wide) = (rng.gen_range(1..4), rng.gen_range(2..5));
     let mut layers = vec![conv(2, w, 3, 1, 1, 1), bn(w), act.clone()];
     layers.push(Layer::Residual(Residual {
-        main: vec![
-            conv(w, w, 3, 1, 1, 1),
-            bn(w),
-            act.clone(),
-            conv(w, w, 3, 1, 1, 1),
-            bn(w),
-        ],
+        main: vec![conv(w, w, 3, 1, 1, 1), bn(w), act.clone(), conv(w, w, 3, 1, 1, 1), bn(w)],
         shortcut: Vec::new(),
     }));
     layers.push(act.clone());
     layers.push(Layer::Residual(Residual {
-        main: vec![
-            conv(w, wide, 3, 2, 1, 1),
-            bn(wide),
-            act.clone(),
-            conv(wide, wide, 3, 1, 1, 1),
-            bn(wide),
-        ],
+        main: vec![conv(w, wide, 3, 2, 1, 1), bn(wide), act.clone(), conv(wide, wide, 3, 1, 1, 1), bn(wide)],
         shortcut: vec![conv(w, wide, 1, 2, 0, 1), bn(wide)],
     }));
     layers.push(act.clone());
@@ -130,11 +101,7 @@ fn random_resnet(seed: u64, dtype: DType, range: Range) -> Network {
     if rng.gen_bool(0.5) {
         layers.extend([Layer::GlobalAvgPool, linear(wide, classes)]);
     } else {
-        layers.extend([
-            Layer::AdaptiveAvgPool2d([2, 2]),
-            Layer::Flatten,
-            linear(4 * wide, classes),
-        ]);
+        layers.extend([Layer::AdaptiveAvgPool2d([2, 2]), Layer::Flatten, linear(4 * wide, classes)]);
     }
     finish(&[2, side, side], range, layers, seed, dtype)
 }
@@ -143,11 +110,7 @@ fn random_resnet(seed: u64, dtype: DType, range: Range) -> Network {
 fn random_elman(seed: u64, dtype: DType, range: Range) -> Network {
     let mut rng = StdRng::seed_from_u64(seed);
     let activation = ACTIVATIONS[rng.gen_range(0..ACTIVATIONS.len())].clone();
-    let (c, steps, width) = (
-        rng.gen_range(1..3),
-        rng.gen_range(1..7),
-        rng.gen_range(1..5),
-    );
+    let (c, steps, width) = (rng.gen_range(1..3), rng.gen_range(1..7), rng.gen_range(1..5));
     let hidden = rng.gen_range(1..7);
     let layers = vec![
         Layer::Elman(Elman::zeros(c * width, hidden, activation).unwrap()),
@@ -174,14 +137,8 @@ fn random_normalised(seed: u64, dtype: DType) -> Network {
         })
         .collect();
     let enclosing = Range {
-        lo: channel_ranges
-            .iter()
-            .map(|r| r.lo)
-            .fold(f64::INFINITY, f64::min),
-        hi: channel_ranges
-            .iter()
-            .map(|r| r.hi)
-            .fold(f64::NEG_INFINITY, f64::max),
+        lo: channel_ranges.iter().map(|r| r.lo).fold(f64::INFINITY, f64::min),
+        hi: channel_ranges.iter().map(|r| r.hi).fold(f64::NEG_INFINITY, f64::max),
     };
     let padding = rng.gen_range(0..2);
     let mut layers = vec![conv(3, 4, 3, 1, padding, 1), act.clone(), Layer::Flatten];
@@ -200,71 +157,33 @@ trait ShapePrefix {
 
 impl ShapePrefix for Network {
     fn output_shape_prefix(&self) -> usize {
-        isonn::model::chain_shape(&self.layers, &self.input_shape)
-            .unwrap()
-            .iter()
-            .product()
+        isonn::model::chain_shape(&self.layers, &self.input_shape).unwrap().iter().product()
     }
 }
 
 fn options(published: bool, tight: bool) -> TransformOptions {
     TransformOptions {
-        shift: if published {
-            ShiftPolicy::Published
-        } else {
-            ShiftPolicy::Minimal
-        },
-        activation_range: if tight {
-            ActivationRange::Tight
-        } else {
-            ActivationRange::Method
-        },
+        shift: if published { ShiftPolicy::Published } else { ShiftPolicy::Minimal },
+        activation_range: if tight { ActivationRange::Tight } else { ActivationRange::Method },
     }
 }
 
-fn check(
-    network: &Network,
-    dtype: DType,
-    opts: TransformOptions,
-    seed: u64,
-) -> Result<(), TestCaseError> {
+fn check(network: &Network, dtype: DType, opts: TransformOptions, seed: u64) -> Result<(), TestCaseError> {
     let nonneg = transform(network, &opts).unwrap();
     let (weights, biases) = nonneg.count_negative().unwrap();
     prop_assert_eq!(weights, 0, "negative weights");
     prop_assert_eq!(biases, 0, "negative biases");
     for (i, prefix, a) in nonneg.affines() {
         prop_assert!(a.shift >= 0.0, "layer {i} {prefix}: shift {}", a.shift);
-        prop_assert!(
-            a.alpha.iter().all(|&v| v >= 0.0),
-            "layer {i} {prefix}: alpha {:?}",
-            a.alpha
-        );
-        let both = a
-            .positive
-            .gt(0.0)
-            .unwrap()
-            .mul(&a.negative.gt(0.0).unwrap())
-            .unwrap();
-        let overlap = both
-            .to_dtype(DType::F64)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        prop_assert!(a.alpha.iter().all(|&v| v >= 0.0), "layer {i} {prefix}: alpha {:?}", a.alpha);
+        let both = a.positive.gt(0.0).unwrap().mul(&a.negative.gt(0.0).unwrap()).unwrap();
+        let overlap = both.to_dtype(DType::F64).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
         prop_assert_eq!(overlap, 0.0, "layer {} {}: P and N overlap", i, prefix);
     }
     let x = inputs(network, seed, 4, dtype);
     let (rel, min_signal) = compare(network, &nonneg, &x);
-    let tolerance = if dtype == DType::F64 {
-        TOLERANCE_F64
-    } else {
-        TOLERANCE_F32
-    };
-    prop_assert!(
-        rel <= tolerance,
-        "relative logit difference {rel:e} above {tolerance:e}"
-    );
+    let tolerance = if dtype == DType::F64 { TOLERANCE_F64 } else { TOLERANCE_F32 };
+    prop_assert!(rel <= tolerance, "relative logit difference {rel:e} above {tolerance:e}");
     prop_assert!(min_signal >= 0.0, "physical signal {min_signal} < 0");
     Ok(())
 }
@@ -277,10 +196,7 @@ fn check_inverse(network: &Network) -> Result<(), TestCaseError> {
     prop_assert_eq!(a.len(), b.len());
     for ((name, x), (_, y)) in a.iter().zip(&b) {
         let diff = max_abs(&x.sub(y).unwrap());
-        prop_assert!(
-            diff <= 1e-11 * (1.0 + max_abs(x)),
-            "{name}: inverse differs by {diff:e}"
-        );
+        prop_assert!(diff <= 1e-11 * (1.0 + max_abs(x)), "{name}: inverse differs by {diff:e}");
     }
     Ok(())
 }
@@ -290,20 +206,11 @@ fn check_store(network: &Network, seed: u64) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let nonneg = transform(network, &TransformOptions::default()).unwrap();
     let x = inputs(network, seed, 2, network.dtype());
-    for (name, model) in [
-        ("regular", Model::Regular(network.clone())),
-        ("nonneg", Model::Nonneg(nonneg)),
-    ] {
+    for (name, model) in [("regular", Model::Regular(network.clone())), ("nonneg", Model::Nonneg(nonneg))] {
         let path = dir.path().join(name);
         store::save(&path, &model, &serde_json::Value::Null).unwrap();
         let (loaded, _) = store::load(&path).unwrap();
-        let diff = max_abs(
-            &model
-                .forward(&x)
-                .unwrap()
-                .sub(&loaded.forward(&x).unwrap())
-                .unwrap(),
-        );
+        let diff = max_abs(&model.forward(&x).unwrap().sub(&loaded.forward(&x).unwrap()).unwrap());
         prop_assert_eq!(diff, 0.0, "{} model changed on a round trip", name);
     }
     Ok(())
@@ -384,13 +291,7 @@ fn folding_matches_unfolded_network() {
     folded.visit(&mut |_, layer| count += matches!(layer, Layer::BatchNorm(_)) as usize);
     assert_eq!(count, 0, "a batch normalisation survived folding");
     let x = inputs(&network, 3, 4, DType::F64);
-    let diff = max_abs(
-        &network
-            .forward(&x)
-            .unwrap()
-            .sub(&folded.forward(&x).unwrap())
-            .unwrap(),
-    );
+    let diff = max_abs(&network.forward(&x).unwrap().sub(&folded.forward(&x).unwrap()).unwrap());
     assert!(diff < 1e-12, "folded network differs by {diff:e}");
 }
 
@@ -404,16 +305,8 @@ fn batchnorm_between_pooling_is_rejected() {
         Layer::Flatten,
         linear(8, 2),
     ];
-    let network = finish(
-        &[1, 6, 6],
-        Range { lo: 0.0, hi: 1.0 },
-        layers,
-        1,
-        DType::F64,
-    );
-    let message = transform(&network, &TransformOptions::default())
-        .unwrap_err()
-        .to_string();
+    let network = finish(&[1, 6, 6], Range { lo: 0.0, hi: 1.0 }, layers, 1, DType::F64);
+    let message = transform(&network, &TransformOptions::default()).unwrap_err().to_string();
     assert!(message.contains("layers.2 (batch-norm)"), "{message}");
     assert!(message.contains("max-pool2d"), "{message}");
 }
@@ -440,20 +333,10 @@ fn batchnorm_before_padded_conv_pads_with_its_preimage() {
             _ => unreachable!(),
         };
         for (q, (g, beta)) in c.pad_value.iter().zip(scale.iter().zip(&offset)) {
-            assert!(
-                (g * q + beta).abs() < 1e-12,
-                "pad {q} maps to {}",
-                g * q + beta
-            );
+            assert!((g * q + beta).abs() < 1e-12, "pad {q} maps to {}", g * q + beta);
         }
         let x = inputs(&network, 9, 4, dtype);
-        let diff = max_abs(
-            &network
-                .forward(&x)
-                .unwrap()
-                .sub(&folded.forward(&x).unwrap())
-                .unwrap(),
-        );
+        let diff = max_abs(&network.forward(&x).unwrap().sub(&folded.forward(&x).unwrap()).unwrap());
         let tolerance = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
         assert!(diff < tolerance, "folded network differs by {diff:e}");
         check(&network, dtype, TransformOptions::default(), 9).unwrap();
@@ -481,10 +364,7 @@ fn batchnorm_training_updates_running_stats() {
     // Batch means 2 and 5, biased variances 1 and 4: y = +-1 per channel.
     let y: Vec<Vec<f32>> = y.to_vec2().unwrap();
     for (got, want) in y.iter().flatten().zip([-1.0f32, -1.0, 1.0, 1.0]) {
-        assert!(
-            (got - want).abs() < 1e-4,
-            "normalised {got}, expected {want}"
-        );
+        assert!((got - want).abs() < 1e-4, "normalised {got}, expected {want}");
     }
     let (mean, var) = norm.running_stats();
     let mean: Vec<f32> = mean.to_vec1().unwrap();
@@ -499,26 +379,14 @@ fn batchnorm_training_updates_running_stats() {
 #[test]
 fn adaptive_pool_matches_windows() {
     // 5 columns to 2: windows [0, 3) and [2, 5), as PyTorch computes them.
-    let x = Tensor::arange(0f64, 5.0, &Device::Cpu)
-        .unwrap()
-        .reshape((1, 1, 1, 5))
-        .unwrap();
-    let y: Vec<f64> = isonn::model::adaptive_average(&x, [1, 2])
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let x = Tensor::arange(0f64, 5.0, &Device::Cpu).unwrap().reshape((1, 1, 1, 5)).unwrap();
+    let y: Vec<f64> = isonn::model::adaptive_average(&x, [1, 2]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(y, vec![1.0, 3.0]);
 }
 
 /// Trains `network` for one epoch on a slice of the embedded subset, then
 /// checks that its transformation agrees on every test image.
-fn train_and_verify(
-    mut network: Network,
-    lr: f64,
-    epochs: usize,
-) -> isonn::verify::EquivalenceReport {
+fn train_and_verify(mut network: Network, lr: f64, epochs: usize) -> isonn::verify::EquivalenceReport {
     use isonn::progress::Progress;
     use isonn::train::{fit, Sgd, TrainConfig};
     let full = isonn::data::load_embedded().unwrap();
@@ -539,87 +407,34 @@ fn train_and_verify(
     let mut sgd = Sgd::new(lr, 0.9, 0.0).unwrap();
     let shape = network.input_shape.clone();
     let forward = |x: &Tensor, mode| network.forward_mode(x, mode);
-    let metrics = fit(
-        &forward,
-        &shape,
-        &vars,
-        &mut sgd,
-        &data,
-        &config,
-        &Progress::hidden(),
-        &mut || Ok(()),
-    )
-    .unwrap();
-    assert!(
-        metrics.test_accuracy > 0.2,
-        "training did not learn: test accuracy {}",
-        metrics.test_accuracy
-    );
+    let metrics = fit(&forward, &shape, &vars, &mut sgd, &data, &config, &Progress::hidden(), &mut || Ok(())).unwrap();
+    assert!(metrics.test_accuracy > 0.2, "training did not learn: test accuracy {}", metrics.test_accuracy);
     let network = network.detached();
     let nonneg = transform(&network, &TransformOptions::default()).unwrap();
-    isonn::verify::verify(
-        &network,
-        &nonneg,
-        &data.test,
-        100,
-        isonn::verify::Precision::F64,
-        &Progress::hidden(),
-    )
-    .unwrap()
+    isonn::verify::verify(&network, &nonneg, &data.test, 100, isonn::verify::Precision::F64, &Progress::hidden()).unwrap()
 }
 
 #[test]
 fn trained_resnet_transforms_exactly() {
-    let network = Network::build(
-        isonn::model::Arch::Resnet,
-        &[1, 28, 28],
-        &[4],
-        10,
-        Activation::PhotonicSinusoidal,
-        isonn::model::Init::Photonic,
-        2,
-    )
-    .unwrap();
+    let network =
+        Network::build(isonn::model::Arch::Resnet, &[1, 28, 28], &[4], 10, Activation::PhotonicSinusoidal, isonn::model::Init::Photonic, 2)
+            .unwrap();
     let report = train_and_verify(network, 0.1, 3);
     assert_eq!(report.argmax_agreement, 1.0);
     assert_eq!(report.negative_weights + report.negative_biases, 0);
-    assert!(
-        report.min_signal >= 0.0,
-        "physical signal {}",
-        report.min_signal
-    );
+    assert!(report.min_signal >= 0.0, "physical signal {}", report.min_signal);
     // The model is stored in f32, so its biases c + s are rounded to f32.
-    assert!(
-        report.max_rel_diff < 1e-4,
-        "relative logit difference {:e}",
-        report.max_rel_diff
-    );
+    assert!(report.max_rel_diff < 1e-4, "relative logit difference {:e}", report.max_rel_diff);
 }
 
 #[test]
 fn trained_elman_transforms_exactly() {
-    let network = Network::build(
-        isonn::model::Arch::Elman,
-        &[1, 28, 28],
-        &[16],
-        10,
-        Activation::Tanh,
-        isonn::model::Init::Xavier,
-        2,
-    )
-    .unwrap();
+    let network =
+        Network::build(isonn::model::Arch::Elman, &[1, 28, 28], &[16], 10, Activation::Tanh, isonn::model::Init::Xavier, 2).unwrap();
     let report = train_and_verify(network, 0.05, 1);
     assert_eq!(report.argmax_agreement, 1.0);
     assert_eq!(report.negative_weights + report.negative_biases, 0);
-    assert!(
-        report.min_signal >= 0.0,
-        "physical signal {}",
-        report.min_signal
-    );
+    assert!(report.min_signal >= 0.0, "physical signal {}", report.min_signal);
     // The model is stored in f32, so its biases c + s are rounded to f32.
-    assert!(
-        report.max_rel_diff < 1e-4,
-        "relative logit difference {:e}",
-        report.max_rel_diff
-    );
+    assert!(report.max_rel_diff < 1e-4, "relative logit difference {:e}", report.max_rel_diff);
 }

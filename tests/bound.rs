@@ -7,8 +7,7 @@ use candle_core::{DType, Tensor};
 use common::*;
 use isonn::activation::Activation;
 use isonn::bound::{
-    apply_bounds, bound_network, calibrate, forward_clipped, BoundMode, Granularity, LayerBounds,
-    Statistic,
+    apply_bounds, bound_network, calibrate, forward_clipped, BoundMode, Granularity, LayerBounds, Statistic,
 };
 use isonn::model::{Init, Layer, Network, Range};
 use isonn::nonneg::{transform, TransformOptions};
@@ -62,12 +61,7 @@ fn check_rescaling(network: &Network, seed: u64, tolerance: f64) -> Result<(), T
     let clipped = forward_clipped(network, &bounds, &x).unwrap();
     let folded = rescaled.forward(&x).unwrap();
     let difference = relative_difference(&clipped, &folded);
-    prop_assert!(
-        difference <= tolerance,
-        "relative difference {:e} above {:e}",
-        difference,
-        tolerance
-    );
+    prop_assert!(difference <= tolerance, "relative difference {:e} above {:e}", difference, tolerance);
     Ok(())
 }
 
@@ -113,10 +107,7 @@ fn random_bounds_change_outputs() {
             changed += 1;
         }
     }
-    assert!(
-        changed >= 5,
-        "only {changed} of 10 networks changed under the bounds"
-    );
+    assert!(changed >= 5, "only {changed} of 10 networks changed under the bounds");
 }
 
 /// Bounds every ReLU of `network` on the embedded subset, transforms the
@@ -129,38 +120,15 @@ fn check_bound_then_transform(network: &Network, mode: BoundMode, samples: usize
     let bounded = bound_network(network, &mode, &calibration, &test, &progress).unwrap();
     let record = &bounded.record;
     assert_eq!(record.reference, mode.reference());
-    assert!(
-        (0.0..=1.0).contains(&record.clip_rate_test),
-        "{}",
-        record.clip_rate_test
-    );
-    if let BoundMode::Calibrate {
-        statistic: Statistic::Max,
-        ..
-    } = mode
-    {
-        assert_eq!(
-            record.clip_rate_calibration, 0.0,
-            "max calibration clips no calibration value"
-        );
+    assert!((0.0..=1.0).contains(&record.clip_rate_test), "{}", record.clip_rate_test);
+    if let BoundMode::Calibrate { statistic: Statistic::Max, .. } = mode {
+        assert_eq!(record.clip_rate_calibration, 0.0, "max calibration clips no calibration value");
     }
     let nonneg = transform(&bounded.network, &TransformOptions::default()).unwrap();
-    let report = isonn::verify::verify(
-        &bounded.network,
-        &nonneg,
-        &test,
-        100,
-        Default::default(),
-        &progress,
-    )
-    .unwrap();
+    let report = isonn::verify::verify(&bounded.network, &nonneg, &test, 100, Default::default(), &progress).unwrap();
     assert_eq!(report.argmax_agreement, 1.0, "{}", report.summary());
     // f32 models meet 1e-4, f64 ones 1e-9, as `isonn verify` requires.
-    let tolerance = if network.dtype() == DType::F64 {
-        1e-9
-    } else {
-        1e-4
-    };
+    let tolerance = if network.dtype() == DType::F64 { 1e-9 } else { 1e-4 };
     assert!(report.passes(tolerance), "{}", report.summary());
     assert!(
         (report.accuracy_original - record.accuracy_bounded).abs() < 1e-12,
@@ -178,15 +146,7 @@ fn calibrated(statistic: Statistic, margin: f64, granularity: Granularity) -> Bo
 
 #[test]
 fn bounded_mlp_transforms_exactly() {
-    let network = Network::mlp(
-        &[1, 28, 28],
-        &[32, 16],
-        10,
-        Activation::Relu,
-        Init::Xavier,
-        1,
-    )
-    .unwrap();
+    let network = Network::mlp(&[1, 28, 28], &[32, 16], 10, Activation::Relu, Init::Xavier, 1).unwrap();
     for mode in [
         BoundMode::Fixed { n: 0.5 },
         calibrated(Statistic::Max, 0.05, Granularity::Channel),
@@ -224,22 +184,12 @@ fn calibrated_channels_fold_exactly() {
         .unwrap();
     let data = isonn::data::load_embedded().unwrap();
     let images = data.train.take(200);
-    let bounds = calibrate(
-        &network,
-        &images,
-        Statistic::Percentile(95.0),
-        0.0,
-        Granularity::Channel,
-        64,
-    )
-    .unwrap();
+    let bounds = calibrate(&network, &images, Statistic::Percentile(95.0), 0.0, Granularity::Channel, 64).unwrap();
     assert_eq!(bounds.len(), 1);
     assert_eq!(bounds[0].bounds.len(), 12);
     let (rescaled, _) = apply_bounds(&network, &bounds).unwrap();
     assert!(matches!(rescaled.layers[2], Layer::Activation(Activation::ReluN { n }) if n == 1.0));
-    let (x, _) = images
-        .batch(&(0..64).collect::<Vec<_>>(), &candle_core::Device::Cpu)
-        .unwrap();
+    let (x, _) = images.batch(&(0..64).collect::<Vec<_>>(), &candle_core::Device::Cpu).unwrap();
     let x = x.to_dtype(DType::F64).unwrap();
     let clipped = forward_clipped(&network, &bounds, &x).unwrap();
     let difference = relative_difference(&clipped, &rescaled.forward(&x).unwrap());
@@ -248,27 +198,13 @@ fn calibrated_channels_fold_exactly() {
 
 #[test]
 fn network_without_relu_is_rejected() {
-    let network = Network::mlp(
-        &[1, 28, 28],
-        &[8],
-        10,
-        Activation::PhotonicSigmoid,
-        Init::Xavier,
-        0,
-    )
-    .unwrap();
+    let network = Network::mlp(&[1, 28, 28], &[8], 10, Activation::PhotonicSigmoid, Init::Xavier, 0).unwrap();
     let data = isonn::data::load_embedded().unwrap();
     let images = data.test.take(10);
     let progress = Progress::hidden();
-    let message = bound_network(
-        &network,
-        &BoundMode::Fixed { n: 2.0 },
-        &images,
-        &images,
-        &progress,
-    )
-    .unwrap_err()
-    .to_string();
+    let message = bound_network(&network, &BoundMode::Fixed { n: 2.0 }, &images, &images, &progress)
+        .unwrap_err()
+        .to_string();
     assert!(message.contains("without relu or gelu layers"), "{message}");
     assert!(message.contains("transform it directly"), "{message}");
 }
@@ -276,17 +212,10 @@ fn network_without_relu_is_rejected() {
 #[test]
 fn bounded_gelu_mlp_transforms_exactly() {
     for dtype in [DType::F32, DType::F64] {
-        let network = Network::mlp(
-            &[1, 28, 28],
-            &[32, 16],
-            10,
-            Activation::Gelu,
-            Init::Xavier,
-            4,
-        )
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap();
+        let network = Network::mlp(&[1, 28, 28], &[32, 16], 10, Activation::Gelu, Init::Xavier, 4)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
         for mode in [
             BoundMode::Fixed { n: 0.5 },
             calibrated(Statistic::Max, 0.05, Granularity::Layer),
@@ -299,26 +228,10 @@ fn bounded_gelu_mlp_transforms_exactly() {
 
 #[test]
 fn gelu_layers_become_gelu_n() {
-    let network = Network::mlp(
-        &[1, 28, 28],
-        &[12, 8],
-        10,
-        Activation::Gelu,
-        Init::Xavier,
-        5,
-    )
-    .unwrap();
+    let network = Network::mlp(&[1, 28, 28], &[12, 8], 10, Activation::Gelu, Init::Xavier, 5).unwrap();
     let data = isonn::data::load_embedded().unwrap();
     let images = data.train.take(200);
-    let bounds = calibrate(
-        &network,
-        &images,
-        Statistic::Max,
-        0.0,
-        Granularity::Layer,
-        64,
-    )
-    .unwrap();
+    let bounds = calibrate(&network, &images, Statistic::Max, 0.0, Granularity::Layer, 64).unwrap();
     assert_eq!(bounds.len(), 2);
     let (bounded, rescalings) = apply_bounds(&network, &bounds).unwrap();
     assert!(rescalings.is_empty());
@@ -340,15 +253,7 @@ fn gelu_max_bound_clips_nothing() {
     let network = Network::mlp(&[1, 28, 28], &[16], 10, Activation::Gelu, Init::Xavier, 6).unwrap();
     let data = isonn::data::load_embedded().unwrap();
     let images = data.train.take(100);
-    let bounds = calibrate(
-        &network,
-        &images,
-        Statistic::Max,
-        0.0,
-        Granularity::Layer,
-        50,
-    )
-    .unwrap();
+    let bounds = calibrate(&network, &images, Statistic::Max, 0.0, Granularity::Layer, 50).unwrap();
     let rates = isonn::bound::clip_rates(&network, &bounds, &images, 50).unwrap();
     assert_eq!(rates.clipped, 0);
     let mut halved = bounds.clone();
@@ -363,16 +268,9 @@ fn gelu_per_channel_is_rejected() {
     let network = Network::mlp(&[1, 28, 28], &[8], 10, Activation::Gelu, Init::Xavier, 0).unwrap();
     let data = isonn::data::load_embedded().unwrap();
     let images = data.train.take(20);
-    let message = calibrate(
-        &network,
-        &images,
-        Statistic::Max,
-        0.0,
-        Granularity::Channel,
-        10,
-    )
-    .unwrap_err()
-    .to_string();
+    let message = calibrate(&network, &images, Statistic::Max, 0.0, Granularity::Channel, 10)
+        .unwrap_err()
+        .to_string();
     assert!(message.contains("gelu"), "{message}");
     assert!(message.contains("--per layer"), "{message}");
 }
@@ -382,32 +280,12 @@ fn gelu_per_channel_is_rejected() {
 /// transforms exactly.
 #[test]
 fn residual_relus_are_bounded() {
-    let network = Network::build(
-        isonn::model::Arch::Resnet,
-        &[1, 28, 28],
-        &[4],
-        10,
-        Activation::Relu,
-        Init::Xavier,
-        7,
-    )
-    .unwrap()
-    .to_dtype(DType::F64)
-    .unwrap();
-    let paths: Vec<String> = isonn::bound::unbounded_sites(&network)
-        .into_iter()
-        .map(|s| s.path)
-        .collect();
-    assert_eq!(
-        paths,
-        [
-            "layers.2",
-            "layers.3.main.2",
-            "layers.4",
-            "layers.5.main.2",
-            "layers.6"
-        ]
-    );
+    let network = Network::build(isonn::model::Arch::Resnet, &[1, 28, 28], &[4], 10, Activation::Relu, Init::Xavier, 7)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let paths: Vec<String> = isonn::bound::unbounded_sites(&network).into_iter().map(|s| s.path).collect();
+    assert_eq!(paths, ["layers.2", "layers.3.main.2", "layers.4", "layers.5.main.2", "layers.6"]);
     for mode in [
         BoundMode::Fixed { n: 1.5 },
         calibrated(Statistic::Max, 0.0, Granularity::Layer),
@@ -419,33 +297,13 @@ fn residual_relus_are_bounded() {
 
 #[test]
 fn residual_bounds_replace_nested_layers() {
-    let network = Network::build(
-        isonn::model::Arch::Resnet,
-        &[1, 28, 28],
-        &[4],
-        10,
-        Activation::Relu,
-        Init::Xavier,
-        8,
-    )
-    .unwrap();
+    let network = Network::build(isonn::model::Arch::Resnet, &[1, 28, 28], &[4], 10, Activation::Relu, Init::Xavier, 8).unwrap();
     let data = isonn::data::load_embedded().unwrap();
     let images = data.train.take(50);
-    let bounds = calibrate(
-        &network,
-        &images,
-        Statistic::Max,
-        0.0,
-        Granularity::Layer,
-        25,
-    )
-    .unwrap();
+    let bounds = calibrate(&network, &images, Statistic::Max, 0.0, Granularity::Layer, 25).unwrap();
     assert_eq!(bounds.len(), 5);
     let (bounded, _) = apply_bounds(&network, &bounds).unwrap();
-    assert!(
-        isonn::bound::unbounded_sites(&bounded).is_empty(),
-        "a ReLU is left"
-    );
+    assert!(isonn::bound::unbounded_sites(&bounded).is_empty(), "a ReLU is left");
     let Layer::Residual(block) = &bounded.layers[3] else {
         panic!("layer 3 is {:?}", bounded.layers[3]);
     };
@@ -457,32 +315,15 @@ fn residual_bounds_replace_nested_layers() {
         block.main[2]
     );
     let rates = isonn::bound::clip_rates(&network, &bounds, &images, 25).unwrap();
-    assert_eq!(
-        rates.clipped, 0,
-        "max calibration clips no calibration value"
-    );
+    assert_eq!(rates.clipped, 0, "max calibration clips no calibration value");
     assert_eq!(rates.layers.len(), 5);
 }
 
 #[test]
 fn residual_per_channel_is_rejected() {
-    let network = Network::build(
-        isonn::model::Arch::Resnet,
-        &[1, 28, 28],
-        &[4],
-        10,
-        Activation::Relu,
-        Init::Xavier,
-        9,
-    )
-    .unwrap();
-    let message = isonn::bound::check_per_channel(&network)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        message.contains("layers.") || message.contains("layer 2"),
-        "{message}"
-    );
+    let network = Network::build(isonn::model::Arch::Resnet, &[1, 28, 28], &[4], 10, Activation::Relu, Init::Xavier, 9).unwrap();
+    let message = isonn::bound::check_per_channel(&network).unwrap_err().to_string();
+    assert!(message.contains("layers.") || message.contains("layer 2"), "{message}");
     let bounds = vec![LayerBounds {
         layer: 3,
         path: "layers.3.main.2".into(),
@@ -496,23 +337,8 @@ fn residual_per_channel_is_rejected() {
 
 #[test]
 fn bound_path_must_name_activation() {
-    let network = Network::build(
-        isonn::model::Arch::Resnet,
-        &[1, 28, 28],
-        &[4],
-        10,
-        Activation::Relu,
-        Init::Xavier,
-        9,
-    )
-    .unwrap();
-    for path in [
-        "layers.3.main.0",
-        "layers.3.side.2",
-        "layers.99",
-        "layer.2",
-        "layers.3.main",
-    ] {
+    let network = Network::build(isonn::model::Arch::Resnet, &[1, 28, 28], &[4], 10, Activation::Relu, Init::Xavier, 9).unwrap();
+    for path in ["layers.3.main.0", "layers.3.side.2", "layers.99", "layer.2", "layers.3.main"] {
         let bounds = vec![LayerBounds {
             layer: 3,
             path: path.into(),

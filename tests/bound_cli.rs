@@ -25,12 +25,7 @@ fn bound(regular: &Path, out: &Path, mode: &[&str]) -> assert_cmd::assert::Asser
         .arg(regular)
         .arg("--out")
         .arg(out)
-        .args([
-            "--dataset",
-            "fashion-mnist-subset",
-            "--calibration-samples",
-            "2000",
-        ])
+        .args(["--dataset", "fashion-mnist-subset", "--calibration-samples", "2000"])
         .args(mode)
         .assert()
 }
@@ -39,12 +34,7 @@ fn bound(regular: &Path, out: &Path, mode: &[&str]) -> assert_cmd::assert::Asser
 /// checking that both reports name `reference`.
 fn transform_and_verify(bounded: &Path, nonneg: &Path, reference: &str) {
     let word = OsStr::new;
-    let transform = [
-        word("transform"),
-        bounded.as_os_str(),
-        word("--out"),
-        nonneg.as_os_str(),
-    ];
+    let transform = [word("transform"), bounded.as_os_str(), word("--out"), nonneg.as_os_str()];
     let verify = [word("verify"), bounded.as_os_str(), nonneg.as_os_str()];
     for args in [&transform[..], &verify[..]] {
         isonn()
@@ -53,9 +43,7 @@ fn transform_and_verify(bounded: &Path, nonneg: &Path, reference: &str) {
             .assert()
             .success()
             .stdout(predicate::str::contains("verification passed"))
-            .stdout(predicate::str::contains(format!(
-                "reference          {reference}"
-            )));
+            .stdout(predicate::str::contains(format!("reference          {reference}")));
     }
     let report = read_json(&nonneg.join("equivalence.json"));
     assert_eq!(report["argmax_agreement"].as_f64(), Some(1.0));
@@ -67,15 +55,7 @@ fn bound_both_modes_then_transform() {
     let tmp = tempfile::tempdir().unwrap();
     let regular = tmp.path().join("regular");
     isonn()
-        .args([
-            "train",
-            "--dataset",
-            "fashion-mnist-subset",
-            "--epochs",
-            "1",
-            "--lr",
-            "0.1",
-        ])
+        .args(["train", "--dataset", "fashion-mnist-subset", "--epochs", "1", "--lr", "0.1"])
         .args(["--activation", "relu", "--hidden", "32,16", "--out"])
         .arg(&regular)
         .assert()
@@ -100,18 +80,12 @@ fn bound_both_modes_then_transform() {
     let model = read_json(&fixed.join("model.json"));
     assert_eq!(model["layers"][2]["activation"]["name"], "relu-n");
     assert_eq!(model["layers"][2]["activation"]["n"].as_f64(), Some(4.0));
-    let fixed_reference =
-        "bounded network (ReLU and GELU replaced by ReLU-N and GELU-N with N = 4)";
+    let fixed_reference = "bounded network (ReLU and GELU replaced by ReLU-N and GELU-N with N = 4)";
     transform_and_verify(&fixed, &tmp.path().join("fixed-nonneg"), fixed_reference);
 
     // Calibrated per channel.
     let channel = tmp.path().join("channel");
-    bound(
-        &regular,
-        &channel,
-        &["--calibrate", "max", "--margin", "0.05", "--per", "channel"],
-    )
-    .success();
+    bound(&regular, &channel, &["--calibrate", "max", "--margin", "0.05", "--per", "channel"]).success();
     let record = read_json(&channel.join("bound.json"));
     assert_eq!(record["mode"]["mode"], "calibrate");
     assert_eq!(record["mode"]["statistic"], "max");
@@ -122,31 +96,17 @@ fn bound_both_modes_then_transform() {
     assert_eq!(layers[1]["bounds"].as_array().unwrap().len(), 16);
     assert_eq!(layers[0]["rescaling"]["rows_of"].as_u64(), Some(1));
     assert_eq!(layers[0]["rescaling"]["columns_of"].as_u64(), Some(3));
-    assert_eq!(
-        record["clip_rate_calibration"].as_f64(),
-        Some(0.0),
-        "max with a margin clips nothing"
-    );
+    assert_eq!(record["clip_rate_calibration"].as_f64(), Some(0.0), "max with a margin clips nothing");
     let clip_test = record["clip_rate_test"].as_f64().unwrap();
-    assert!(
-        (0.0..0.01).contains(&clip_test),
-        "clip rate on test {clip_test}"
-    );
+    assert!((0.0..0.01).contains(&clip_test), "clip rate on test {clip_test}");
     let unbounded = record["accuracy_unbounded"].as_f64().unwrap();
     let bounded = record["accuracy_bounded"].as_f64().unwrap();
     assert!(unbounded > 0.5, "the ReLU MLP learned: {unbounded}");
-    assert!(
-        (unbounded - bounded).abs() < 0.02,
-        "unbounded {unbounded}, bounded {bounded}"
-    );
+    assert!((unbounded - bounded).abs() < 0.02, "unbounded {unbounded}, bounded {bounded}");
     let model = read_json(&channel.join("model.json"));
     assert_eq!(model["layers"][2]["activation"]["n"].as_f64(), Some(1.0));
     let channel_reference = "bounded network (ReLU and GELU replaced by ReLU-N and GELU-N, calibrated max per channel, margin 0.05)";
-    transform_and_verify(
-        &channel,
-        &tmp.path().join("channel-nonneg"),
-        channel_reference,
-    );
+    transform_and_verify(&channel, &tmp.path().join("channel-nonneg"), channel_reference);
 
     // Calibrated percentile per layer.
     let layer = tmp.path().join("layer");
@@ -157,14 +117,8 @@ fn bound_both_modes_then_transform() {
     assert_eq!(record["mode"]["margin"].as_f64(), Some(0.0));
     let first = &record["layers"][0]["calibration"];
     let rate = first["rate"].as_f64().unwrap();
-    assert!(
-        rate > 0.0,
-        "percentile 99 clips some values of layer 2: {rate}"
-    );
-    assert!(
-        rate <= 0.01,
-        "percentile 99 clips at most 1% of layer 2: {rate}"
-    );
+    assert!(rate > 0.0, "percentile 99 clips some values of layer 2: {rate}");
+    assert!(rate <= 0.01, "percentile 99 clips at most 1% of layer 2: {rate}");
     let reference = "bounded network (ReLU and GELU replaced by ReLU-N and GELU-N, calibrated percentile 99 per layer, margin 0)";
     transform_and_verify(&layer, &tmp.path().join("layer-nonneg"), reference);
 
@@ -174,34 +128,18 @@ fn bound_both_modes_then_transform() {
         .stderr(predicate::str::contains("has no ReLU or GELU layer"))
         .stderr(predicate::str::contains("isonn transform"));
     // A non-negative model is not bounded.
-    bound(
-        &tmp.path().join("fixed-nonneg"),
-        &tmp.path().join("again"),
-        &["--relu-n", "2"],
-    )
-    .failure()
-    .stderr(predicate::str::contains("non-negative model"));
+    bound(&tmp.path().join("fixed-nonneg"), &tmp.path().join("again"), &["--relu-n", "2"])
+        .failure()
+        .stderr(predicate::str::contains("non-negative model"));
 
     // Bad values name the flag, the value and the fix; nothing is written.
     let bad_cases: [(&[&str], &[&str]); 6] = [
         (&["--relu-n", "-1"], &["--relu-n -1", "> 0"]),
         (&["--relu-n=0"], &["--relu-n 0", "> 0"]),
-        (
-            &["--calibrate", "percentile:0"],
-            &["percentile:0", "0 < P <= 100"],
-        ),
-        (
-            &["--calibrate", "percentile:101"],
-            &["percentile:101", "0 < P <= 100"],
-        ),
-        (
-            &["--calibrate", "mean"],
-            &["--calibrate mean", "max or percentile:P"],
-        ),
-        (
-            &["--calibrate", "max", "--margin", "-0.5"],
-            &["--margin -0.5", ">= 0"],
-        ),
+        (&["--calibrate", "percentile:0"], &["percentile:0", "0 < P <= 100"]),
+        (&["--calibrate", "percentile:101"], &["percentile:101", "0 < P <= 100"]),
+        (&["--calibrate", "mean"], &["--calibrate mean", "max or percentile:P"]),
+        (&["--calibrate", "max", "--margin", "-0.5"], &["--margin -0.5", ">= 0"]),
     ];
     for (args, expected) in bad_cases {
         let out = tmp.path().join("bad");
@@ -241,9 +179,7 @@ fn bound_rejects_flag_combinations() {
             .args(&args)
             .assert()
             .failure()
-            .stderr(
-                predicate::str::contains("--relu-n").or(predicate::str::contains("--calibrate")),
-            );
+            .stderr(predicate::str::contains("--relu-n").or(predicate::str::contains("--calibrate")));
     }
 }
 

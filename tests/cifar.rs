@@ -56,9 +56,7 @@ fn load(dir: &Path, name: DatasetName) -> isonn::Result<Dataset> {
 }
 
 fn load_error(dir: &Path) -> String {
-    load(dir, DatasetName::Cifar10)
-        .expect_err("loading must fail")
-        .to_string()
+    load(dir, DatasetName::Cifar10).expect_err("loading must fail").to_string()
 }
 
 fn normalised(image: usize, channel: usize, row: usize, col: usize) -> f64 {
@@ -68,16 +66,7 @@ fn normalised(image: usize, channel: usize, row: usize, col: usize) -> f64 {
 
 /// Returns value `[c, h, w]` of sample `sample` of a batch tensor.
 fn at(x: &Tensor, sample: usize, c: usize, h: usize, w: usize) -> f32 {
-    x.get(sample)
-        .unwrap()
-        .get(c)
-        .unwrap()
-        .get(h)
-        .unwrap()
-        .get(w)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    x.get(sample).unwrap().get(c).unwrap().get(h).unwrap().get(w).unwrap().to_scalar().unwrap()
 }
 
 #[test]
@@ -101,34 +90,15 @@ fn colour_planes_map_to_chw() {
     let indices = [0, 1, 2 * PER_FILE + 3, 5 * PER_FILE - 1];
     let (x, y) = dataset.train.batch(&indices, &Device::Cpu).unwrap();
     assert_eq!(x.dims(), &[4, 3, 32, 32]);
-    assert_eq!(
-        y.to_vec1::<u32>().unwrap(),
-        indices.map(|i| u32::from(label(i)))
-    );
+    assert_eq!(y.to_vec1::<u32>().unwrap(), indices.map(|i| u32::from(label(i))));
     for (sample, &image) in indices.iter().enumerate() {
-        for (c, h, w) in [
-            (0, 0, 0),
-            (0, 0, 31),
-            (0, 31, 0),
-            (1, 5, 17),
-            (2, 31, 31),
-            (2, 12, 3),
-        ] {
+        for (c, h, w) in [(0, 0, 0), (0, 0, 31), (0, 31, 0), (1, 5, 17), (2, 31, 31), (2, 12, 3)] {
             let value = f64::from(at(&x, sample, c, h, w));
             let expected = normalised(image, c, h, w);
-            assert!(
-                (value - expected).abs() < 1e-6,
-                "image {image} [{c}, {h}, {w}]: {value} vs {expected}"
-            );
+            assert!((value - expected).abs() < 1e-6, "image {image} [{c}, {h}, {w}]: {value} vs {expected}");
         }
     }
-    let value = f64::from(at(
-        &dataset.test.batch(&[7], &Device::Cpu).unwrap().0,
-        0,
-        1,
-        30,
-        2,
-    ));
+    let value = f64::from(at(&dataset.test.batch(&[7], &Device::Cpu).unwrap().0, 0, 1, 30, 2));
     assert!((value - normalised(5 * PER_FILE + 7, 1, 30, 2)).abs() < 1e-6);
 }
 
@@ -143,16 +113,8 @@ fn every_value_within_channel_range() {
         let lo = (0.0 - cifar::MEAN[channel]) / cifar::STD[channel];
         let hi = (1.0 - cifar::MEAN[channel]) / cifar::STD[channel];
         // The bounds are rounded to f32, as the pixels are.
-        assert!(
-            (range.lo - lo).abs() < 1e-6,
-            "channel {channel} lo {}",
-            range.lo
-        );
-        assert!(
-            (range.hi - hi).abs() < 1e-6,
-            "channel {channel} hi {}",
-            range.hi
-        );
+        assert!((range.lo - lo).abs() < 1e-6, "channel {channel} lo {}", range.lo);
+        assert!((range.hi - hi).abs() < 1e-6, "channel {channel} hi {}", range.hi);
         assert!(range.lo < 0.0, "normalised inputs go negative");
     }
     let mut black = 0;
@@ -166,10 +128,7 @@ fn every_value_within_channel_range() {
             }
         }
     }
-    assert!(
-        black > 0,
-        "no pixel byte 0 met its channel's lower bound exactly"
-    );
+    assert!(black > 0, "no pixel byte 0 met its channel's lower bound exactly");
 }
 
 #[test]
@@ -191,10 +150,7 @@ fn gray_is_unnormalised_luma() {
             let rgb = [0, 1, 2].map(|c| f64::from(byte(image, c, h, w)) / 255.0);
             let expected = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2];
             let value = f64::from(at(&x, sample, 0, h, w));
-            assert!(
-                (value - expected).abs() < 1e-6,
-                "image {image} [{h}, {w}]: {value} vs {expected}"
-            );
+            assert!((value - expected).abs() < 1e-6, "image {image} [{h}, {w}]: {value} vs {expected}");
         }
     }
 }
@@ -207,11 +163,7 @@ fn subfolder_layout_is_found() {
     let dataset = load(dir.path(), DatasetName::Cifar10).unwrap();
     assert_eq!(dataset.source, DataSource::Flag(dir.path().to_path_buf()));
     assert_eq!(dataset.train.len(), 5 * PER_FILE);
-    assert!(
-        dataset.files[0].path.contains(cifar::SUBFOLDER),
-        "{}",
-        dataset.files[0].path
-    );
+    assert!(dataset.files[0].path.contains(cifar::SUBFOLDER), "{}", dataset.files[0].path);
 }
 
 #[test]
@@ -219,19 +171,12 @@ fn digests_cover_six_files() {
     let dir = tempfile::tempdir().unwrap();
     write_cifar(dir.path());
     let dataset = load(dir.path(), DatasetName::Cifar10).unwrap();
-    let names: Vec<&str> = cifar::TRAIN_FILES
-        .iter()
-        .copied()
-        .chain([cifar::TEST_FILE])
-        .collect();
+    let names: Vec<&str> = cifar::TRAIN_FILES.iter().copied().chain([cifar::TEST_FILE]).collect();
     assert_eq!(dataset.files.len(), 6);
     for (digest, name) in dataset.files.iter().zip(names) {
         let path = dir.path().join(name);
         assert_eq!(digest.path, path.display().to_string());
-        assert_eq!(
-            digest.sha256,
-            data::sha256_hex(&std::fs::read(&path).unwrap())
-        );
+        assert_eq!(digest.sha256, data::sha256_hex(&std::fs::read(&path).unwrap()));
     }
 }
 
@@ -245,17 +190,8 @@ fn truncated_file_is_rejected() {
     std::fs::write(&path, bytes).unwrap();
     let error = load_error(dir.path());
     assert!(error.contains(&path.display().to_string()), "{error}");
-    assert!(
-        error.contains("not a whole number of 3073-byte records"),
-        "{error}"
-    );
-    assert!(
-        error.contains(&format!(
-            "{} whole records and 3063 bytes left over",
-            PER_FILE - 1
-        )),
-        "{error}"
-    );
+    assert!(error.contains("not a whole number of 3073-byte records"), "{error}");
+    assert!(error.contains(&format!("{} whole records and 3063 bytes left over", PER_FILE - 1)), "{error}");
     assert!(error.contains("download it again"), "{error}");
 }
 
@@ -284,10 +220,7 @@ fn bad_label_is_rejected() {
     std::fs::write(&path, bytes).unwrap();
     let error = load_error(dir.path());
     assert!(error.contains(&path.display().to_string()), "{error}");
-    assert!(
-        error.contains("record 2 (byte offset 6146) has label 10"),
-        "{error}"
-    );
+    assert!(error.contains("record 2 (byte offset 6146) has label 10"), "{error}");
     assert!(error.contains("labels are 0 to 9"), "{error}");
 }
 
@@ -297,21 +230,9 @@ fn missing_file_says_where_to_get_data() {
     write_cifar(dir.path());
     std::fs::remove_file(dir.path().join("data_batch_5.bin")).unwrap();
     let error = load_error(dir.path());
-    assert!(
-        error.contains(&format!(
-            "{} (from --data) is missing data_batch_5.bin;",
-            dir.path().display()
-        )),
-        "{error}"
-    );
-    assert!(
-        error.contains("https://www.cs.toronto.edu/~kriz/cifar.html"),
-        "{error}"
-    );
-    assert!(
-        error.contains("CIFAR-10 binary version (suitable for C programs)"),
-        "{error}"
-    );
+    assert!(error.contains(&format!("{} (from --data) is missing data_batch_5.bin;", dir.path().display())), "{error}");
+    assert!(error.contains("https://www.cs.toronto.edu/~kriz/cifar.html"), "{error}");
+    assert!(error.contains("CIFAR-10 binary version (suitable for C programs)"), "{error}");
     assert!(error.contains("cifar-10-batches-bin subfolder"), "{error}");
 }
 
@@ -319,19 +240,13 @@ fn missing_file_says_where_to_get_data() {
 fn missing_dir_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let error = load_error(&dir.path().join("absent"));
-    assert!(
-        error.contains("absent (from --data) does not exist"),
-        "{error}"
-    );
+    assert!(error.contains("absent (from --data) does not exist"), "{error}");
     assert!(error.contains("data_batch_1.bin"), "{error}");
 }
 
 #[test]
 fn names_parse_and_serialise() {
-    for (name, text) in [
-        (DatasetName::Cifar10, "cifar10"),
-        (DatasetName::Cifar10Gray, "cifar10-gray"),
-    ] {
+    for (name, text) in [(DatasetName::Cifar10, "cifar10"), (DatasetName::Cifar10Gray, "cifar10-gray")] {
         assert_eq!(text.parse::<DatasetName>().unwrap(), name);
         assert_eq!(name.to_string(), text);
         assert_eq!(serde_json::to_string(&name).unwrap(), format!("\"{text}\""));
@@ -369,34 +284,18 @@ fn augmented_batch_crops_and_mirrors() {
     let (plain, labels) = images.batch(&indices, &Device::Cpu).unwrap();
 
     let identity = [Augmentation::IDENTITY; 2];
-    let (same, same_labels) = images
-        .augmented_batch(&indices, &identity, &Device::Cpu)
-        .unwrap();
+    let (same, same_labels) = images.augmented_batch(&indices, &identity, &Device::Cpu).unwrap();
     assert_eq!(values(&same), values(&plain));
-    assert_eq!(
-        same_labels.to_vec1::<u32>().unwrap(),
-        labels.to_vec1::<u32>().unwrap()
-    );
+    assert_eq!(same_labels.to_vec1::<u32>().unwrap(), labels.to_vec1::<u32>().unwrap());
 
-    let flip = [Augmentation {
-        flip: true,
-        ..Augmentation::IDENTITY
-    }; 2];
-    let (mirrored, _) = images
-        .augmented_batch(&indices, &flip, &Device::Cpu)
-        .unwrap();
+    let flip = [Augmentation { flip: true, ..Augmentation::IDENTITY }; 2];
+    let (mirrored, _) = images.augmented_batch(&indices, &flip, &Device::Cpu).unwrap();
     for (c, h, w) in [(0, 0, 0), (1, 7, 30), (2, 31, 12)] {
         assert_eq!(at(&mirrored, 1, c, h, w), at(&plain, 1, c, h, 31 - w));
     }
 
-    let shift = [Augmentation {
-        shift_y: 4,
-        shift_x: -3,
-        flip: false,
-    }; 2];
-    let (shifted, _) = images
-        .augmented_batch(&indices, &shift, &Device::Cpu)
-        .unwrap();
+    let shift = [Augmentation { shift_y: 4, shift_x: -3, flip: false }; 2];
+    let (shifted, _) = images.augmented_batch(&indices, &shift, &Device::Cpu).unwrap();
     assert_eq!(at(&shifted, 0, 2, 10, 10), at(&plain, 0, 2, 14, 7));
     assert_eq!(at(&shifted, 0, 0, 27, 3), at(&plain, 0, 0, 31, 0));
 }
@@ -405,32 +304,17 @@ fn augmented_batch_crops_and_mirrors() {
 fn padding_equals_lower_bound() {
     let dataset = colour_dataset();
     let ranges = dataset.input_ranges();
-    let shift = [Augmentation {
-        shift_y: 4,
-        shift_x: -4,
-        flip: true,
-    }];
-    let (x, _) = dataset
-        .train
-        .augmented_batch(&[11], &shift, &Device::Cpu)
-        .unwrap();
+    let shift = [Augmentation { shift_y: 4, shift_x: -4, flip: true }];
+    let (x, _) = dataset.train.augmented_batch(&[11], &shift, &Device::Cpu).unwrap();
     for (c, range) in ranges.iter().enumerate() {
         // Rows 28..32 read rows 32..36 of the image, all padding.
         for (h, w) in [(28, 0), (31, 31), (30, 15)] {
             let value = f64::from(at(&x, 0, c, h, w));
-            assert!(
-                (value - range.lo).abs() < 1e-6,
-                "channel {c} [{h}, {w}]: {value} vs {}",
-                range.lo
-            );
+            assert!((value - range.lo).abs() < 1e-6, "channel {c} [{h}, {w}]: {value} vs {}", range.lo);
         }
         // With the flip, columns 28..32 read columns -4..0 of the image.
         let value = f64::from(at(&x, 0, c, 5, 30));
-        assert!(
-            (value - range.lo).abs() < 1e-6,
-            "channel {c} [5, 30]: {value} vs {}",
-            range.lo
-        );
+        assert!((value - range.lo).abs() < 1e-6, "channel {c} [5, 30]: {value} vs {}", range.lo);
     }
 }
 
@@ -442,10 +326,7 @@ fn augmented_batch_rejects_count_mismatch() {
         .augmented_batch(&[0, 1], &[Augmentation::IDENTITY], &Device::Cpu)
         .unwrap_err()
         .to_string();
-    assert!(
-        error.contains("1 augmentations for a batch of 2 images"),
-        "{error}"
-    );
+    assert!(error.contains("1 augmentations for a batch of 2 images"), "{error}");
 }
 
 #[test]
@@ -454,13 +335,7 @@ fn same_seed_draws_same_batch() {
     let batch = |seed: u64| {
         let indices: Vec<usize> = (0..32).collect();
         let augmentations = augment::for_batch(seed, 1, 0, indices.len());
-        values(
-            &dataset
-                .train
-                .augmented_batch(&indices, &augmentations, &Device::Cpu)
-                .unwrap()
-                .0,
-        )
+        values(&dataset.train.augmented_batch(&indices, &augmentations, &Device::Cpu).unwrap().0)
     };
     assert_eq!(batch(5), batch(5));
     assert_ne!(batch(5), batch(6));
@@ -470,16 +345,8 @@ fn same_seed_draws_same_batch() {
 /// returns its parameters.
 fn trained_weights(dataset: &Dataset, seed: u64, augment: bool) -> Vec<f32> {
     let shape = dataset.train.sample_shape();
-    let mut network = Network::build(
-        Arch::Mlp,
-        &shape,
-        &[8],
-        10,
-        Activation::PhotonicSigmoid,
-        Init::Xavier,
-        0,
-    )
-    .unwrap();
+    let mut network =
+        Network::build(Arch::Mlp, &shape, &[8], 10, Activation::PhotonicSigmoid, Init::Xavier, 0).unwrap();
     let config = TrainConfig {
         epochs: 1,
         batch_size: 32,
@@ -489,43 +356,24 @@ fn trained_weights(dataset: &Dataset, seed: u64, augment: bool) -> Vec<f32> {
         augment,
     };
     scenario::train_regular(&mut network, dataset, &config, 0.05, &Progress::hidden()).unwrap();
-    network
-        .parameters()
-        .iter()
-        .flat_map(|(_, t)| values(t))
-        .collect()
+    network.parameters().iter().flat_map(|(_, t)| values(t)).collect()
 }
 
 #[test]
 fn augmented_training_is_reproducible() {
     let dataset = colour_dataset();
     let first = trained_weights(&dataset, 1, true);
-    assert_eq!(
-        first,
-        trained_weights(&dataset, 1, true),
-        "same seed, same weights"
-    );
+    assert_eq!(first, trained_weights(&dataset, 1, true), "same seed, same weights");
     // Without shuffling the seed changes only the augmentations.
     assert_ne!(first, trained_weights(&dataset, 2, true));
-    assert_eq!(
-        trained_weights(&dataset, 1, false),
-        trained_weights(&dataset, 2, false)
-    );
+    assert_eq!(trained_weights(&dataset, 1, false), trained_weights(&dataset, 2, false));
     assert_ne!(first, trained_weights(&dataset, 1, false));
 }
 
 #[test]
 fn cifar_cnn_shapes_and_parameters() {
-    let network = Network::build(
-        Arch::CifarCnn,
-        &[3, 32, 32],
-        &[],
-        10,
-        Activation::PhotonicSigmoid,
-        Init::Xavier,
-        0,
-    )
-    .unwrap();
+    let network =
+        Network::build(Arch::CifarCnn, &[3, 32, 32], &[], 10, Activation::PhotonicSigmoid, Init::Xavier, 0).unwrap();
     assert_eq!(network.output_shape().unwrap(), [10]);
     let linear_inputs: Vec<usize> = network
         .parameters()
@@ -534,11 +382,7 @@ fn cifar_cnn_shapes_and_parameters() {
         .map(|(_, t)| t.dims()[1])
         .collect();
     assert_eq!(linear_inputs, [6400, 512]);
-    let count: usize = network
-        .parameters()
-        .iter()
-        .map(|(_, t)| t.elem_count())
-        .sum();
+    let count: usize = network.parameters().iter().map(|(_, t)| t.elem_count()).sum();
     // 896 + 18,496 + 73,856 + 295,168 (convolutions) + 3,277,312 + 5,130 (fully connected).
     assert_eq!(count, 3_670_858);
     let x = Tensor::zeros((2, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
@@ -548,32 +392,17 @@ fn cifar_cnn_shapes_and_parameters() {
 #[test]
 fn cifar_cnn_rejects_small_input() {
     // 8 -> 6 -> 4 -> 2 leaves no room for the third convolution.
-    let error = Network::build(
-        Arch::CifarCnn,
-        &[3, 8, 8],
-        &[],
-        10,
-        Activation::PhotonicSigmoid,
-        Init::Xavier,
-        0,
-    )
-    .unwrap_err()
-    .to_string();
+    let error = Network::build(Arch::CifarCnn, &[3, 8, 8], &[], 10, Activation::PhotonicSigmoid, Init::Xavier, 0)
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("cifar-cnn layer 5 (conv2d)"), "{error}");
 }
 
 #[test]
 fn gray_mlp_has_protocol_widths() {
-    let network = Network::build(
-        Arch::Mlp,
-        &[1, 32, 32],
-        &[1024, 512],
-        10,
-        Activation::PhotonicSigmoid,
-        Init::Xavier,
-        0,
-    )
-    .unwrap();
+    let network =
+        Network::build(Arch::Mlp, &[1, 32, 32], &[1024, 512], 10, Activation::PhotonicSigmoid, Init::Xavier, 0)
+            .unwrap();
     let widths: Vec<Vec<usize>> = network
         .parameters()
         .iter()
@@ -601,26 +430,15 @@ fn cli_trains_and_transforms_cifar_cnn() {
     let regular = tmp.path().join("regular");
     let train = |extra: &[&str]| {
         let mut cmd = isonn();
-        cmd.args([
-            "train",
-            "--arch",
-            "cifar-cnn",
-            "--dataset",
-            "cifar10",
-            "--epochs",
-            "1",
-        ])
-        .args(["--batch-size", "64", "--lr", "0.01", "--data"])
-        .arg(&data_dir)
-        .arg("--out")
-        .arg(&regular)
-        .args(extra);
+        cmd.args(["train", "--arch", "cifar-cnn", "--dataset", "cifar10", "--epochs", "1"])
+            .args(["--batch-size", "64", "--lr", "0.01", "--data"])
+            .arg(&data_dir)
+            .arg("--out")
+            .arg(&regular)
+            .args(extra);
         cmd
     };
-    train(&["--augment"])
-        .assert()
-        .success()
-        .stdout(predicates::str::contains("test_accuracy"));
+    train(&["--augment"]).assert().success().stdout(predicates::str::contains("test_accuracy"));
 
     let model = json(&regular.join("model.json"));
     assert_eq!(model["input"]["shape"], serde_json::json!([3, 32, 32]));
@@ -637,10 +455,7 @@ fn cli_trains_and_transforms_cifar_cnn() {
     let output = train(&["--resume"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("augment true, this run has augment false"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("augment true, this run has augment false"), "{stderr}");
 
     let nonneg = tmp.path().join("nonneg");
     isonn()
@@ -680,15 +495,7 @@ fn cli_trains_gray_mlp() {
     write_cifar(&data_dir);
     let out = tmp.path().join("gray");
     isonn()
-        .args([
-            "train",
-            "--arch",
-            "mlp",
-            "--hidden",
-            "1024,512",
-            "--dataset",
-            "cifar10-gray",
-        ])
+        .args(["train", "--arch", "mlp", "--hidden", "1024,512", "--dataset", "cifar10-gray"])
         .args(["--epochs", "1", "--batch-size", "64", "--data"])
         .arg(&data_dir)
         .arg("--out")
@@ -697,10 +504,7 @@ fn cli_trains_gray_mlp() {
         .success();
     let model = json(&out.join("model.json"));
     assert_eq!(model["input"]["shape"], serde_json::json!([1, 32, 32]));
-    assert_eq!(
-        model["input"]["range"],
-        serde_json::json!({ "lo": 0.0, "hi": 1.0 })
-    );
+    assert_eq!(model["input"]["range"], serde_json::json!({ "lo": 0.0, "hi": 1.0 }));
 }
 
 #[test]
@@ -714,8 +518,5 @@ fn cli_without_data_dir_names_source() {
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("cifar10 is not bundled"), "{stderr}");
     assert!(stderr.contains("--data DIR"), "{stderr}");
-    assert!(
-        stderr.contains("https://www.cs.toronto.edu/~kriz/cifar.html"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("https://www.cs.toronto.edu/~kriz/cifar.html"), "{stderr}");
 }

@@ -31,14 +31,8 @@ fn train_transform_verify_eval() {
     let metrics: serde_json::Value =
         serde_json::from_slice(&std::fs::read(regular.join("metrics.json")).unwrap()).unwrap();
     let accuracy = metrics["test_accuracy"].as_f64().unwrap();
-    assert!(
-        (0.0..=1.0).contains(&accuracy),
-        "test_accuracy {accuracy} is a fraction"
-    );
-    assert!(
-        accuracy > 0.5,
-        "one epoch on the subset learns something: {accuracy}"
-    );
+    assert!((0.0..=1.0).contains(&accuracy), "test_accuracy {accuracy} is a fraction");
+    assert!(accuracy > 0.5, "one epoch on the subset learns something: {accuracy}");
 
     isonn()
         .args(["transform"])
@@ -99,13 +93,7 @@ fn verify_detects_tampered_model() {
     let regular = tmp.path().join("regular");
     let nonneg = tmp.path().join("nonneg");
     train_small(&regular, "photonic-sigmoid");
-    isonn()
-        .arg("transform")
-        .arg(&regular)
-        .arg("--out")
-        .arg(&nonneg)
-        .assert()
-        .success();
+    isonn().arg("transform").arg(&regular).arg("--out").arg(&nonneg).assert().success();
 
     // Flip the sign of one stored bias.
     let path = nonneg.join("model.safetensors");
@@ -147,20 +135,11 @@ fn unknown_activation_is_rejected() {
 fn zero_epochs_is_rejected() {
     let tmp = tempfile::tempdir().unwrap();
     isonn()
-        .args([
-            "train",
-            "--epochs",
-            "0",
-            "--dataset",
-            "fashion-mnist-subset",
-            "--out",
-        ])
+        .args(["train", "--epochs", "0", "--dataset", "fashion-mnist-subset", "--out"])
         .arg(tmp.path().join("m"))
         .assert()
         .code(2)
-        .stderr(predicate::str::contains(
-            "invalid --epochs 0: must be at least 1",
-        ));
+        .stderr(predicate::str::contains("invalid --epochs 0: must be at least 1"));
 }
 
 #[test]
@@ -193,11 +172,9 @@ fn truncated_idx_file_is_reported() {
     let bytes = {
         use std::io::Read;
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(
-            std::fs::File::open(idx.join("t10k-images-idx3-ubyte.gz")).unwrap(),
-        )
-        .read_to_end(&mut out)
-        .unwrap();
+        flate2::read::GzDecoder::new(std::fs::File::open(idx.join("t10k-images-idx3-ubyte.gz")).unwrap())
+            .read_to_end(&mut out)
+            .unwrap();
         out
     };
     std::fs::remove_file(idx.join("t10k-images-idx3-ubyte.gz")).unwrap();
@@ -218,11 +195,7 @@ fn wrong_magic_is_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let idx = subset_copy(tmp.path());
     std::fs::remove_file(idx.join("train-labels-idx1-ubyte.gz")).unwrap();
-    std::fs::write(
-        idx.join("train-labels-idx1-ubyte"),
-        [0u8, 0, 9, 9, 0, 0, 0, 1, 3],
-    )
-    .unwrap();
+    std::fs::write(idx.join("train-labels-idx1-ubyte"), [0u8, 0, 9, 9, 0, 0, 0, 1, 3]).unwrap();
     isonn()
         .args(["train", "--epochs", "1", "--data"])
         .arg(&idx)
@@ -241,11 +214,7 @@ fn model_from_other_version_is_rejected() {
     train_small(&regular, "relu-n:2");
     let json_path = regular.join("model.json");
     let text = std::fs::read_to_string(&json_path).unwrap();
-    std::fs::write(
-        &json_path,
-        text.replace("\"schema_version\": 1", "\"schema_version\": 7"),
-    )
-    .unwrap();
+    std::fs::write(&json_path, text.replace("\"schema_version\": 1", "\"schema_version\": 7")).unwrap();
     isonn()
         .arg("eval")
         .arg(&regular)
@@ -262,14 +231,7 @@ fn existing_output_needs_force() {
     let regular = tmp.path().join("regular");
     train_small(&regular, "photonic-sinusoidal");
     isonn()
-        .args([
-            "train",
-            "--epochs",
-            "1",
-            "--dataset",
-            "fashion-mnist-subset",
-            "--out",
-        ])
+        .args(["train", "--epochs", "1", "--dataset", "fashion-mnist-subset", "--out"])
         .arg(&regular)
         .assert()
         .code(2)
@@ -299,41 +261,20 @@ fn reproduce_resumes_and_reports() {
     let out = tmp.path().join("grid");
     let grid = |extra: &[&str], scenarios: &str| {
         let mut cmd = isonn();
-        cmd.args([
-            "reproduce",
-            "--dataset",
-            "fashion-mnist-subset",
-            "--epochs",
-            "1",
-            "--post-epochs",
-            "1",
-        ])
-        .args([
-            "--activations",
-            "photonic-sinusoidal",
-            "--scenarios",
-            scenarios,
-            "--out",
-        ])
-        .arg(&out)
-        .args(extra);
+        cmd.args(["reproduce", "--dataset", "fashion-mnist-subset", "--epochs", "1", "--post-epochs", "1"])
+            .args(["--activations", "photonic-sinusoidal", "--scenarios", scenarios, "--out"])
+            .arg(&out)
+            .args(extra);
         cmd
     };
     grid(&[], "transformation,post-training-sign-preserving")
         .assert()
         .success()
-        .stdout(predicate::str::contains(
-            "Transformation of a regularly trained network",
-        ))
+        .stdout(predicate::str::contains("Transformation of a regularly trained network"))
         .stdout(predicate::str::contains("proposed + sign-preserving"))
         // One regular epoch serves both the transformation and the post-training.
         .stderr(predicate::str::contains("reusing the regular training"));
-    for file in [
-        "results.json",
-        "results.md",
-        "curves-mlp-photonic-sinusoidal.png",
-        "histogram-mlp-photonic-sinusoidal.png",
-    ] {
+    for file in ["results.json", "results.md", "curves-mlp-photonic-sinusoidal.png", "histogram-mlp-photonic-sinusoidal.png"] {
         assert!(out.join(file).exists(), "{file} written");
     }
     let results: serde_json::Value =
@@ -343,31 +284,18 @@ fn reproduce_resumes_and_reports() {
     let transformation = &cells[0]["result"]["equivalence"];
     assert_eq!(transformation["argmax_agreement"].as_f64(), Some(1.0));
     assert_eq!(cells[1]["result"]["negative_after_steps"].as_u64(), Some(0));
-    assert_eq!(
-        results["config"]["shuffle"].as_bool(),
-        Some(false),
-        "file order by default"
-    );
-    assert_eq!(
-        cells[1]["result"]["settings"]["shuffle"].as_bool(),
-        Some(false)
-    );
+    assert_eq!(results["config"]["shuffle"].as_bool(), Some(false), "file order by default");
+    assert_eq!(cells[1]["result"]["settings"]["shuffle"].as_bool(), Some(false));
 
     grid(&[], "transformation")
         .assert()
         .code(2)
         .stderr(predicate::str::contains("--resume"));
-    grid(
-        &["--resume"],
-        "transformation,post-training-sign-preserving",
-    )
-    .assert()
-    .success()
-    .stderr(predicate::str::contains("kept from the earlier run"));
-    for other in [
-        &["--resume", "--init", "photonic"][..],
-        &["--resume", "--shuffle"],
-    ] {
+    grid(&["--resume"], "transformation,post-training-sign-preserving")
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("kept from the earlier run"));
+    for other in [&["--resume", "--init", "photonic"][..], &["--resume", "--shuffle"]] {
         grid(other, "transformation")
             .assert()
             .code(2)
@@ -376,9 +304,7 @@ fn reproduce_resumes_and_reports() {
     grid(&["--report-only"], "transformation,from-scratch-projected")
         .assert()
         .success()
-        .stderr(predicate::str::contains(
-            "not finished, left out of the table",
-        ));
+        .stderr(predicate::str::contains("not finished, left out of the table"));
 }
 
 /// Hand-edited model descriptions that used to load (or panic later) are
@@ -398,9 +324,7 @@ fn malformed_model_json_is_rejected() {
         ),
         (
             "negative relu-n bound",
-            Box::new(|v| {
-                v["layers"][2]["activation"] = serde_json::json!({"name": "relu-n", "n": -1.0})
-            }),
+            Box::new(|v| v["layers"][2]["activation"] = serde_json::json!({"name": "relu-n", "n": -1.0})),
             "relu-n bound -1",
         ),
         (
@@ -423,20 +347,14 @@ fn malformed_model_json_is_rejected() {
     for (case, edit, expected) in cases {
         let mut broken = value.clone();
         edit(&mut broken);
-        std::fs::write(
-            regular.join("model.json"),
-            serde_json::to_string(&broken).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(regular.join("model.json"), serde_json::to_string(&broken).unwrap()).unwrap();
         isonn()
             .arg("eval")
             .arg(&regular)
             .args(["--dataset", "fashion-mnist-subset"])
             .assert()
             .code(2)
-            .stderr(
-                predicate::str::contains(expected).and(predicate::str::contains("panicked").not()),
-            )
+            .stderr(predicate::str::contains(expected).and(predicate::str::contains("panicked").not()))
             .stderr(predicate::str::contains("model.json"));
         println!("{case}: rejected");
     }
@@ -458,10 +376,7 @@ fn transform_checks_data_before_writing() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains("unknown data set"));
-    assert!(
-        !nonneg.join("model.json").exists(),
-        "nothing written on a bad --dataset"
-    );
+    assert!(!nonneg.join("model.json").exists(), "nothing written on a bad --dataset");
 }
 
 #[test]
@@ -482,10 +397,7 @@ fn missing_model_json_names_fix() {
 fn optimizer_flags_must_match() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("unused");
-    for (optimizer, flag, value) in [
-        ("projected", "--lr-out", "0.5"),
-        ("sign-preserving", "--lr", "0.1"),
-    ] {
+    for (optimizer, flag, value) in [("projected", "--lr-out", "0.5"), ("sign-preserving", "--lr", "0.1")] {
         isonn()
             .arg("train-nonneg")
             .arg(&model)
@@ -515,9 +427,7 @@ fn hardware_training_cannot_resume() {
         .arg(tmp.path().join("out"))
         .assert()
         .code(2)
-        .stderr(predicate::str::contains(
-            "only runs without hardware effects",
-        ));
+        .stderr(predicate::str::contains("only runs without hardware effects"));
 }
 
 #[test]
@@ -525,22 +435,8 @@ fn bench_writes_json_report() {
     let tmp = tempfile::tempdir().unwrap();
     let report = tmp.path().join("bench.json");
     isonn()
-        .args([
-            "bench",
-            "--models",
-            "mlp",
-            "--workloads",
-            "regular-train,nonneg-train",
-        ])
-        .args([
-            "--batches",
-            "1",
-            "--batch-size",
-            "8",
-            "--repetitions",
-            "2",
-            "--json",
-        ])
+        .args(["bench", "--models", "mlp", "--workloads", "regular-train,nonneg-train"])
+        .args(["--batches", "1", "--batch-size", "8", "--repetitions", "2", "--json"])
         .arg(&report)
         .env("RAYON_NUM_THREADS", "1")
         .assert()
@@ -551,18 +447,10 @@ fn bench_writes_json_report() {
     let measurements = json["measurements"].as_array().unwrap();
     assert_eq!(measurements.len(), 2, "one entry per workload");
     assert_eq!(measurements[1]["workload"], "nonneg-train");
-    assert_eq!(
-        measurements[1]["seconds"].as_array().unwrap().len(),
-        2,
-        "one time per repetition"
-    );
+    assert_eq!(measurements[1]["seconds"].as_array().unwrap().len(), 2, "one time per repetition");
     assert!(measurements[0]["images_per_second"].as_f64().unwrap() > 0.0);
     assert_eq!(json["environment"]["threads"], 1);
-    assert_eq!(
-        json["gemm"].as_array().unwrap().len(),
-        4,
-        "one entry per GEMM shape"
-    );
+    assert_eq!(json["gemm"].as_array().unwrap().len(), 4, "one entry per GEMM shape");
 }
 
 #[test]
@@ -582,24 +470,8 @@ fn transform_f64_stores_exact_biases() {
     let dir = tempfile::tempdir().unwrap();
     let regular = dir.path().join("elman");
     isonn()
-        .args([
-            "train",
-            "--arch",
-            "elman",
-            "--hidden",
-            "16",
-            "--activation",
-            "tanh",
-        ])
-        .args([
-            "--dataset",
-            "fashion-mnist-subset",
-            "--epochs",
-            "1",
-            "--lr",
-            "0.05",
-            "--out",
-        ])
+        .args(["train", "--arch", "elman", "--hidden", "16", "--activation", "tanh"])
+        .args(["--dataset", "fashion-mnist-subset", "--epochs", "1", "--lr", "0.05", "--out"])
         .arg(&regular)
         .assert()
         .success();
@@ -612,9 +484,7 @@ fn transform_f64_stores_exact_biases() {
         .args(["--f64", "--dataset", "fashion-mnist-subset"])
         .assert()
         .success()
-        .stdout(predicate::str::contains(
-            "verification passed (relative tolerance 1e-9)",
-        ));
+        .stdout(predicate::str::contains("verification passed (relative tolerance 1e-9)"));
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(nonneg.join("equivalence.json")).unwrap()).unwrap();
     assert_eq!(report["precision"].as_str(), Some("f64"));

@@ -6,9 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{
-    channel_inputs as inputs, compare, max_abs, randomise_with_norms as randomise, uniform,
-};
+use common::{channel_inputs as inputs, compare, max_abs, randomise_with_norms as randomise, uniform};
 use isonn::activation::Activation;
 use isonn::model::{fold_batchnorm, BatchNorm, Conv1d, Layer, Linear, Network, Pool, Range};
 use isonn::nonneg::{inverse, transform, TransformOptions};
@@ -51,48 +49,29 @@ struct Case {
 }
 
 fn case_strategy() -> impl Strategy<Value = Case> {
-    (
-        1usize..4,
-        1usize..4,
-        1usize..4,
-        1usize..3,
-        1usize..12,
-        1usize..5,
-        1usize..3,
-        0usize..3,
-        1usize..3,
-        1usize..3,
-    )
-        .prop_map(
-            |(batch, c, o, rows, width, kernel, stride, padding, dilation, groups)| {
-                let width = width.max(dilation * (kernel - 1) + 1); // the kernel fits unpadded
-                Case {
-                    batch,
-                    channels: c * groups,
-                    out: o * groups,
-                    rows,
-                    width,
-                    kernel,
-                    stride,
-                    padding,
-                    dilation,
-                    groups,
-                }
-            },
-        )
+    (1usize..4, 1usize..4, 1usize..4, 1usize..3, 1usize..12, 1usize..5, 1usize..3, 0usize..3, 1usize..3, 1usize..3)
+        .prop_map(|(batch, c, o, rows, width, kernel, stride, padding, dilation, groups)| {
+            let width = width.max(dilation * (kernel - 1) + 1); // the kernel fits unpadded
+            Case {
+                batch,
+                channels: c * groups,
+                out: o * groups,
+                rows,
+                width,
+                kernel,
+                stride,
+                padding,
+                dilation,
+                groups,
+            }
+        })
 }
 
 /// Runs candle's `conv1d` on each row of `x` `[b, c, h, w]` as a
 /// `[b * h, c, w]` batch, adds the bias and returns `[b, out, h, w']`.
 fn reference(case: &Case, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor {
     let (b, c, h, w) = x.dims4().unwrap();
-    let rows = x
-        .transpose(1, 2)
-        .unwrap()
-        .contiguous()
-        .unwrap()
-        .reshape((b * h, c, w))
-        .unwrap();
+    let rows = x.transpose(1, 2).unwrap().contiguous().unwrap().reshape((b * h, c, w)).unwrap();
     // NOTE: candle 0.11.1's conv1d returns wrong input gradients for a
     // batch of more than one signal (for x [2, 1, 2], a [2, 1, 1] kernel
     // and batch 1's read-out all ones, it gives 205 where the exact
@@ -100,52 +79,20 @@ fn reference(case: &Case, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Tensor 
     let signals: Vec<Tensor> = (0..b * h)
         .map(|i| {
             let signal = rows.narrow(0, i, 1).unwrap();
-            signal
-                .conv1d(
-                    weight,
-                    case.padding,
-                    case.stride,
-                    case.dilation,
-                    case.groups,
-                )
-                .unwrap()
+            signal.conv1d(weight, case.padding, case.stride, case.dilation, case.groups).unwrap()
         })
         .collect();
     let y = Tensor::cat(&signals, 0).unwrap();
-    let y = y
-        .broadcast_add(&bias.reshape((1, case.out, 1)).unwrap())
-        .unwrap();
+    let y = y.broadcast_add(&bias.reshape((1, case.out, 1)).unwrap()).unwrap();
     let out_width = y.dims()[2];
-    y.reshape((b, h, case.out, out_width))
-        .unwrap()
-        .transpose(1, 2)
-        .unwrap()
-        .contiguous()
-        .unwrap()
+    y.reshape((b, h, case.out, out_width)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap()
 }
 
 /// Checks values and gradients of `Layer::Conv1d` against candle's conv1d.
-fn check_against_candle(
-    case: Case,
-    seed: u64,
-    dtype: DType,
-    tolerance: f64,
-) -> Result<(), TestCaseError> {
+fn check_against_candle(case: Case, seed: u64, dtype: DType, tolerance: f64) -> Result<(), TestCaseError> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let x = Var::from_tensor(&uniform(
-        &mut rng,
-        &[case.batch, case.channels, case.rows, case.width],
-        1.0,
-        dtype,
-    ))
-    .unwrap();
-    let weight = Var::from_tensor(&uniform(
-        &mut rng,
-        &[case.out, case.channels / case.groups, case.kernel],
-        1.0,
-        dtype,
-    ))
-    .unwrap();
+    let x = Var::from_tensor(&uniform(&mut rng, &[case.batch, case.channels, case.rows, case.width], 1.0, dtype)).unwrap();
+    let weight = Var::from_tensor(&uniform(&mut rng, &[case.out, case.channels / case.groups, case.kernel], 1.0, dtype)).unwrap();
     let bias = Var::from_tensor(&uniform(&mut rng, &[case.out], 1.0, dtype)).unwrap();
     let layer = Layer::Conv1d(Conv1d {
         weight: weight.as_tensor().clone(),
@@ -156,48 +103,23 @@ fn check_against_candle(
         groups: case.groups,
         pad_value: Vec::new(),
     });
-    let shape = layer
-        .output_shape(&[case.channels, case.rows, case.width])
-        .unwrap();
+    let shape = layer.output_shape(&[case.channels, case.rows, case.width]).unwrap();
     let ours = layer.forward(x.as_tensor()).unwrap();
     let theirs = reference(&case, x.as_tensor(), weight.as_tensor(), bias.as_tensor());
     prop_assert_eq!(ours.dims(), theirs.dims());
     prop_assert_eq!(&ours.dims()[1..], &shape[..]);
     let forward = relative(&ours, &theirs);
-    prop_assert!(
-        forward < tolerance,
-        "forward differs by {:e} for {:?}",
-        forward,
-        case
-    );
+    prop_assert!(forward < tolerance, "forward differs by {:e} for {:?}", forward, case);
 
     // A random linear read-out makes every output position matter.
     let readout = uniform(&mut rng, theirs.dims(), 1.0, dtype);
-    let ours_grad = ours
-        .mul(&readout)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let theirs_grad = theirs
-        .mul(&readout)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let ours_grad = ours.mul(&readout).unwrap().sum_all().unwrap().backward().unwrap();
+    let theirs_grad = theirs.mul(&readout).unwrap().sum_all().unwrap().backward().unwrap();
     for (name, var) in [("input", &x), ("weight", &weight), ("bias", &bias)] {
         let a = ours_grad.get(var.as_tensor()).unwrap();
         let b = theirs_grad.get(var.as_tensor()).unwrap();
         let diff = relative(a, b);
-        prop_assert!(
-            diff < tolerance,
-            "{} gradient differs by {:e} for {:?}",
-            name,
-            diff,
-            case
-        );
+        prop_assert!(diff < tolerance, "{} gradient differs by {:e} for {:?}", name, diff, case);
     }
     Ok(())
 }
@@ -217,10 +139,7 @@ fn normalised_ranges(rng: &mut StdRng, channels: usize) -> (Vec<Range>, Range) {
         .collect();
     let enclosing = Range {
         lo: ranges.iter().map(|r| r.lo).fold(f64::INFINITY, f64::min),
-        hi: ranges
-            .iter()
-            .map(|r| r.hi)
-            .fold(f64::NEG_INFINITY, f64::max),
+        hi: ranges.iter().map(|r| r.hi).fold(f64::NEG_INFINITY, f64::max),
     };
     (ranges, enclosing)
 }
@@ -231,12 +150,7 @@ fn normalised_ranges(rng: &mut StdRng, channels: usize) -> (Vec<Range>, Range) {
 /// per-channel normalised `[c, rows, length]` input.
 fn random_network(seed: u64, dtype: DType) -> Network {
     let mut rng = StdRng::seed_from_u64(seed);
-    let act = [
-        Activation::PhotonicSigmoid,
-        Activation::Tanh,
-        Activation::ReluN { n: 2.0 },
-    ][rng.gen_range(0..3)]
-    .clone();
+    let act = [Activation::PhotonicSigmoid, Activation::Tanh, Activation::ReluN { n: 2.0 }][rng.gen_range(0..3)].clone();
     let mut channels = 2 * rng.gen_range(1..3);
     let rows = rng.gen_range(1..3);
     let mut width = rng.gen_range(6..14);
@@ -244,11 +158,7 @@ fn random_network(seed: u64, dtype: DType) -> Network {
     let (channel_ranges, enclosing) = normalised_ranges(&mut rng, channels);
     let mut layers = Vec::new();
     for depth in 0..rng.gen_range(1..3) {
-        let groups = if channels % 2 == 0 {
-            rng.gen_range(1..3)
-        } else {
-            1
-        };
+        let groups = if channels % 2 == 0 { rng.gen_range(1..3) } else { 1 };
         let out = groups * rng.gen_range(1..4);
         let kernel = rng.gen_range(1..4);
         let padding = rng.gen_range(0..3);
@@ -263,9 +173,7 @@ fn random_network(seed: u64, dtype: DType) -> Network {
             // pads with -beta / g.
             layers.push(Layer::BatchNorm(BatchNorm::new(channels).unwrap()));
         }
-        layers.push(Layer::Conv1d(
-            Conv1d::zeros(channels, out, kernel, stride, padding, dilation, groups).unwrap(),
-        ));
+        layers.push(Layer::Conv1d(Conv1d::zeros(channels, out, kernel, stride, padding, dilation, groups).unwrap()));
         width = (width + 2 * padding - extent) / stride + 1;
         channels = out;
         if rng.gen_bool(0.3) {
@@ -275,19 +183,12 @@ fn random_network(seed: u64, dtype: DType) -> Network {
     }
     if rows >= 2 && width >= 2 {
         let pool = Pool::new(2, rng.gen_range(1..3));
-        layers.push(if rng.gen_bool(0.5) {
-            Layer::MaxPool2d(pool)
-        } else {
-            Layer::AvgPool2d(pool)
-        });
+        layers.push(if rng.gen_bool(0.5) { Layer::MaxPool2d(pool) } else { Layer::AvgPool2d(pool) });
     } else if width >= 2 {
         layers.push(Layer::AdaptiveAvgPool2d([rows, width / 2]));
     }
     layers.push(Layer::Flatten);
-    let flat: usize = isonn::model::chain_shape(&layers, &input_shape)
-        .unwrap()
-        .iter()
-        .product();
+    let flat: usize = isonn::model::chain_shape(&layers, &input_shape).unwrap().iter().product();
     let hidden = rng.gen_range(2..7);
     layers.extend([
         Layer::Linear(Linear::zeros(flat, hidden).unwrap()),
@@ -296,9 +197,7 @@ fn random_network(seed: u64, dtype: DType) -> Network {
     ]);
     let mut network = Network::new(&input_shape, enclosing, layers);
     network.channel_ranges = channel_ranges;
-    network
-        .output_shape()
-        .expect("the generator keeps shapes consistent");
+    network.output_shape().expect("the generator keeps shapes consistent");
     randomise(&mut network, &mut rng, dtype);
     network
 }
@@ -357,17 +256,8 @@ fn conv1d_pads_rows_only() {
     let mut layer = Conv1d::zeros(1, 1, 3, 1, 1, 1, 1).unwrap();
     layer.weight = Tensor::ones((1, 1, 3), DType::F64, &Device::Cpu).unwrap();
     layer.bias = Tensor::zeros(1, DType::F64, &Device::Cpu).unwrap();
-    let x = Tensor::new(&[1.0f64, 2.0, 3.0, 10.0, 20.0, 30.0], &Device::Cpu)
-        .unwrap()
-        .reshape((1, 1, 2, 3))
-        .unwrap();
-    let y: Vec<f64> = Layer::Conv1d(layer)
-        .forward(&x)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let x = Tensor::new(&[1.0f64, 2.0, 3.0, 10.0, 20.0, 30.0], &Device::Cpu).unwrap().reshape((1, 1, 2, 3)).unwrap();
+    let y: Vec<f64> = Layer::Conv1d(layer).forward(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(y, vec![3.0, 6.0, 5.0, 30.0, 60.0, 50.0]);
 }
 
@@ -378,10 +268,7 @@ fn conv1d_output_shape_rejects_bad_settings() {
     let message = fits.output_shape(&[4, 1, 2]).unwrap_err();
     assert!(message.contains("spans 5 samples"), "{message}");
     let message = fits.output_shape(&[3, 1, 9]).unwrap_err();
-    assert!(
-        message.contains("does not fit 3 input channels"),
-        "{message}"
-    );
+    assert!(message.contains("does not fit 3 input channels"), "{message}");
     let mut zero_stride = fits.clone();
     zero_stride.stride = 0;
     let message = zero_stride.output_shape(&[4, 1, 9]).unwrap_err();
@@ -395,28 +282,15 @@ fn conv1d_models_round_trip() {
         let network = random_network(seed, DType::F32);
         let nonneg = transform(&network, &TransformOptions::default()).unwrap();
         let x = inputs(&network, seed, 3, DType::F32);
-        for (name, model) in [
-            ("regular", Model::Regular(network.clone())),
-            ("nonneg", Model::Nonneg(nonneg)),
-        ] {
+        for (name, model) in [("regular", Model::Regular(network.clone())), ("nonneg", Model::Nonneg(nonneg))] {
             let path = dir.path().join(format!("{name}-{seed}"));
             store::save(&path, &model, &serde_json::Value::Null).unwrap();
             let (loaded, _) = store::load(&path).unwrap();
             assert_eq!(loaded.kind(), model.kind());
-            let diff = max_abs(
-                &loaded
-                    .forward(&x)
-                    .unwrap()
-                    .sub(&model.forward(&x).unwrap())
-                    .unwrap(),
-            );
+            let diff = max_abs(&loaded.forward(&x).unwrap().sub(&model.forward(&x).unwrap()).unwrap());
             assert_eq!(diff, 0.0, "{name} model {seed} changed on the round trip");
             let json = std::fs::read_to_string(path.join("model.json")).unwrap();
-            let tag = if name == "regular" {
-                "\"conv1d\""
-            } else {
-                "\"nonneg-conv1d\""
-            };
+            let tag = if name == "regular" { "\"conv1d\"" } else { "\"nonneg-conv1d\"" };
             assert!(json.contains(tag), "{name} model.json has no {tag} layer");
         }
     }
@@ -432,15 +306,9 @@ fn load_edited(edit: impl Fn(&mut serde_json::Value)) -> String {
         Layer::Linear(Linear::zeros(4 * 8, 2).unwrap()),
     ];
     let network = Network::new(&[2, 1, 8], Range { lo: 0.0, hi: 1.0 }, layers);
-    store::save(
-        dir.path(),
-        &Model::Regular(network),
-        &serde_json::Value::Null,
-    )
-    .unwrap();
+    store::save(dir.path(), &Model::Regular(network), &serde_json::Value::Null).unwrap();
     let json_path = dir.path().join("model.json");
-    let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
     assert_eq!(json["layers"][0]["type"], "conv1d");
     edit(&mut json["layers"][0]);
     std::fs::write(&json_path, serde_json::to_string(&json).unwrap()).unwrap();
@@ -474,16 +342,8 @@ fn oversized_conv1d_kernel_rejected() {
         Layer::Linear(Linear::zeros(1, 2).unwrap()),
     ];
     let network = Network::new(&[1, 1, 8], Range { lo: 0.0, hi: 1.0 }, layers);
-    store::save(
-        dir.path(),
-        &Model::Regular(network),
-        &serde_json::Value::Null,
-    )
-    .unwrap();
-    let message = store::load(dir.path())
-        .err()
-        .expect("the model loaded")
-        .to_string();
+    store::save(dir.path(), &Model::Regular(network), &serde_json::Value::Null).unwrap();
+    let message = store::load(dir.path()).err().expect("the model loaded").to_string();
     assert!(message.contains("layer 0 (conv1d)"), "{message}");
     assert!(message.contains("spans 9 samples"), "{message}");
 }
@@ -521,63 +381,26 @@ fn trained_conv1d_transforms_exactly() {
         shuffle: true,
         augment: false,
     };
-    let before: Vec<f32> = network.parameters()[0]
-        .1
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let before: Vec<f32> = network.parameters()[0].1.flatten_all().unwrap().to_vec1().unwrap();
     let vars = network.make_trainable().unwrap();
     let mut sgd = Sgd::new(0.05, 0.9, 0.0).unwrap();
     let shape = network.input_shape.clone();
     let forward = |x: &Tensor, mode| network.forward_mode(x, mode);
-    fit(
-        &forward,
-        &shape,
-        &vars,
-        &mut sgd,
-        &data,
-        &config,
-        &Progress::hidden(),
-        &mut || Ok(()),
-    )
-    .unwrap();
+    fit(&forward, &shape, &vars, &mut sgd, &data, &config, &Progress::hidden(), &mut || Ok(())).unwrap();
     let network = network.detached();
-    let after: Vec<f32> = network.parameters()[0]
-        .1
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    assert_ne!(
-        before, after,
-        "training left the first conv1d kernel unchanged"
-    );
+    let after: Vec<f32> = network.parameters()[0].1.flatten_all().unwrap().to_vec1().unwrap();
+    assert_ne!(before, after, "training left the first conv1d kernel unchanged");
 
     let nonneg = transform(&network, &TransformOptions::default()).unwrap();
-    let report = isonn::verify::verify(
-        &network,
-        &nonneg,
-        &data.test,
-        100,
-        isonn::verify::Precision::F64,
-        &Progress::hidden(),
-    )
-    .unwrap();
+    let report =
+        isonn::verify::verify(&network, &nonneg, &data.test, 100, isonn::verify::Precision::F64, &Progress::hidden()).unwrap();
     assert_eq!(report.argmax_agreement, 1.0);
     assert_eq!(report.negative_weights + report.negative_biases, 0);
-    assert!(
-        report.min_signal >= 0.0,
-        "physical signal {}",
-        report.min_signal
-    );
+    assert!(report.min_signal >= 0.0, "physical signal {}", report.min_signal);
     // The model is f32, so its biases c + s are rounded to f32.
-    assert!(
-        report.max_rel_diff < 1e-4,
-        "relative logit difference {:e}",
-        report.max_rel_diff
-    );
+    assert!(report.max_rel_diff < 1e-4, "relative logit difference {:e}", report.max_rel_diff);
 }
+
 
 #[test]
 fn conv1d_cost_and_report() {
@@ -603,8 +426,5 @@ fn conv1d_cost_and_report() {
     assert_eq!(first.kind, "conv1d");
     assert_eq!(first.shape, vec![4, 1, 3]);
     let conv = first.conv.expect("a conv1d layer reports its settings");
-    assert_eq!(
-        (conv.stride, conv.padding, conv.dilation, conv.groups),
-        (2, 1, 1, 2)
-    );
+    assert_eq!((conv.stride, conv.padding, conv.dilation, conv.groups), (2, 1, 1, 2));
 }

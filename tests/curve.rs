@@ -22,10 +22,7 @@ fn curve(text: &str) -> Activation {
 
 /// Returns the outputs and input gradients of `sum(f(x))` in `dtype`.
 fn values_and_slopes(activation: &Activation, xs: &[f64], dtype: DType) -> (Vec<f64>, Vec<f64>) {
-    let x = Tensor::new(xs, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap();
+    let x = Tensor::new(xs, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
     let var = Var::from_tensor(&x).unwrap();
     let y = activation.forward(var.as_tensor()).unwrap();
     let grads = y.sum_all().unwrap().backward().unwrap();
@@ -52,11 +49,7 @@ fn curve_interpolates_hand_values() {
     for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::F64, 1e-12)] {
         let (ys, slopes) = values_and_slopes(&rising, &xs, dtype);
         for (i, &(x, y, slope)) in cases.iter().enumerate() {
-            assert!(
-                (ys[i] - y).abs() <= tolerance,
-                "{dtype:?} f({x}) = {} not {y}",
-                ys[i]
-            );
+            assert!((ys[i] - y).abs() <= tolerance, "{dtype:?} f({x}) = {} not {y}", ys[i]);
             assert!(
                 (slopes[i] - slope).abs() <= tolerance,
                 "{dtype:?} f'({x}) = {} not {slope}",
@@ -112,24 +105,16 @@ fn curve_generic_form_matches_fused() {
     for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::F64, 1e-12)] {
         let x = Var::new(xs.as_slice(), &Device::Cpu).unwrap();
         let x = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
-        let fused = Activation::Curve(loaded.clone())
-            .forward(x.as_tensor())
-            .unwrap();
+        let fused = Activation::Curve(loaded.clone()).forward(x.as_tensor()).unwrap();
         let generic = loaded.forward_generic(x.as_tensor()).unwrap();
         let fused_grad = fused.sum_all().unwrap().backward().unwrap();
         let generic_grad = generic.sum_all().unwrap().backward().unwrap();
         let values = max_abs(&fused.sub(&generic).unwrap());
-        assert!(
-            values <= tolerance,
-            "{dtype:?}: values differ by {values:e}"
-        );
+        assert!(values <= tolerance, "{dtype:?}: values differ by {values:e}");
         let a = fused_grad.get(x.as_tensor()).unwrap();
         let b = generic_grad.get(x.as_tensor()).unwrap();
         let gradients = max_abs(&a.sub(b).unwrap());
-        assert!(
-            gradients <= 10.0 * tolerance,
-            "{dtype:?}: gradients differ by {gradients:e}"
-        );
+        assert!(gradients <= 10.0 * tolerance, "{dtype:?}: gradients differ by {gradients:e}");
     }
 }
 
@@ -175,10 +160,7 @@ fn curve_mlp_transforms_exactly() {
                     relative <= tolerance,
                     "seed {seed}, {dtype:?}, {range:?}: logits differ by {relative:e}"
                 );
-                assert!(
-                    min_signal >= 0.0,
-                    "seed {seed}: physical signal {min_signal}"
-                );
+                assert!(min_signal >= 0.0, "seed {seed}: physical signal {min_signal}");
             }
         }
     }
@@ -192,48 +174,24 @@ fn curve_model_dir_round_trips() {
     let x = random_inputs(3, &network, 4, DType::F32);
     let regular_dir = tmp.path().join("regular");
     let nonneg_dir = tmp.path().join("nonneg");
-    store::save(
-        &regular_dir,
-        &Model::Regular(network.clone()),
-        &serde_json::json!({}),
-    )
-    .unwrap();
-    store::save(
-        &nonneg_dir,
-        &Model::Nonneg(nonneg.clone()),
-        &serde_json::json!({}),
-    )
-    .unwrap();
+    store::save(&regular_dir, &Model::Regular(network.clone()), &serde_json::json!({})).unwrap();
+    store::save(&nonneg_dir, &Model::Nonneg(nonneg.clone()), &serde_json::json!({})).unwrap();
 
     let Model::Regular(loaded) = store::load(&regular_dir).unwrap().0 else {
         panic!("the regular directory loaded as a non-negative model");
     };
-    let (Layer::Activation(before), Layer::Activation(after)) =
-        (&network.layers[2], &loaded.layers[2])
-    else {
+    let (Layer::Activation(before), Layer::Activation(after)) = (&network.layers[2], &loaded.layers[2]) else {
         panic!("layer 2 is no longer an activation");
     };
     assert_eq!(after, before, "activation changed");
-    let difference = max_abs(
-        &loaded
-            .forward(&x)
-            .unwrap()
-            .sub(&network.forward(&x).unwrap())
-            .unwrap(),
-    );
+    let difference = max_abs(&loaded.forward(&x).unwrap().sub(&network.forward(&x).unwrap()).unwrap());
     assert_eq!(difference, 0.0, "regular logits changed");
 
     let Model::Nonneg(loaded) = store::load(&nonneg_dir).unwrap().0 else {
         panic!("the non-negative directory loaded as a regular model");
     };
     let loaded: NonnegNetwork = loaded;
-    let difference = max_abs(
-        &loaded
-            .forward(&x)
-            .unwrap()
-            .sub(&nonneg.forward(&x).unwrap())
-            .unwrap(),
-    );
+    let difference = max_abs(&loaded.forward(&x).unwrap().sub(&nonneg.forward(&x).unwrap()).unwrap());
     assert_eq!(difference, 0.0, "non-negative logits changed");
 }
 
@@ -253,12 +211,7 @@ fn find_curve(value: &mut serde_json::Value) -> Option<&mut serde_json::Value> {
 fn curve_model_file_rejects_bad_points() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("regular");
-    store::save(
-        &dir,
-        &Model::Regular(curve_mlp(1, DType::F32)),
-        &serde_json::json!({}),
-    )
-    .unwrap();
+    store::save(&dir, &Model::Regular(curve_mlp(1, DType::F32)), &serde_json::json!({})).unwrap();
     let json = dir.join("model.json");
     let mut file: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
@@ -277,52 +230,22 @@ fn curve_csv_rejects_bad_files() {
     let cases = [
         ("one-point", "x,y\n0,1\n", "at least 2 points, found 1"),
         ("empty", "", "at least 2 points, found 0"),
-        (
-            "three-columns",
-            "0,0\n1,1,1\n",
-            "line 2: expected 2 comma-separated columns",
-        ),
-        (
-            "not-a-number",
-            "0,0\n1,abc\n2,3\n",
-            "line 2: `abc` is not a number",
-        ),
-        (
-            "late-header",
-            "0,0\nx,y\n1,1\n",
-            "line 2: `x` is not a number",
-        ),
-        (
-            "infinite",
-            "0,0\n1,inf\n",
-            "line 2: input 1 and output inf must both be finite",
-        ),
+        ("three-columns", "0,0\n1,1,1\n", "line 2: expected 2 comma-separated columns"),
+        ("not-a-number", "0,0\n1,abc\n2,3\n", "line 2: `abc` is not a number"),
+        ("late-header", "0,0\nx,y\n1,1\n", "line 2: `x` is not a number"),
+        ("infinite", "0,0\n1,inf\n", "line 2: input 1 and output inf must both be finite"),
         ("not-a-number-value", "0,0\nNaN,1\n", "line 2: input NaN"),
-        (
-            "repeated-input",
-            "0,0\n1,1\n1,2\n",
-            "lines 2 and 3 both have input 1",
-        ),
-        (
-            "not-monotone",
-            "0,0\n1,1\n2,0.5\n",
-            "rise from line 1 to 2 and fall from line 2 to 3",
-        ),
+        ("repeated-input", "0,0\n1,1\n1,2\n", "lines 2 and 3 both have input 1"),
+        ("not-monotone", "0,0\n1,1\n2,0.5\n", "rise from line 1 to 2 and fall from line 2 to 3"),
     ];
     for (name, text, expected) in cases {
         let path = tmp.path().join(format!("{name}.csv"));
         std::fs::write(&path, text).unwrap();
         let message = TransferCurve::from_csv(&path).unwrap_err().to_string();
-        assert!(
-            message.contains(&format!("{name}.csv")),
-            "{name}: no file name in {message}"
-        );
+        assert!(message.contains(&format!("{name}.csv")), "{name}: no file name in {message}");
         assert!(message.contains(expected), "{name}: {message}");
     }
-    let missing = "curve:no-such-curve.csv"
-        .parse::<Activation>()
-        .unwrap_err()
-        .to_string();
+    let missing = "curve:no-such-curve.csv".parse::<Activation>().unwrap_err().to_string();
     assert!(missing.contains("no-such-curve.csv"), "{missing}");
     let unnamed = "curve:".parse::<Activation>().unwrap_err().to_string();
     assert!(unnamed.contains("name the CSV file"), "{unnamed}");
@@ -355,13 +278,7 @@ fn curve_cli_end_to_end() {
     );
     let activation = format!("curve:{FIXTURE}");
     train_small(&regular, &activation);
-    isonn()
-        .arg("transform")
-        .arg(&regular)
-        .arg("--out")
-        .arg(&nonneg)
-        .assert()
-        .success();
+    isonn().arg("transform").arg(&regular).arg("--out").arg(&nonneg).assert().success();
     isonn()
         .arg("verify")
         .arg(&regular)
@@ -373,35 +290,18 @@ fn curve_cli_end_to_end() {
         .arg("hardware")
         .arg(&nonneg)
         .args(["--dataset", "fashion-mnist-subset", "--test-images", "200"])
-        .args([
-            "--weight-bits",
-            "6",
-            "--detector-noise",
-            "0.001",
-            "--seeds",
-            "2",
-        ])
+        .args(["--weight-bits", "6", "--detector-noise", "0.001", "--seeds", "2"])
         .assert()
         .success()
         .stdout(predicate::str::contains("200 test images, accuracy"));
     isonn()
         .arg("train-nonneg")
         .arg(&nonneg)
-        .args([
-            "--dataset",
-            "fashion-mnist-subset",
-            "--epochs",
-            "1",
-            "--weight-bits",
-            "6",
-        ])
+        .args(["--dataset", "fashion-mnist-subset", "--epochs", "1", "--weight-bits", "6"])
         .arg("--out")
         .arg(&tuned)
         .assert()
         .success();
     let model = std::fs::read_to_string(tuned.join("model.json")).unwrap();
-    assert!(
-        model.contains("\"curve\""),
-        "the tuned model lost its curve"
-    );
+    assert!(model.contains("\"curve\""), "the tuned model lost its curve");
 }

@@ -7,8 +7,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use isonn::hardware::{
-    cost_table, quantise, realise, DeviceMapping, Effects, Energies, GainGranularity, NoiseSource,
-    Sweep, SweepParameter,
+    cost_table, quantise, realise, DeviceMapping, Effects, Energies, GainGranularity, NoiseSource, Sweep,
+    SweepParameter,
 };
 use isonn::model::{Layer, Linear, Network, Range};
 use isonn::nonneg::{transform, NonnegNetwork, TransformOptions};
@@ -37,22 +37,13 @@ fn relative_difference(a: &Tensor, b: &Tensor) -> f64 {
 
 fn random_nonneg(seed: u64, dtype: DType, cnn: bool) -> (Network, NonnegNetwork) {
     let range = Range::new(0.0, 1.0).unwrap();
-    let regular = if cnn {
-        random_cnn(seed, dtype, range)
-    } else {
-        random_mlp(seed, dtype, range)
-    };
+    let regular = if cnn { random_cnn(seed, dtype, range) } else { random_mlp(seed, dtype, range) };
     let nonneg = transform(&regular, &TransformOptions::default()).unwrap();
     (regular, nonneg)
 }
 
 fn values(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap()
 }
 
 fn mean_and_variance(v: &[f64]) -> (f64, f64) {
@@ -69,28 +60,19 @@ fn check_round_trip(seed: u64, dtype: DType, cnn: bool, granularity: GainGranula
     for device in &mapped {
         for t in [&device.signal, &device.complement] {
             let v = values(t);
-            assert!(
-                v.iter().all(|x| (0.0..=1.0 + 1e-6).contains(x)),
-                "transmission outside [0, 1]"
-            );
+            assert!(v.iter().all(|x| (0.0..=1.0 + 1e-6).contains(x)), "transmission outside [0, 1]");
         }
         let largest = values(&device.signal)
             .into_iter()
             .chain(values(&device.complement))
             .fold(0.0f64, f64::max);
-        assert!(
-            (largest - 1.0).abs() < 1e-6,
-            "largest transmission {largest}, expected 1"
-        );
+        assert!((largest - 1.0).abs() < 1e-6, "largest transmission {largest}, expected 1");
     }
     let back = mapping.unmap(&nonneg, &mapped).unwrap();
     for ((_, a), (_, b)) in nonneg.affine_layers().zip(back.affine_layers()) {
         for (x, y) in a.parameters().into_iter().zip(b.parameters()) {
             let d = relative_difference(x, y);
-            assert!(
-                d <= tolerance(dtype),
-                "seed {seed} {dtype:?}: round trip differs by {d}"
-            );
+            assert!(d <= tolerance(dtype), "seed {seed} {dtype:?}: round trip differs by {d}");
         }
     }
 }
@@ -104,10 +86,7 @@ fn check_ideal_hardware(seed: u64, dtype: DType, cnn: bool, granularity: GainGra
     let realised = realise(&nonneg, &mapping, &Effects::default(), &mut rng).unwrap();
     let hardware = realised.forward(&x, &NoiseSource::new(rng)).unwrap();
     let d = relative_difference(&ideal, &hardware);
-    assert!(
-        d <= tolerance(dtype),
-        "seed {seed} {dtype:?}: hardware differs by {d}"
-    );
+    assert!(d <= tolerance(dtype), "seed {seed} {dtype:?}: hardware differs by {d}");
     let a: Vec<u32> = ideal.argmax(1).unwrap().to_vec1().unwrap();
     let b: Vec<u32> = hardware.argmax(1).unwrap().to_vec1().unwrap();
     assert_eq!(a, b, "seed {seed} {dtype:?}: predictions differ");
@@ -150,11 +129,7 @@ fn full_scale_bounds_every_reading() {
             if let (Some(i), "output") = (layer, name) {
                 if let Some(m) = mapping.layer(i) {
                     let top = max_abs(t);
-                    assert!(
-                        top <= m.full_scale * (1.0 + 1e-12),
-                        "layer {i}: reading {top} above {}",
-                        m.full_scale
-                    );
+                    assert!(top <= m.full_scale * (1.0 + 1e-12), "layer {i}: reading {top} above {}", m.full_scale);
                 }
             }
             Ok(())
@@ -187,13 +162,8 @@ proptest! {
 
 fn uniform_samples(n: usize, dtype: DType) -> Tensor {
     // Evenly spaced in [-0.1, 1.1], so the clip is exercised too.
-    let v: Vec<f64> = (0..n)
-        .map(|k| -0.1 + 1.2 * k as f64 / (n - 1) as f64)
-        .collect();
-    Tensor::from_vec(v, n, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
+    let v: Vec<f64> = (0..n).map(|k| -0.1 + 1.2 * k as f64 / (n - 1) as f64).collect();
+    Tensor::from_vec(v, n, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
 }
 
 #[test]
@@ -207,23 +177,12 @@ fn quantise_has_levels_and_step() {
             let mut distinct: Vec<i64> = q.iter().map(|v| (v / step).round() as i64).collect();
             distinct.sort_unstable();
             distinct.dedup();
-            assert_eq!(
-                distinct.len() as u64,
-                levels + 1,
-                "{bits} bits: {} levels",
-                distinct.len()
-            );
+            assert_eq!(distinct.len() as u64, levels + 1, "{bits} bits: {} levels", distinct.len());
             for (xi, qi) in values(&x).iter().zip(&q) {
                 let k = qi / step;
-                assert!(
-                    (k - k.round()).abs() < 1e-5,
-                    "{qi} is not a level of {bits} bits"
-                );
+                assert!((k - k.round()).abs() < 1e-5, "{qi} is not a level of {bits} bits");
                 let error = (xi.clamp(0.0, 1.0) - qi).abs();
-                assert!(
-                    error <= step / 2.0 + 1e-6,
-                    "{bits} bits: {xi} -> {qi}, error above step / 2"
-                );
+                assert!(error <= step / 2.0 + 1e-6, "{bits} bits: {xi} -> {qi}, error above step / 2");
             }
             // Round-to-nearest on uniform inputs has mean error ~0 and
             // variance step^2 / 12 (inside [0, 1]).
@@ -234,15 +193,9 @@ fn quantise_has_levels_and_step() {
                 .map(|(xi, qi)| qi - xi)
                 .collect();
             let (mean, variance) = mean_and_variance(&inside);
-            assert!(
-                mean.abs() < 1e-3 * step.max(1e-3),
-                "{bits} bits: mean error {mean}"
-            );
+            assert!(mean.abs() < 1e-3 * step.max(1e-3), "{bits} bits: mean error {mean}");
             let expected = step * step / 12.0;
-            assert!(
-                (variance - expected).abs() < 0.02 * expected,
-                "{bits} bits: variance {variance} vs {expected}"
-            );
+            assert!((variance - expected).abs() < 0.02 * expected, "{bits} bits: variance {variance} vs {expected}");
         }
     }
 }
@@ -253,11 +206,7 @@ fn quantise_passes_gradient_through() {
     let q = quantise(x.as_tensor(), 2).unwrap();
     let grads = q.sum_all().unwrap().backward().unwrap();
     let g: Vec<f64> = grads.get(&x).unwrap().to_vec1().unwrap();
-    assert_eq!(
-        g,
-        vec![1.0, 1.0, 1.0, 0.0],
-        "straight-through inside [0, 1], zero where clipped"
-    );
+    assert_eq!(g, vec![1.0, 1.0, 1.0, 0.0], "straight-through inside [0, 1], zero where clipped");
 }
 
 #[test]
@@ -268,11 +217,7 @@ fn extinction_floor_lifts_zero() {
     };
     let t = Tensor::new(&[0.0f64, 0.5, 1.0], &Device::Cpu).unwrap();
     let mut rng = StdRng::seed_from_u64(0);
-    let out: Vec<f64> = effects
-        .apply_to_weights(&t, &mut rng)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let out: Vec<f64> = effects.apply_to_weights(&t, &mut rng).unwrap().to_vec1().unwrap();
     let floor = 0.01; // 10^(-20 / 10)
     let expected = [floor, floor + (1.0 - floor) * 0.5, 1.0];
     for (got, want) in out.iter().zip(expected) {
@@ -294,10 +239,7 @@ fn weight_noise_has_stated_moments() {
     let (mean, variance) = mean_and_variance(&v);
     // Standard error of the mean is sigma / sqrt(n) = 3e-5.
     assert!((mean - 0.5).abs() < 2e-4, "mean {mean}");
-    assert!(
-        (variance / (sigma * sigma) - 1.0).abs() < 0.02,
-        "variance {variance}"
-    );
+    assert!((variance / (sigma * sigma) - 1.0).abs() < 0.02, "variance {variance}");
     let mut other = StdRng::seed_from_u64(1);
     let again = values(&effects.apply_to_weights(&t, &mut other).unwrap());
     assert_eq!(v, again, "the same seed must draw the same noise");
@@ -310,15 +252,8 @@ fn weight_noise_stays_passive() {
         ..Effects::default()
     };
     let t = Tensor::full(0.0f32, 10_000, &Device::Cpu).unwrap();
-    let v = values(
-        &effects
-            .apply_to_weights(&t, &mut StdRng::seed_from_u64(2))
-            .unwrap(),
-    );
-    assert!(
-        v.iter().all(|x| (0.0..=1.0).contains(x)),
-        "a transmission left [0, 1]"
-    );
+    let v = values(&effects.apply_to_weights(&t, &mut StdRng::seed_from_u64(2)).unwrap());
+    assert!(v.iter().all(|x| (0.0..=1.0).contains(x)), "a transmission left [0, 1]");
 }
 
 #[test]
@@ -327,49 +262,26 @@ fn detector_noise_has_stated_moments() {
     let n = 400_000;
     for dtype in [DType::F32, DType::F64] {
         let signal = 2.0;
-        let z = Tensor::full(signal, n, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
+        let z = Tensor::full(signal, n, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
         let additive = Effects {
             detector_noise: 0.01,
             ..Effects::default()
         };
-        let v = values(
-            &additive
-                .apply_to_detector(&z, full_scale, &mut StdRng::seed_from_u64(3))
-                .unwrap(),
-        );
+        let v = values(&additive.apply_to_detector(&z, full_scale, &mut StdRng::seed_from_u64(3)).unwrap());
         let (mean, variance) = mean_and_variance(&v);
         let sigma = 0.01 * full_scale;
-        assert!(
-            (mean - signal).abs() < 4.0 * sigma / (n as f64).sqrt(),
-            "{dtype:?} additive mean {mean}"
-        );
-        assert!(
-            (variance / (sigma * sigma) - 1.0).abs() < 0.02,
-            "{dtype:?} additive variance {variance}"
-        );
+        assert!((mean - signal).abs() < 4.0 * sigma / (n as f64).sqrt(), "{dtype:?} additive mean {mean}");
+        assert!((variance / (sigma * sigma) - 1.0).abs() < 0.02, "{dtype:?} additive variance {variance}");
 
         let shot = Effects {
             shot_noise: 0.03,
             ..Effects::default()
         };
-        let v = values(
-            &shot
-                .apply_to_detector(&z, full_scale, &mut StdRng::seed_from_u64(4))
-                .unwrap(),
-        );
+        let v = values(&shot.apply_to_detector(&z, full_scale, &mut StdRng::seed_from_u64(4)).unwrap());
         let (mean, variance) = mean_and_variance(&v);
         let expected = 0.03 * 0.03 * full_scale * signal;
-        assert!(
-            (mean - signal).abs() < 4.0 * expected.sqrt() / (n as f64).sqrt(),
-            "{dtype:?} shot mean {mean}"
-        );
-        assert!(
-            (variance / expected - 1.0).abs() < 0.02,
-            "{dtype:?} shot variance {variance} vs {expected}"
-        );
+        assert!((mean - signal).abs() < 4.0 * expected.sqrt() / (n as f64).sqrt(), "{dtype:?} shot mean {mean}");
+        assert!((variance / expected - 1.0).abs() < 0.02, "{dtype:?} shot variance {variance} vs {expected}");
     }
 }
 
@@ -382,29 +294,16 @@ fn adc_quantises_over_full_scale() {
         ..Effects::default()
     };
     let n = 50_001;
-    let raw: Vec<f64> = (0..n)
-        .map(|k| -1.0 + 7.0 * k as f64 / (n - 1) as f64)
-        .collect();
+    let raw: Vec<f64> = (0..n).map(|k| -1.0 + 7.0 * k as f64 / (n - 1) as f64).collect();
     let z = Tensor::from_vec(raw.clone(), n, &Device::Cpu).unwrap();
-    let q = values(
-        &effects
-            .apply_to_detector(&z, full_scale, &mut StdRng::seed_from_u64(0))
-            .unwrap(),
-    );
+    let q = values(&effects.apply_to_detector(&z, full_scale, &mut StdRng::seed_from_u64(0)).unwrap());
     let step = full_scale / 15.0;
     let mut levels: Vec<i64> = q.iter().map(|v| (v / step).round() as i64).collect();
     levels.sort_unstable();
     levels.dedup();
-    assert_eq!(
-        levels,
-        (0..=15).collect::<Vec<_>>(),
-        "16 levels from 0 to full scale"
-    );
+    assert_eq!(levels, (0..=15).collect::<Vec<_>>(), "16 levels from 0 to full scale");
     for (x, y) in raw.iter().zip(&q) {
-        assert!(
-            (x.clamp(0.0, full_scale) - y).abs() <= step / 2.0 + 1e-12,
-            "{x} -> {y}"
-        );
+        assert!((x.clamp(0.0, full_scale) - y).abs() <= step / 2.0 + 1e-12, "{x} -> {y}");
     }
 }
 
@@ -428,17 +327,8 @@ fn dac_quantises_modulation_levels() {
     };
     let mut rng = StdRng::seed_from_u64(0);
     let realised = realise(&nonneg, &mapping, &effects, &mut rng).unwrap();
-    let x = Tensor::new(&[0.3f64, 0.9, 1.1, 1.9], &Device::Cpu)
-        .unwrap()
-        .reshape((4, 1, 1, 1))
-        .unwrap();
-    let out: Vec<f64> = realised
-        .forward(&x, &NoiseSource::new(rng))
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let x = Tensor::new(&[0.3f64, 0.9, 1.1, 1.9], &Device::Cpu).unwrap().reshape((4, 1, 1, 1)).unwrap();
+    let out: Vec<f64> = realised.forward(&x, &NoiseSource::new(rng)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     for (got, want) in out.iter().zip([0.0, 0.0, 2.0, 2.0]) {
         assert!((got - want).abs() < 1e-12, "{got} vs {want}");
     }
@@ -447,30 +337,12 @@ fn dac_quantises_modulation_levels() {
 #[test]
 fn effects_reject_invalid_settings() {
     let cases = [
-        Effects {
-            weight_bits: Some(0),
-            ..Effects::default()
-        },
-        Effects {
-            adc_bits: Some(25),
-            ..Effects::default()
-        },
-        Effects {
-            extinction_db: Some(0.0),
-            ..Effects::default()
-        },
-        Effects {
-            extinction_db: Some(f64::NAN),
-            ..Effects::default()
-        },
-        Effects {
-            detector_noise: -0.1,
-            ..Effects::default()
-        },
-        Effects {
-            shot_noise: f64::INFINITY,
-            ..Effects::default()
-        },
+        Effects { weight_bits: Some(0), ..Effects::default() },
+        Effects { adc_bits: Some(25), ..Effects::default() },
+        Effects { extinction_db: Some(0.0), ..Effects::default() },
+        Effects { extinction_db: Some(f64::NAN), ..Effects::default() },
+        Effects { detector_noise: -0.1, ..Effects::default() },
+        Effects { shot_noise: f64::INFINITY, ..Effects::default() },
     ];
     for effects in cases {
         assert!(effects.validate().is_err(), "{effects:?} was accepted");
@@ -486,20 +358,8 @@ fn sweep_parses_ranges() {
     assert_eq!(noise.values.len(), 6);
     assert!((noise.values[5] - 0.05).abs() < 1e-15);
     assert!((noise.values[1] - 0.01).abs() < 1e-15);
-    assert_eq!(
-        noise.values[3].to_string(),
-        "0.03",
-        "values are rounded for the table"
-    );
-    for bad in [
-        "weight-bits",
-        "speed=1..2",
-        "weight-bits=0..4",
-        "weight-bits=5..2",
-        "detector-noise=-1..0",
-        "detector-noise=0..1:0",
-        "adc-bits=2.5..4",
-    ] {
+    assert_eq!(noise.values[3].to_string(), "0.03", "values are rounded for the table");
+    for bad in ["weight-bits", "speed=1..2", "weight-bits=0..4", "weight-bits=5..2", "detector-noise=-1..0", "detector-noise=0..1:0", "adc-bits=2.5..4"] {
         let message = bad.parse::<Sweep>().unwrap_err().to_string();
         assert!(message.contains(bad), "{message}");
     }
@@ -518,48 +378,19 @@ fn cost_table_counts_each_scheme() {
         channel_ranges: Vec::new(),
         input_shape: vec![1, 1, 3],
         input_range: Range::new(0.0, 1.0).unwrap(),
-        layers: vec![
-            Layer::Flatten,
-            linear(2, 3, vec![1.0, -2.0, 0.0, 0.5, 0.0, -1.0]),
-        ],
+        layers: vec![Layer::Flatten, linear(2, 3, vec![1.0, -2.0, 0.0, 0.5, 0.0, -1.0])],
     };
     let table = cost_table(&network, None).unwrap();
     assert_eq!(table.rows.len(), 1);
     let row = &table.rows[0];
     assert_eq!((row.inputs, row.outputs, row.cycles), (3, 2, 1));
     let n = &row.nonneg;
-    assert_eq!(
-        (
-            n.optical_inputs,
-            n.modulators,
-            n.weight_elements,
-            n.nonzero_elements
-        ),
-        (6, 3, 12, 4)
-    );
+    assert_eq!((n.optical_inputs, n.modulators, n.weight_elements, n.nonzero_elements), (6, 3, 12, 4));
     assert_eq!((n.photodetectors, n.adcs, n.subtractions), (2, 2, 0));
     let b = &row.balanced;
-    assert_eq!(
-        (
-            b.optical_inputs,
-            b.weight_elements,
-            b.photodetectors,
-            b.adcs,
-            b.subtractions
-        ),
-        (3, 6, 4, 2, 2)
-    );
+    assert_eq!((b.optical_inputs, b.weight_elements, b.photodetectors, b.adcs, b.subtractions), (3, 6, 4, 2, 2));
     let d = &row.differential;
-    assert_eq!(
-        (
-            d.optical_inputs,
-            d.weight_elements,
-            d.photodetectors,
-            d.adcs,
-            d.subtractions
-        ),
-        (3, 12, 4, 4, 2)
-    );
+    assert_eq!((d.optical_inputs, d.weight_elements, d.photodetectors, d.adcs, d.subtractions), (3, 12, 4, 4, 2));
     assert_eq!(table.totals[0], row.nonneg);
     assert!(table.energy_per_sample_j.is_none());
 }
@@ -609,10 +440,7 @@ fn energies_load_json_and_toml() {
         channel_ranges: Vec::new(),
         input_shape: vec![1, 1, 3],
         input_range: Range::new(0.0, 1.0).unwrap(),
-        layers: vec![
-            Layer::Flatten,
-            linear(2, 3, vec![1.0, -2.0, 0.0, 0.5, 0.0, -1.0]),
-        ],
+        layers: vec![Layer::Flatten, linear(2, 3, vec![1.0, -2.0, 0.0, 0.5, 0.0, -1.0])],
     };
     let table = cost_table(&network, Some(&a)).unwrap();
     let energy = table.energy_per_sample_j.unwrap();
@@ -621,11 +449,7 @@ fn energies_load_json_and_toml() {
     assert!((energy[0] - expected_nonneg).abs() < 1e-24, "{}", energy[0]);
     // balanced: 3 modulators, 4 detectors, 2 ADCs, 2 subtractions.
     let expected_balanced = 3.0 * 1e-12 + 4.0 * 2e-12 + 2.0 * 3e-12 + 2.0 * 4e-12;
-    assert!(
-        (energy[1] - expected_balanced).abs() < 1e-24,
-        "{}",
-        energy[1]
-    );
+    assert!((energy[1] - expected_balanced).abs() < 1e-24, "{}", energy[1]);
 }
 
 #[test]
@@ -658,17 +482,10 @@ fn train_small(effects: Option<Effects>) -> NonnegNetwork {
     let mut data = isonn::data::load_embedded().unwrap();
     data.train = data.train.take(256);
     data.test = data.test.take(64);
-    let regular = Network::mlp(
-        &[1, 28, 28],
-        &[8],
-        10,
-        Activation::PhotonicSigmoid,
-        Init::Xavier,
-        0,
-    )
-    .unwrap()
-    .to_dtype(DType::F64)
-    .unwrap();
+    let regular = Network::mlp(&[1, 28, 28], &[8], 10, Activation::PhotonicSigmoid, Init::Xavier, 0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     let mut nonneg = transform(&regular, &TransformOptions::default()).unwrap();
     let config = TrainConfig {
         epochs: 1,
@@ -678,10 +495,7 @@ fn train_small(effects: Option<Effects>) -> NonnegNetwork {
         shuffle: true,
         augment: false,
     };
-    let optimizer = NonnegOptimizer::Projected {
-        lr: 0.01,
-        momentum: 0.0,
-    };
+    let optimizer = NonnegOptimizer::Projected { lr: 0.01, momentum: 0.0 };
     let progress = Progress::hidden();
     match effects {
         None => train_nonneg(&mut nonneg, &data, &config, &optimizer, &progress).unwrap(),
@@ -691,15 +505,7 @@ fn train_small(effects: Option<Effects>) -> NonnegNetwork {
                 granularity: GainGranularity::PerLayer,
                 seed: 0,
             };
-            train_nonneg_on_hardware(
-                &mut nonneg,
-                &data,
-                &config,
-                &optimizer,
-                &hardware,
-                &progress,
-            )
-            .unwrap()
+            train_nonneg_on_hardware(&mut nonneg, &data, &config, &optimizer, &hardware, &progress).unwrap()
         }
     };
     nonneg
@@ -712,10 +518,7 @@ fn ideal_hardware_training_matches_plain() {
     for ((_, a), (_, b)) in plain.affine_layers().zip(hardware.affine_layers()) {
         for (x, y) in a.parameters().into_iter().zip(b.parameters()) {
             let d = relative_difference(x, y);
-            assert!(
-                d <= 1e-9,
-                "parameters differ by {d} after ideal hardware training"
-            );
+            assert!(d <= 1e-9, "parameters differ by {d} after ideal hardware training");
         }
     }
     let quantised = train_small(Some(Effects {
@@ -724,8 +527,5 @@ fn ideal_hardware_training_matches_plain() {
     }));
     let (_, a) = plain.affine_layers().next().unwrap();
     let (_, b) = quantised.affine_layers().next().unwrap();
-    assert!(
-        relative_difference(&a.positive, &b.positive) > 1e-6,
-        "2-bit training left the weights unchanged"
-    );
+    assert!(relative_difference(&a.positive, &b.positive) > 1e-6, "2-bit training left the weights unchanged");
 }

@@ -26,13 +26,7 @@ fn inspect_json(model: &Path, json: &Path) -> InspectReport {
     isonn()
         .arg("inspect")
         .arg(model)
-        .args([
-            "--dataset",
-            "fashion-mnist-subset",
-            "--samples",
-            &SAMPLES.to_string(),
-            "--json",
-        ])
+        .args(["--dataset", "fashion-mnist-subset", "--samples", &SAMPLES.to_string(), "--json"])
         .arg(json)
         .assert()
         .success()
@@ -48,53 +42,20 @@ fn check_network(report: &NetworkReport, policy: &str) {
     for layer in &report.layers {
         let w = layer.weights;
         let label = &layer.label;
-        assert_eq!(
-            w.both, 0,
-            "{policy} {label}: P and N overlap after the transformation"
-        );
-        assert_eq!(
-            w.signal + w.complement + w.zero,
-            w.total,
-            "{policy} {label}: counts {w:?}"
-        );
-        assert_eq!(
-            w.total,
-            layer.shape.iter().product::<usize>(),
-            "{policy} {label}: total"
-        );
+        assert_eq!(w.both, 0, "{policy} {label}: P and N overlap after the transformation");
+        assert_eq!(w.signal + w.complement + w.zero, w.total, "{policy} {label}: counts {w:?}");
+        assert_eq!(w.total, layer.shape.iter().product::<usize>(), "{policy} {label}: total");
         weights += w.total;
         let o = layer.observed.as_ref().expect("observed with --dataset");
-        assert!(
-            o.min >= 0.0,
-            "{policy} {label}: physical signal {} < 0",
-            o.min
-        );
-        assert!(
-            o.max <= layer.full_scale * (1.0 + 1e-5),
-            "{policy} {label}: {} above full scale",
-            o.max
-        );
+        assert!(o.min >= 0.0, "{policy} {label}: physical signal {} < 0", o.min);
+        assert!(o.max <= layer.full_scale * (1.0 + 1e-5), "{policy} {label}: {} above full scale", o.max);
         let swing = o.swing_ratio.expect("some unit is lit");
-        assert!(
-            swing > 0.0,
-            "{policy} {label}: swing ratio {swing} not above 0"
-        );
-        assert!(
-            swing <= 1.0,
-            "{policy} {label}: swing ratio {swing} above 1"
-        );
+        assert!(swing > 0.0, "{policy} {label}: swing ratio {swing} not above 0");
+        assert!(swing <= 1.0, "{policy} {label}: swing ratio {swing} above 1");
     }
     assert_eq!(weights, MLP_WEIGHTS, "{policy}: weight count");
-    let modulators = report
-        .modulators
-        .observed
-        .as_ref()
-        .expect("observed modulators");
-    assert_eq!(
-        (modulators.min, modulators.max),
-        (0.0, 1.0),
-        "{policy}: pixels span [0, 1]"
-    );
+    let modulators = report.modulators.observed.as_ref().expect("observed modulators");
+    assert_eq!((modulators.min, modulators.max), (0.0, 1.0), "{policy}: pixels span [0, 1]");
 }
 
 #[test]
@@ -116,21 +77,14 @@ fn inspect_regular_and_transformed() {
     assert_eq!(report.kind, "regular");
     assert_eq!(report.dataset.as_deref(), Some("fashion-mnist-subset"));
     let policies: Vec<_> = report.policies.iter().map(|p| p.policy).collect();
-    assert_eq!(
-        policies,
-        vec![Some(ShiftPolicy::Minimal), Some(ShiftPolicy::Published)]
-    );
+    assert_eq!(policies, vec![Some(ShiftPolicy::Minimal), Some(ShiftPolicy::Published)]);
     let (minimal, published) = (&report.policies[0].network, &report.policies[1].network);
     check_network(minimal, "minimal");
     check_network(published, "published");
     assert_eq!(minimal.layers.len(), 3);
     for (m, p) in minimal.layers.iter().zip(&published.layers) {
         assert_eq!(m.label, p.label);
-        assert_eq!(
-            m.weights, p.weights,
-            "{}: routing does not depend on the policy",
-            m.label
-        );
+        assert_eq!(m.weights, p.weights, "{}: routing does not depend on the policy", m.label);
         // Both shifts are exact, so the published max |c_i| is at least the
         // smallest exact shift, the minimal one less its margin of
         // SHIFT_MARGIN * max |c_i|.
@@ -150,22 +104,9 @@ fn inspect_regular_and_transformed() {
     check_network(&own.policies[0].network, "stored");
     for (stored, memory) in own.policies[0].network.layers.iter().zip(&published.layers) {
         assert_eq!(stored.shift, memory.shift, "{}: stored shift", stored.label);
-        assert_eq!(
-            stored.full_scale, memory.full_scale,
-            "{}: stored full scale",
-            stored.label
-        );
-        let (a, b) = (
-            stored.observed.as_ref().unwrap(),
-            memory.observed.as_ref().unwrap(),
-        );
-        assert!(
-            (a.max - b.max).abs() <= 1e-6 * b.max,
-            "{}: max {} vs {}",
-            stored.label,
-            a.max,
-            b.max
-        );
+        assert_eq!(stored.full_scale, memory.full_scale, "{}: stored full scale", stored.label);
+        let (a, b) = (stored.observed.as_ref().unwrap(), memory.observed.as_ref().unwrap());
+        assert!((a.max - b.max).abs() <= 1e-6 * b.max, "{}: max {} vs {}", stored.label, a.max, b.max);
     }
 }
 
@@ -194,9 +135,7 @@ fn inspect_rejects_bad_arguments() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains(missing.display().to_string()))
-        .stderr(predicate::str::contains(
-            "pass a model directory written by `isonn train`",
-        ));
+        .stderr(predicate::str::contains("pass a model directory written by `isonn train`"));
     isonn()
         .arg("inspect")
         .arg(tmp.path())
@@ -218,13 +157,7 @@ fn verify_reports_layers() {
     let regular = tmp.path().join("regular");
     let nonneg = tmp.path().join("nonneg");
     train_small(&regular);
-    isonn()
-        .arg("transform")
-        .arg(&regular)
-        .arg("--out")
-        .arg(&nonneg)
-        .assert()
-        .success();
+    isonn().arg("transform").arg(&regular).arg("--out").arg(&nonneg).assert().success();
     isonn()
         .arg("verify")
         .arg(&regular)
@@ -236,33 +169,17 @@ fn verify_reports_layers() {
         .stdout(predicate::str::contains("| layers.3 |"));
     let report: isonn::verify::EquivalenceReport =
         serde_json::from_slice(&std::fs::read(nonneg.join("equivalence.json")).unwrap()).unwrap();
-    let inspection = report
-        .inspection
-        .expect("equivalence.json has the per-layer report");
+    let inspection = report.inspection.expect("equivalence.json has the per-layer report");
     assert_eq!(inspection.samples, report.samples);
     assert_eq!(inspection.layers.len(), 3);
     for layer in &inspection.layers {
-        let o = layer
-            .observed
-            .as_ref()
-            .expect("verify observes every layer");
+        let o = layer.observed.as_ref().expect("verify observes every layer");
         let extremes = report
             .layers
             .iter()
-            .find(|s| {
-                s.layer.map(isonn::inspect::layer_label).as_ref() == Some(&layer.label)
-                    && s.name == "output"
-            })
+            .find(|s| s.layer.map(isonn::inspect::layer_label).as_ref() == Some(&layer.label) && s.name == "output")
             .expect("verify's own extremes of the layer output");
-        assert_eq!(
-            o.max, extremes.max,
-            "{}: max agrees with the signal extremes",
-            layer.label
-        );
-        assert_eq!(
-            o.min, extremes.min,
-            "{}: min agrees with the signal extremes",
-            layer.label
-        );
+        assert_eq!(o.max, extremes.max, "{}: max agrees with the signal extremes", layer.label);
+        assert_eq!(o.min, extremes.min, "{}: min agrees with the signal extremes", layer.label);
     }
 }

@@ -29,10 +29,7 @@ fn command_with(out: &Path, changed: &[(&str, &str)], extra: &[&str]) -> Command
     cmd.env("RAYON_NUM_THREADS", "1").env_remove("ISONN_DATA");
     cmd.arg("train");
     for (flag, value) in SETTINGS {
-        let value = changed
-            .iter()
-            .find(|(f, _)| *f == flag)
-            .map_or(value, |(_, v)| *v);
+        let value = changed.iter().find(|(f, _)| *f == flag).map_or(value, |(_, v)| *v);
         cmd.args([flag, value]);
     }
     cmd.arg("--out").arg(out).args(extra);
@@ -55,19 +52,12 @@ fn run(out: &Path, extra: &[&str]) -> Output {
 
 /// Starts a run and waits until its first epoch checkpoint exists.
 fn start_and_wait(out: &Path) -> Child {
-    let mut child = command(out, &[])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = command(out, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     let checkpoint = checkpoint::path_in(out);
     while !checkpoint.exists() {
         if let Some(status) = child.try_wait().unwrap() {
-            panic!(
-                "the run ended ({status}) before writing {}",
-                checkpoint.display()
-            );
+            panic!("the run ended ({status}) before writing {}", checkpoint.display());
         }
         assert!(Instant::now() < deadline, "no checkpoint after 120 s");
         std::thread::sleep(Duration::from_millis(2));
@@ -102,22 +92,10 @@ fn sigint_then_resume_matches() {
     assert_eq!(output.status.code(), Some(130), "{stderr}");
     assert!(stderr.contains("training interrupted at epoch"), "{stderr}");
     assert!(stderr.contains("--resume"), "{stderr}");
-    assert!(
-        !out.join("model.safetensors").exists(),
-        "an interrupted run wrote a model"
-    );
-    let position = checkpoint::load(&checkpoint::path_in(&out))
-        .unwrap()
-        .position;
-    assert!(
-        position.batches_done > 0,
-        "the interrupt did not land mid-epoch: {position:?}"
-    );
-    assert_eq!(
-        resumed_weights(&out),
-        expected,
-        "resumed weights differ from the uninterrupted run"
-    );
+    assert!(!out.join("model.safetensors").exists(), "an interrupted run wrote a model");
+    let position = checkpoint::load(&checkpoint::path_in(&out)).unwrap().position;
+    assert!(position.batches_done > 0, "the interrupt did not land mid-epoch: {position:?}");
+    assert_eq!(resumed_weights(&out), expected, "resumed weights differ from the uninterrupted run");
 }
 
 #[test]
@@ -129,15 +107,9 @@ fn sigkill_then_resume_matches() {
     child.kill().unwrap();
     let status = child.wait().unwrap();
     assert!(!status.success());
-    let position = checkpoint::load(&checkpoint::path_in(&out))
-        .unwrap()
-        .position;
+    let position = checkpoint::load(&checkpoint::path_in(&out)).unwrap().position;
     assert!(position.epochs_done >= 1, "{position:?}");
-    assert_eq!(
-        resumed_weights(&out),
-        expected,
-        "resumed weights differ from the uninterrupted run"
-    );
+    assert_eq!(resumed_weights(&out), expected, "resumed weights differ from the uninterrupted run");
 }
 
 #[test]
@@ -147,34 +119,22 @@ fn resume_rejects_changed_settings() {
     let mut child = start_and_wait(&out);
     child.kill().unwrap();
     child.wait().unwrap();
-    let output = command_with(&out, &[("--lr", "0.5")], &["--resume"])
-        .output()
-        .unwrap();
+    let output = command_with(&out, &[("--lr", "0.5")], &["--resume"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("the checkpoint was written with settings lr 0.02, this run has lr 0.5"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("the checkpoint was written with settings lr 0.02, this run has lr 0.5"), "{stderr}");
 
     // Another sample order would replay other shuffles than the run saw.
-    let output = command(&out, &["--resume", "--no-shuffle"])
-        .output()
-        .unwrap();
+    let output = command(&out, &["--resume", "--no-shuffle"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("shuffle true, this run has shuffle false"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("shuffle true, this run has shuffle false"), "{stderr}");
 }
 
 #[test]
 fn resume_without_checkpoint_is_rejected() {
     let tmp = tempfile::tempdir().unwrap();
-    let output = command(&tmp.path().join("new"), &["--resume"])
-        .output()
-        .unwrap();
+    let output = command(&tmp.path().join("new"), &["--resume"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("there is no run to continue"), "{stderr}");
@@ -189,33 +149,19 @@ fn non_empty_output_is_kept() {
     let output = command(&out, &[]).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("already exists and is not empty"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("already exists and is not empty"), "{stderr}");
     assert!(!out.join("model.json").exists());
     // --force writes the model and keeps the user's file.
-    let output = command_with(&out, &[("--epochs", "1")], &["--force"])
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = command_with(&out, &[("--epochs", "1")], &["--force"]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(out.join("model.json").exists());
-    assert_eq!(
-        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
-        "user data"
-    );
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "user data");
 }
 
 #[test]
 fn resume_and_force_conflict() {
     let tmp = tempfile::tempdir().unwrap();
-    let output = command(&tmp.path().join("x"), &["--resume", "--force"])
-        .output()
-        .unwrap();
+    let output = command(&tmp.path().join("x"), &["--resume", "--force"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("cannot be used with"), "{stderr}");
@@ -234,11 +180,7 @@ fn eval_warns_on_other_data() {
     std::fs::create_dir_all(&other).unwrap();
     for entry in std::fs::read_dir(&source).unwrap() {
         let entry = entry.unwrap();
-        let name = entry
-            .file_name()
-            .to_string_lossy()
-            .trim_end_matches(".gz")
-            .to_string();
+        let name = entry.file_name().to_string_lossy().trim_end_matches(".gz").to_string();
         let mut raw = Vec::new();
         flate2::read::GzDecoder::new(std::fs::File::open(entry.path()).unwrap())
             .read_to_end(&mut raw)
@@ -256,18 +198,11 @@ fn eval_warns_on_other_data() {
             .env("RAYON_NUM_THREADS", "1")
             .output()
             .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8_lossy(&output.stderr).into_owned()
     };
     let same = eval(&["--dataset", "fashion-mnist-subset"]);
     assert!(!same.contains("was trained on"), "{same}");
     let other = eval(&["--dataset", "mnist", "--data", other.to_str().unwrap()]);
-    assert!(
-        other.contains("was trained on fashion-mnist-subset"),
-        "{other}"
-    );
+    assert!(other.contains("was trained on fashion-mnist-subset"), "{other}");
 }

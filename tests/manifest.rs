@@ -9,19 +9,15 @@ use candle_core::{DType, Tensor};
 use common::{max_abs, random_cnn, random_inputs, random_mlp};
 use isonn::hardware::{DeviceMapping, Effects, GainGranularity};
 use isonn::interop::manifest::{
-    build_manifest, read_manifest, read_manifest_with_mapping, write_manifest, DeviceSettings,
-    Manifest, MANIFEST_JSON, MANIFEST_TENSORS,
+    build_manifest, read_manifest, read_manifest_with_mapping, write_manifest, DeviceSettings, Manifest,
+    MANIFEST_JSON, MANIFEST_TENSORS,
 };
 use isonn::model::Range;
 use isonn::nonneg::{transform, AffineOp, NonnegAffine, NonnegNetwork, TransformOptions};
 
 fn nonneg(seed: u64, cnn: bool) -> (isonn::model::Network, NonnegNetwork) {
     let range = Range::new(-0.5, 1.0).unwrap();
-    let network = if cnn {
-        random_cnn(seed, DType::F32, range)
-    } else {
-        random_mlp(seed, DType::F32, range)
-    };
+    let network = if cnn { random_cnn(seed, DType::F32, range) } else { random_mlp(seed, DType::F32, range) };
     let nonneg = transform(&network, &TransformOptions::default()).unwrap();
     (network, nonneg)
 }
@@ -35,18 +31,9 @@ fn manifest_round_trip_gives_same_outputs() {
             write_manifest(dir.path(), &original, None).unwrap();
             let loaded = read_manifest(dir.path()).unwrap();
             let x = random_inputs(seed, &network, 5, DType::F32);
-            let diff = max_abs(
-                &original
-                    .forward(&x)
-                    .unwrap()
-                    .sub(&loaded.forward(&x).unwrap())
-                    .unwrap(),
-            );
+            let diff = max_abs(&original.forward(&x).unwrap().sub(&loaded.forward(&x).unwrap()).unwrap());
             // The same float32 tensors and settings: the outputs are identical.
-            assert_eq!(
-                diff, 0.0,
-                "seed {seed}, cnn {cnn}: outputs differ by {diff}"
-            );
+            assert_eq!(diff, 0.0, "seed {seed}, cnn {cnn}: outputs differ by {diff}");
         }
     }
 }
@@ -56,21 +43,9 @@ fn routing_marks_signal_and_complement() {
     let (_, original) = nonneg(3, false);
     let (_, tensors) = build_manifest(&original, None).unwrap();
     let get = |name: &str| tensors.iter().find(|(n, _)| n == name).unwrap().1.clone();
-    let positive: Vec<f32> = get("layers.1.positive")
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let negative: Vec<f32> = get("layers.1.negative")
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let routing: Vec<u8> = get("layers.1.routing")
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let positive: Vec<f32> = get("layers.1.positive").flatten_all().unwrap().to_vec1().unwrap();
+    let negative: Vec<f32> = get("layers.1.negative").flatten_all().unwrap().to_vec1().unwrap();
+    let routing: Vec<u8> = get("layers.1.routing").flatten_all().unwrap().to_vec1().unwrap();
     for ((p, n), r) in positive.iter().zip(&negative).zip(&routing) {
         let expected = u8::from(*p > 0.0) + 2 * u8::from(*n > 0.0);
         assert_eq!(*r, expected, "P {p}, N {n}");
@@ -79,90 +54,45 @@ fn routing_marks_signal_and_complement() {
     assert!(routing.contains(&2), "no weight taps the complement");
 }
 
-fn write_edited(
-    dir: &Path,
-    original: &NonnegNetwork,
-    edit_json: impl FnOnce(&mut Manifest),
-    edit_tensors: impl FnOnce(&mut Vec<(String, Tensor)>),
-) {
+fn write_edited(dir: &Path, original: &NonnegNetwork, edit_json: impl FnOnce(&mut Manifest), edit_tensors: impl FnOnce(&mut Vec<(String, Tensor)>)) {
     let (mut manifest, mut tensors) = build_manifest(original, None).unwrap();
     edit_json(&mut manifest);
     edit_tensors(&mut tensors);
     let bytes = isonn::store::serialize_tensors(&tensors, None, Path::new("t")).unwrap();
     std::fs::write(dir.join(MANIFEST_TENSORS), bytes).unwrap();
-    std::fs::write(
-        dir.join(MANIFEST_JSON),
-        serde_json::to_string(&manifest).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.join(MANIFEST_JSON), serde_json::to_string(&manifest).unwrap()).unwrap();
 }
 
 #[test]
 fn invalid_manifests_are_rejected() {
     let (_, original) = nonneg(1, false);
-    let cases: Vec<(
-        &str,
-        Box<dyn Fn(&mut Manifest)>,
-        Box<dyn Fn(&mut Vec<(String, Tensor)>)>,
-    )> = vec![
-        (
-            "schema_version 7",
-            Box::new(|m| m.schema_version = 7),
-            Box::new(|_| {}),
-        ),
-        (
-            "shift -1",
-            Box::new(|m| {
-                if let isonn::interop::manifest::ManifestLayer::Linear { affine, .. } =
-                    &mut m.layers[1]
-                {
-                    affine.shift = -1.0;
-                }
-            }),
-            Box::new(|_| {}),
-        ),
-        (
-            "layers.1.bias is missing",
-            Box::new(|_| {}),
-            Box::new(|t| t.retain(|(n, _)| n != "layers.1.bias")),
-        ),
-        (
-            "contains -0.5",
-            Box::new(|_| {}),
-            Box::new(|t| {
-                let entry = t
-                    .iter_mut()
-                    .find(|(n, _)| n == "layers.1.positive")
-                    .unwrap();
-                entry.1 = entry.1.affine(0.0, -0.5).unwrap();
-            }),
-        ),
-        (
-            "layers.1.routing must be u8",
-            Box::new(|_| {}),
-            Box::new(|t| {
-                let entry = t.iter_mut().find(|(n, _)| n == "layers.1.routing").unwrap();
-                entry.1 = entry.1.zeros_like().unwrap();
-            }),
-        ),
+    let cases: Vec<(&str, Box<dyn Fn(&mut Manifest)>, Box<dyn Fn(&mut Vec<(String, Tensor)>)>)> = vec![
+        ("schema_version 7", Box::new(|m| m.schema_version = 7), Box::new(|_| {})),
+        ("shift -1", Box::new(|m| {
+            if let isonn::interop::manifest::ManifestLayer::Linear { affine, .. } = &mut m.layers[1] {
+                affine.shift = -1.0;
+            }
+        }), Box::new(|_| {})),
+        ("layers.1.bias is missing", Box::new(|_| {}), Box::new(|t| t.retain(|(n, _)| n != "layers.1.bias"))),
+        ("contains -0.5", Box::new(|_| {}), Box::new(|t| {
+            let entry = t.iter_mut().find(|(n, _)| n == "layers.1.positive").unwrap();
+            entry.1 = entry.1.affine(0.0, -0.5).unwrap();
+        })),
+        ("layers.1.routing must be u8", Box::new(|_| {}), Box::new(|t| {
+            let entry = t.iter_mut().find(|(n, _)| n == "layers.1.routing").unwrap();
+            entry.1 = entry.1.zeros_like().unwrap();
+        })),
     ];
     for (expected, edit_json, edit_tensors) in cases {
         let dir = tempfile::tempdir().unwrap();
         write_edited(dir.path(), &original, |m| edit_json(m), |t| edit_tensors(t));
         let message = read_manifest(dir.path()).unwrap_err().to_string();
-        assert!(
-            message.contains(expected),
-            "expected {expected:?} in: {message}"
-        );
+        assert!(message.contains(expected), "expected {expected:?} in: {message}");
     }
     let dir = tempfile::tempdir().unwrap();
     write_manifest(dir.path(), &original, None).unwrap();
     let text = std::fs::read_to_string(dir.path().join(MANIFEST_JSON)).unwrap();
-    std::fs::write(
-        dir.path().join(MANIFEST_JSON),
-        text.replacen("\"output_offset\"", "\"surprise\": 1, \"output_offset\"", 1),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join(MANIFEST_JSON), text.replacen("\"output_offset\"", "\"surprise\": 1, \"output_offset\"", 1)).unwrap();
     let message = read_manifest(dir.path()).unwrap_err().to_string();
     assert!(message.contains("unknown field"), "{message}");
 }
@@ -173,40 +103,16 @@ fn export_manifest_command_needs_nonneg_model() {
     let (network, original) = nonneg(2, true);
     let regular_dir = dir.path().join("regular");
     let nonneg_dir = dir.path().join("nonneg");
-    isonn::store::save(
-        &regular_dir,
-        &isonn::store::Model::Regular(network),
-        &serde_json::json!({}),
-    )
-    .unwrap();
-    isonn::store::save(
-        &nonneg_dir,
-        &isonn::store::Model::Nonneg(original),
-        &serde_json::json!({}),
-    )
-    .unwrap();
+    isonn::store::save(&regular_dir, &isonn::store::Model::Regular(network), &serde_json::json!({})).unwrap();
+    isonn::store::save(&nonneg_dir, &isonn::store::Model::Nonneg(original), &serde_json::json!({})).unwrap();
     let out = dir.path().join("manifest");
     common::isonn()
-        .args([
-            "export",
-            nonneg_dir.to_str().unwrap(),
-            "--format",
-            "manifest",
-            "--out",
-            out.to_str().unwrap(),
-        ])
+        .args(["export", nonneg_dir.to_str().unwrap(), "--format", "manifest", "--out", out.to_str().unwrap()])
         .assert()
         .success();
     read_manifest(&out).unwrap();
     let run = common::isonn()
-        .args([
-            "export",
-            regular_dir.to_str().unwrap(),
-            "--format",
-            "manifest",
-            "--out",
-            out.to_str().unwrap(),
-        ])
+        .args(["export", regular_dir.to_str().unwrap(), "--format", "manifest", "--out", out.to_str().unwrap()])
         .assert()
         .failure();
     let stderr = String::from_utf8_lossy(&run.get_output().stderr).to_string();
@@ -249,12 +155,7 @@ fn entry_alpha(a: &NonnegAffine) -> Vec<f64> {
 }
 
 fn values(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap()
 }
 
 #[test]
@@ -263,10 +164,7 @@ fn mapping_round_trip_reproduces_weights() {
         for cnn in [false, true] {
             for granularity in [GainGranularity::PerLayer, GainGranularity::PerOutput] {
                 let (_, original) = nonneg(seed, cnn);
-                let settings = DeviceSettings {
-                    granularity,
-                    effects: all_effects(),
-                };
+                let settings = DeviceSettings { granularity, effects: all_effects() };
                 let dir = tempfile::tempdir().unwrap();
                 write_manifest(dir.path(), &original, Some(&settings)).unwrap();
                 let (network, read) = read_manifest_with_mapping(dir.path()).unwrap();
@@ -277,28 +175,14 @@ fn mapping_round_trip_reproduces_weights() {
 
                 let expected = DeviceMapping::new(&original, granularity).unwrap();
                 let affine: Vec<(usize, &NonnegAffine)> = network.affine_layers().collect();
-                assert_eq!(
-                    read.transmissions.len(),
-                    affine.len(),
-                    "{case}: one entry per affine layer"
-                );
-                for (((index, a), device), layer) in affine
-                    .iter()
-                    .zip(&read.transmissions)
-                    .zip(&read.mapping.layers)
-                {
+                assert_eq!(read.transmissions.len(), affine.len(), "{case}: one entry per affine layer");
+                for (((index, a), device), layer) in affine.iter().zip(&read.transmissions).zip(&read.mapping.layers) {
                     let want = expected.layer(*index).unwrap();
                     assert_eq!(layer.layer, *index, "{case}: layer index");
-                    assert_eq!(
-                        layer.full_scale, want.full_scale,
-                        "{case}: full scale of layer {index}"
-                    );
+                    assert_eq!(layer.full_scale, want.full_scale, "{case}: full scale of layer {index}");
                     for (g, w) in layer.gains.iter().zip(&want.gains) {
                         // Per-output gains are stored as f32.
-                        assert!(
-                            (g - w).abs() <= 1e-7 * w,
-                            "{case}: layer {index} gain {g}, expected {w}"
-                        );
+                        assert!((g - w).abs() <= 1e-7 * w, "{case}: layer {index} gain {g}, expected {w}");
                     }
                     let out = a.positive.dims()[0];
                     let alpha = entry_alpha(a);
@@ -311,10 +195,7 @@ fn mapping_round_trip_reproduces_weights() {
                         ("N", &a.negative, &device.complement),
                     ] {
                         let (w, t) = (values(weights), values(stored));
-                        assert!(
-                            t.iter().all(|t| (0.0..=1.0).contains(t)),
-                            "{case}: {name} transmission outside [0, 1]"
-                        );
+                        assert!(t.iter().all(|t| (0.0..=1.0).contains(t)), "{case}: {name} transmission outside [0, 1]");
                         for k in 0..w.len() {
                             let rebuilt = t[k] * gain(k) / alpha[k];
                             assert!(
@@ -327,10 +208,7 @@ fn mapping_round_trip_reproduces_weights() {
                     let (bias, offsets) = (values(&a.bias), values(&device.offsets));
                     for i in 0..out {
                         let rebuilt = offsets[i] * layer.gains[i.min(layer.gains.len() - 1)];
-                        assert!(
-                            (rebuilt - bias[i]).abs() <= 1e-6 * bias[i],
-                            "{case}: layer {index} bias[{i}]"
-                        );
+                        assert!((rebuilt - bias[i]).abs() <= 1e-6 * bias[i], "{case}: layer {index} bias[{i}]");
                     }
                 }
             }
@@ -344,10 +222,7 @@ fn manifest_without_settings_is_unchanged() {
         let (_, original) = nonneg(4, cnn);
         let (plain, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         write_manifest(plain.path(), &original, None).unwrap();
-        let settings = DeviceSettings {
-            granularity: GainGranularity::PerOutput,
-            effects: all_effects(),
-        };
+        let settings = DeviceSettings { granularity: GainGranularity::PerOutput, effects: all_effects() };
         write_manifest(dir.path(), &original, Some(&settings)).unwrap();
 
         let read_json = |d: &Path| -> serde_json::Value {
@@ -356,63 +231,26 @@ fn manifest_without_settings_is_unchanged() {
         let without = read_json(plain.path());
         let mut with = read_json(dir.path());
         let keys: Vec<&String> = without.as_object().unwrap().keys().collect();
-        assert_eq!(
-            keys,
-            [
-                "format",
-                "input",
-                "layers",
-                "output_offset",
-                "schema_version"
-            ],
-            "cnn {cnn}"
-        );
+        assert_eq!(keys, ["format", "input", "layers", "output_offset", "schema_version"], "cnn {cnn}");
         assert_eq!(without["schema_version"], 1, "cnn {cnn}");
         // The mapping adds one key and changes nothing else.
-        assert!(
-            with.as_object_mut().unwrap().remove("mapping").is_some(),
-            "cnn {cnn}: no mapping written"
-        );
+        assert!(with.as_object_mut().unwrap().remove("mapping").is_some(), "cnn {cnn}: no mapping written");
         assert_eq!(with, without, "cnn {cnn}");
 
-        let load = |d: &Path| {
-            candle_core::safetensors::load(d.join(MANIFEST_TENSORS), &candle_core::Device::Cpu)
-                .unwrap()
-        };
+        let load = |d: &Path| candle_core::safetensors::load(d.join(MANIFEST_TENSORS), &candle_core::Device::Cpu).unwrap();
         let (plain_tensors, mapped_tensors) = (load(plain.path()), load(dir.path()));
         for (name, tensor) in &plain_tensors {
             let part = name.rsplit('.').next().unwrap();
-            assert!(
-                ["positive", "negative", "bias", "routing"].contains(&part),
-                "unexpected tensor {name}"
-            );
+            assert!(["positive", "negative", "bias", "routing"].contains(&part), "unexpected tensor {name}");
             let other = &mapped_tensors[name];
-            let same = tensor
-                .to_dtype(DType::F64)
-                .unwrap()
-                .eq(&other.to_dtype(DType::F64).unwrap())
-                .unwrap();
-            let all_equal = same
-                .to_dtype(DType::F32)
-                .unwrap()
-                .min_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let same = tensor.to_dtype(DType::F64).unwrap().eq(&other.to_dtype(DType::F64).unwrap()).unwrap();
+            let all_equal = same.to_dtype(DType::F32).unwrap().min_all().unwrap().to_scalar::<f32>().unwrap();
             assert_eq!(all_equal, 1.0, "cnn {cnn}: tensor {name} changed");
         }
         let affine = original.affine_layers().count();
-        assert_eq!(
-            plain_tensors.len(),
-            4 * affine,
-            "cnn {cnn}: tensors without a mapping"
-        );
+        assert_eq!(plain_tensors.len(), 4 * affine, "cnn {cnn}: tensors without a mapping");
         // Per output: gains, two transmissions and offsets per affine layer.
-        assert_eq!(
-            mapped_tensors.len(),
-            8 * affine,
-            "cnn {cnn}: tensors with a mapping"
-        );
+        assert_eq!(mapped_tensors.len(), 8 * affine, "cnn {cnn}: tensors with a mapping");
     }
 }
 
@@ -432,118 +270,33 @@ fn corrupted_mappings_are_rejected() {
     };
     let keep: fn() -> EditTensors = || Box::new(|_| {});
     let cases: Vec<(GainGranularity, &str, EditJson, EditTensors)> = vec![
-        (
-            GainGranularity::PerLayer,
-            "mapping.layers[0].gain contains 0",
-            Box::new(move |m| mapping_of(m).layers[0].gain = Some(0.0)),
-            keep(),
-        ),
-        (
-            GainGranularity::PerLayer,
-            "mapping.layers[1].gain contains -2",
-            Box::new(move |m| mapping_of(m).layers[1].gain = Some(-2.0)),
-            keep(),
-        ),
-        (
-            GainGranularity::PerOutput,
-            "mapping.layers[0].gains contains 0",
-            Box::new(|_| {}),
-            set_tensor("layers.1.gains", 0.0),
-        ),
-        (
-            GainGranularity::PerLayer,
-            "(mapping.layers[0].signal_transmission) contains 1.5",
-            Box::new(|_| {}),
-            set_tensor("layers.1.signal_transmission", 1.5),
-        ),
-        (
-            GainGranularity::PerLayer,
-            "(mapping.layers[0].complement_transmission) differs",
-            Box::new(|_| {}),
-            set_tensor("layers.1.complement_transmission", 0.5),
-        ),
-        (
-            GainGranularity::PerLayer,
-            "(mapping.layers[0].offsets) has",
-            Box::new(|_| {}),
-            set_tensor("layers.1.offsets", 1e6),
-        ),
-        (
-            GainGranularity::PerLayer,
-            "mapping.effects.weight_bits is 0",
-            Box::new(move |m| mapping_of(m).effects.weight_bits = Some(0)),
-            keep(),
-        ),
-        (
-            GainGranularity::PerLayer,
-            "mapping.effects.adc_bits is 25",
-            Box::new(move |m| mapping_of(m).effects.adc_bits = Some(25)),
-            keep(),
-        ),
-        (
-            GainGranularity::PerLayer,
-            "mapping.effects.detector_noise is -0.1",
-            Box::new(move |m| mapping_of(m).effects.detector_noise = -0.1),
-            keep(),
-        ),
-        (
-            GainGranularity::PerLayer,
-            "mapping.layers[0].full_scale is -1",
-            Box::new(move |m| mapping_of(m).layers[0].full_scale = -1.0),
-            keep(),
-        ),
-        (
-            GainGranularity::PerLayer,
-            "mapping.layers[1].name is \"layers.1\"",
-            Box::new(move |m| mapping_of(m).layers[1].name = "layers.1".into()),
-            keep(),
-        ),
-        (
-            GainGranularity::PerLayer,
-            "entries; expected",
-            Box::new(move |m| {
-                mapping_of(m).layers.pop();
-            }),
-            keep(),
-        ),
-        (
-            GainGranularity::PerOutput,
-            "a per-output mapping needs gains",
-            Box::new(move |m| mapping_of(m).layers[0].gain = Some(1.0)),
-            keep(),
-        ),
-        (
-            GainGranularity::PerLayer,
-            "tensor layers.1.offsets (mapping.layers[0].offsets) is missing",
-            Box::new(|_| {}),
-            Box::new(|t| t.retain(|(n, _)| n != "layers.1.offsets")),
-        ),
+        (GainGranularity::PerLayer, "mapping.layers[0].gain contains 0", Box::new(move |m| mapping_of(m).layers[0].gain = Some(0.0)), keep()),
+        (GainGranularity::PerLayer, "mapping.layers[1].gain contains -2", Box::new(move |m| mapping_of(m).layers[1].gain = Some(-2.0)), keep()),
+        (GainGranularity::PerOutput, "mapping.layers[0].gains contains 0", Box::new(|_| {}), set_tensor("layers.1.gains", 0.0)),
+        (GainGranularity::PerLayer, "(mapping.layers[0].signal_transmission) contains 1.5", Box::new(|_| {}), set_tensor("layers.1.signal_transmission", 1.5)),
+        (GainGranularity::PerLayer, "(mapping.layers[0].complement_transmission) differs", Box::new(|_| {}), set_tensor("layers.1.complement_transmission", 0.5)),
+        (GainGranularity::PerLayer, "(mapping.layers[0].offsets) has", Box::new(|_| {}), set_tensor("layers.1.offsets", 1e6)),
+        (GainGranularity::PerLayer, "mapping.effects.weight_bits is 0", Box::new(move |m| mapping_of(m).effects.weight_bits = Some(0)), keep()),
+        (GainGranularity::PerLayer, "mapping.effects.adc_bits is 25", Box::new(move |m| mapping_of(m).effects.adc_bits = Some(25)), keep()),
+        (GainGranularity::PerLayer, "mapping.effects.detector_noise is -0.1", Box::new(move |m| mapping_of(m).effects.detector_noise = -0.1), keep()),
+        (GainGranularity::PerLayer, "mapping.layers[0].full_scale is -1", Box::new(move |m| mapping_of(m).layers[0].full_scale = -1.0), keep()),
+        (GainGranularity::PerLayer, "mapping.layers[1].name is \"layers.1\"", Box::new(move |m| mapping_of(m).layers[1].name = "layers.1".into()), keep()),
+        (GainGranularity::PerLayer, "entries; expected", Box::new(move |m| { mapping_of(m).layers.pop(); }), keep()),
+        (GainGranularity::PerOutput, "a per-output mapping needs gains", Box::new(move |m| mapping_of(m).layers[0].gain = Some(1.0)), keep()),
+        (GainGranularity::PerLayer, "tensor layers.1.offsets (mapping.layers[0].offsets) is missing", Box::new(|_| {}), Box::new(|t| t.retain(|(n, _)| n != "layers.1.offsets"))),
     ];
     for (granularity, expected, edit_json, edit_tensors) in cases {
-        let settings = DeviceSettings {
-            granularity,
-            effects: all_effects(),
-        };
+        let settings = DeviceSettings { granularity, effects: all_effects() };
         let (mut manifest, mut tensors) = build_manifest(&original, Some(&settings)).unwrap();
         edit_json(&mut manifest);
         edit_tensors(&mut tensors);
         let dir = tempfile::tempdir().unwrap();
         let bytes = isonn::store::serialize_tensors(&tensors, None, Path::new("t")).unwrap();
         std::fs::write(dir.path().join(MANIFEST_TENSORS), bytes).unwrap();
-        std::fs::write(
-            dir.path().join(MANIFEST_JSON),
-            serde_json::to_string(&manifest).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(dir.path().join(MANIFEST_JSON), serde_json::to_string(&manifest).unwrap()).unwrap();
         let message = read_manifest(dir.path()).unwrap_err().to_string();
-        assert!(
-            message.contains(expected),
-            "expected {expected:?} in: {message}"
-        );
-        assert!(
-            message.contains(MANIFEST_JSON),
-            "the error names no file: {message}"
-        );
+        assert!(message.contains(expected), "expected {expected:?} in: {message}");
+        assert!(message.contains(MANIFEST_JSON), "the error names no file: {message}");
     }
 }
 
@@ -552,20 +305,10 @@ fn export_command_writes_mapping() {
     let dir = tempfile::tempdir().unwrap();
     let (_, original) = nonneg(5, false);
     let model = dir.path().join("nonneg");
-    isonn::store::save(
-        &model,
-        &isonn::store::Model::Nonneg(original),
-        &serde_json::json!({}),
-    )
-    .unwrap();
+    isonn::store::save(&model, &isonn::store::Model::Nonneg(original), &serde_json::json!({})).unwrap();
     let export = |out: &Path, options: &[&str]| {
         let mut command = common::isonn();
-        command
-            .arg("export")
-            .arg(&model)
-            .args(["--format", "manifest", "--out"])
-            .arg(out)
-            .args(options);
+        command.arg("export").arg(&model).args(["--format", "manifest", "--out"]).arg(out).args(options);
         command.assert()
     };
 
@@ -573,11 +316,7 @@ fn export_command_writes_mapping() {
     export(&out, &["--weight-bits", "4", "--detector-noise", "0.01"]).success();
     let (_, read) = read_manifest_with_mapping(&out).unwrap();
     let read = read.expect("--weight-bits and --detector-noise add the mapping");
-    let expected = Effects {
-        weight_bits: Some(4),
-        detector_noise: 0.01,
-        ..Effects::default()
-    };
+    let expected = Effects { weight_bits: Some(4), detector_noise: 0.01, ..Effects::default() };
     assert_eq!(read.effects, expected);
     assert_eq!(read.mapping.granularity, GainGranularity::PerLayer);
 
@@ -590,10 +329,7 @@ fn export_command_writes_mapping() {
 
     let out = dir.path().join("plain");
     export(&out, &[]).success();
-    assert!(
-        read_manifest_with_mapping(&out).unwrap().1.is_none(),
-        "a mapping without options"
-    );
+    assert!(read_manifest_with_mapping(&out).unwrap().1.is_none(), "a mapping without options");
 
     let rejected = export(&dir.path().join("bad"), &["--weight-bits", "0"]).failure();
     let stderr = String::from_utf8_lossy(&rejected.get_output().stderr).to_string();

@@ -147,6 +147,7 @@ fn gradients_reach_every_layer() {
     }
 }
 
+
 /// Two affine layers in a row, where some images drive a unit of the first
 /// to its full scale, so that the second layer's f32 signal rounds to just
 /// above its `alpha`. The physical complement's clamp once cut the gradient
@@ -157,11 +158,7 @@ fn mlp_forms_agree_at_full_scale_f32() {
     let seed = 11952797337944641622;
     let network = random_mlp(seed, DType::F32, Range { lo: 0.0, hi: 1.0 });
     let kinds: Vec<&str> = network.layers.iter().map(|l| l.kind()).collect();
-    assert_eq!(
-        kinds[3..],
-        ["linear", "linear"],
-        "the case lost its two affine layers"
-    );
+    assert_eq!(kinds[3..], ["linear", "linear"], "the case lost its two affine layers");
     check_forms_agree(&network, DType::F32, seed).unwrap();
 }
 
@@ -211,10 +208,7 @@ fn forms_train_to_same_weights() {
     for seed in 0..6u64 {
         for (dtype, tolerance) in [(DType::F32, TOLERANCE_F32), (DType::F64, TOLERANCE_F64)] {
             let range = Range { lo: 0.0, hi: 1.0 };
-            let networks = [
-                ("mlp", random_mlp(seed, dtype, range)),
-                ("cnn", random_cnn(seed, dtype, range)),
-            ];
+            let networks = [("mlp", random_mlp(seed, dtype, range)), ("cnn", random_cnn(seed, dtype, range))];
             for (name, network) in networks {
                 let pools_backward = network.layers.iter().all(|layer| match layer {
                     Layer::AvgPool2d(p) | Layer::MaxPool2d(p) => p.kernel == p.stride,
@@ -249,16 +243,8 @@ fn training_form_exact_without_affine_pairs() {
         let kinds: Vec<&str> = network.layers.iter().map(|l| l.kind()).collect();
         let pair = kinds.windows(2).any(|w| w == ["linear", "linear"]);
         let nonneg = transform(&network, &TransformOptions::default()).unwrap();
-        assert_eq!(
-            nonneg.training_form_is_exact(),
-            !pair,
-            "seed {seed}: {kinds:?}"
-        );
+        assert_eq!(nonneg.training_form_is_exact(), !pair, "seed {seed}: {kinds:?}");
         seen[usize::from(pair)] = true;
     }
-    assert_eq!(
-        seen,
-        [true, true],
-        "the seeds cover networks with and without a pair"
-    );
+    assert_eq!(seen, [true, true], "the seeds cover networks with and without a pair");
 }

@@ -21,17 +21,12 @@ const PYTORCH_TOLERANCE: f64 = 1e-5;
 const EQUIVALENCE_TOLERANCE: f64 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/onnx")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx").join(name)
 }
 
 fn load_npy(path: &Path) -> Tensor {
     let data = npy::read_npy(path).unwrap();
-    Tensor::from_vec(data.values, data.dims, &Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
+    Tensor::from_vec(data.values, data.dims, &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap()
 }
 
 /// CIFAR-10's standardisation (x - mean) / std applied to pixels in [0, 1],
@@ -39,9 +34,7 @@ fn load_npy(path: &Path) -> Tensor {
 fn standardised() -> Vec<Range> {
     let mean = [0.4914, 0.4822, 0.4465];
     let std = [0.2023, 0.1994, 0.2010];
-    (0..3)
-        .map(|c| Range::new(-mean[c] / std[c], (1.0 - mean[c]) / std[c]).unwrap())
-        .collect()
+    (0..3).map(|c| Range::new(-mean[c] / std[c], (1.0 - mean[c]) / std[c]).unwrap()).collect()
 }
 
 fn argmax(t: &Tensor) -> Vec<u32> {
@@ -49,10 +42,7 @@ fn argmax(t: &Tensor) -> Vec<u32> {
 }
 
 fn relative(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (
-        a.to_dtype(DType::F64).unwrap(),
-        b.to_dtype(DType::F64).unwrap(),
-    );
+    let (a, b) = (a.to_dtype(DType::F64).unwrap(), b.to_dtype(DType::F64).unwrap());
     max_abs(&a.sub(&b).unwrap()) / max_abs(&a).max(1.0)
 }
 
@@ -69,59 +59,30 @@ fn check_fixture(name: &str, ranges: Vec<Range>, output_function: Option<&str>) 
         .collect()
 }
 
-fn check_file(
-    name: &str,
-    extension: &str,
-    ranges: Vec<Range>,
-    output_function: Option<&str>,
-) -> Network {
+fn check_file(name: &str, extension: &str, ranges: Vec<Range>, output_function: Option<&str>) -> Network {
     let path = fixture(&format!("{name}.{extension}"));
     let name = &format!("{name}.{extension}");
     let imported = import_model(&read_model(&path).unwrap(), &path, &ranges).unwrap();
-    assert_eq!(
-        imported.output_function.as_deref(),
-        output_function,
-        "{name}: output function"
-    );
+    assert_eq!(imported.output_function.as_deref(), output_function, "{name}: output function");
     let network = imported.network;
     let stem = name.split('.').next().unwrap();
     let x = load_npy(&fixture(&format!("{stem}.inputs.npy")));
     let expected = load_npy(&fixture(&format!("{stem}.outputs.npy")));
     let logits = network.forward(&x).unwrap();
     let pytorch = relative(&expected, &logits);
-    assert!(
-        pytorch <= PYTORCH_TOLERANCE,
-        "{name}: isonn and PyTorch logits differ by {pytorch}"
-    );
+    assert!(pytorch <= PYTORCH_TOLERANCE, "{name}: isonn and PyTorch logits differ by {pytorch}");
 
     let nonneg = transform(&network, &TransformOptions::default()).unwrap();
     let physical = nonneg.forward(&x).unwrap();
     let equivalence = relative(&logits, &physical);
-    assert!(
-        equivalence <= EQUIVALENCE_TOLERANCE,
-        "{name}: non-negative logits differ by {equivalence}"
-    );
-    assert_eq!(
-        argmax(&logits),
-        argmax(&physical),
-        "{name}: argmax agreement below 1.0"
-    );
+    assert!(equivalence <= EQUIVALENCE_TOLERANCE, "{name}: non-negative logits differ by {equivalence}");
+    assert_eq!(argmax(&logits), argmax(&physical), "{name}: argmax agreement below 1.0");
     let negative = nonneg
         .parameters()
         .iter()
-        .map(|(_, t)| {
-            t.to_dtype(DType::F64)
-                .unwrap()
-                .min_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap()
-        })
+        .map(|(_, t)| t.to_dtype(DType::F64).unwrap().min_all().unwrap().to_scalar::<f64>().unwrap())
         .fold(f64::INFINITY, f64::min);
-    assert!(
-        negative >= 0.0,
-        "{name}: a non-negative parameter is {negative}"
-    );
+    assert!(negative >= 0.0, "{name}: a non-negative parameter is {negative}");
     eprintln!("{name}: PyTorch {pytorch:.2e}, non-negative {equivalence:.2e}");
 
     if ort::available(name) {
@@ -132,61 +93,25 @@ fn check_file(
         let nonneg_path = dir.path().join("nonneg.onnx");
         write_model(&nonneg_path, &export_nonneg(&nonneg).unwrap()).unwrap();
         let nonneg_runtime = relative(&physical, &ort::run(&nonneg_path, &x));
-        eprintln!(
-            "{name}: ONNX Runtime regular {regular_runtime:.2e}, non-negative {nonneg_runtime:.2e}"
-        );
-        assert!(
-            regular_runtime <= PYTORCH_TOLERANCE,
-            "{name}: regular export differs by {regular_runtime}"
-        );
-        assert!(
-            nonneg_runtime <= PYTORCH_TOLERANCE,
-            "{name}: non-negative export differs by {nonneg_runtime}"
-        );
+        eprintln!("{name}: ONNX Runtime regular {regular_runtime:.2e}, non-negative {nonneg_runtime:.2e}");
+        assert!(regular_runtime <= PYTORCH_TOLERANCE, "{name}: regular export differs by {regular_runtime}");
+        assert!(nonneg_runtime <= PYTORCH_TOLERANCE, "{name}: non-negative export differs by {nonneg_runtime}");
     }
     network
 }
 
 #[test]
 fn mlp_with_photonic_sigmoid() {
-    for network in check_fixture(
-        "mlp_photonic_sigmoid",
-        vec![Range::new(0.0, 1.0).unwrap()],
-        None,
-    ) {
-        let activations = network
-            .layers
-            .iter()
-            .filter(|l| {
-                matches!(
-                    l,
-                    isonn::model::Layer::Activation(isonn::activation::Activation::PhotonicSigmoid)
-                )
-            })
-            .count();
+    for network in check_fixture("mlp_photonic_sigmoid", vec![Range::new(0.0, 1.0).unwrap()], None) {
+        let activations = network.layers.iter().filter(|l| matches!(l, isonn::model::Layer::Activation(isonn::activation::Activation::PhotonicSigmoid))).count();
         assert_eq!(activations, 2);
     }
 }
 
 #[test]
 fn padded_cnn_with_photonic_sinusoidal() {
-    for network in check_fixture(
-        "cnn_padded_photonic_sinusoidal",
-        vec![Range::new(0.0, 1.0).unwrap()],
-        Some("Softmax"),
-    ) {
-        let activations = network
-            .layers
-            .iter()
-            .filter(|l| {
-                matches!(
-                    l,
-                    isonn::model::Layer::Activation(
-                        isonn::activation::Activation::PhotonicSinusoidal
-                    )
-                )
-            })
-            .count();
+    for network in check_fixture("cnn_padded_photonic_sinusoidal", vec![Range::new(0.0, 1.0).unwrap()], Some("Softmax")) {
+        let activations = network.layers.iter().filter(|l| matches!(l, isonn::model::Layer::Activation(isonn::activation::Activation::PhotonicSinusoidal))).count();
         assert_eq!(activations, 2);
     }
 }
@@ -194,11 +119,7 @@ fn padded_cnn_with_photonic_sinusoidal() {
 #[test]
 fn resnet_with_batch_norm() {
     for network in check_fixture("resnet_batchnorm_relu6", standardised(), None) {
-        let residuals = network
-            .layers
-            .iter()
-            .filter(|l| matches!(l, isonn::model::Layer::Residual(_)))
-            .count();
+        let residuals = network.layers.iter().filter(|l| matches!(l, isonn::model::Layer::Residual(_))).count();
         assert_eq!(residuals, 2);
     }
 }
@@ -215,44 +136,24 @@ fn convert_command_verifies_and_exports() {
     let model = fixture("cnn_padded_photonic_sinusoidal.onnx");
     let inputs = fixture("cnn_padded_photonic_sinusoidal.inputs.npy");
     for extra in [vec![], vec!["--inputs", inputs.to_str().unwrap()]] {
-        let mut args = vec![
-            "convert",
-            model.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--input-range",
-            "0,1",
-        ];
+        let mut args = vec!["convert", model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--input-range", "0,1"];
         args.extend(extra.iter().copied());
         let run = common::isonn().args(&args).assert().success();
         let stdout = String::from_utf8_lossy(&run.get_output().stdout).to_string();
         assert!(stdout.contains("argmax_agreement   1.000000"), "{stdout}");
         assert!(stdout.contains("verification passed"), "{stdout}");
         let graph = read_model(&out).unwrap().graph.unwrap();
-        assert!(graph
-            .node
-            .iter()
-            .any(|n| n.name.as_deref() == Some("input/modulator")));
+        assert!(graph.node.iter().any(|n| n.name.as_deref() == Some("input/modulator")));
     }
     // Inputs of the wrong shape name the file and the expected layout.
     let wrong = fixture("resnet_batchnorm_relu6.inputs.npy");
     let run = common::isonn()
-        .args([
-            "convert",
-            model.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--input-range",
-            "0,1",
-        ])
+        .args(["convert", model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--input-range", "0,1"])
         .args(["--inputs", wrong.to_str().unwrap()])
         .assert()
         .code(2);
     let stderr = String::from_utf8_lossy(&run.get_output().stderr).to_string();
-    assert!(
-        stderr.contains("resnet_batchnorm_relu6.inputs.npy"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("resnet_batchnorm_relu6.inputs.npy"), "{stderr}");
     assert!(stderr.contains("[n, 1, 8, 8]"), "{stderr}");
 }
 
@@ -260,51 +161,22 @@ fn convert_command_verifies_and_exports() {
 fn predict_command_matches_pytorch() {
     let dir = tempfile::tempdir().unwrap();
     let path = fixture("mlp_photonic_sigmoid.onnx");
-    let imported = import_model(
-        &read_model(&path).unwrap(),
-        &path,
-        &[Range::new(0.0, 1.0).unwrap()],
-    )
-    .unwrap();
+    let imported = import_model(&read_model(&path).unwrap(), &path, &[Range::new(0.0, 1.0).unwrap()]).unwrap();
 
     let regular_dir = dir.path().join("regular");
-    isonn::store::save(
-        &regular_dir,
-        &isonn::store::Model::Regular(imported.network.clone()),
-        &serde_json::json!({}),
-    )
-    .unwrap();
+    isonn::store::save(&regular_dir, &isonn::store::Model::Regular(imported.network.clone()), &serde_json::json!({})).unwrap();
     let nonneg = transform(&imported.network, &TransformOptions::default()).unwrap();
     let nonneg_dir = dir.path().join("nonneg");
-    isonn::store::save(
-        &nonneg_dir,
-        &isonn::store::Model::Nonneg(nonneg),
-        &serde_json::json!({}),
-    )
-    .unwrap();
+    isonn::store::save(&nonneg_dir, &isonn::store::Model::Nonneg(nonneg), &serde_json::json!({})).unwrap();
     let expected = load_npy(&fixture("mlp_photonic_sigmoid.outputs.npy"));
     let inputs = fixture("mlp_photonic_sigmoid.inputs.npy");
-    for (model_dir, tolerance) in [
-        (&regular_dir, PYTORCH_TOLERANCE),
-        (&nonneg_dir, EQUIVALENCE_TOLERANCE),
-    ] {
+    for (model_dir, tolerance) in [(&regular_dir, PYTORCH_TOLERANCE), (&nonneg_dir, EQUIVALENCE_TOLERANCE)] {
         let out = dir.path().join("logits.npy");
         common::isonn()
-            .args([
-                "predict",
-                model_dir.to_str().unwrap(),
-                "--inputs",
-                inputs.to_str().unwrap(),
-                "--out",
-                out.to_str().unwrap(),
-            ])
+            .args(["predict", model_dir.to_str().unwrap(), "--inputs", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()])
             .assert()
             .success();
         let diff = relative(&expected, &load_npy(&out));
-        assert!(
-            diff <= tolerance,
-            "{}: predicted logits differ from PyTorch's by {diff}",
-            model_dir.display()
-        );
+        assert!(diff <= tolerance, "{}: predicted logits differ from PyTorch's by {diff}", model_dir.display());
     }
 }

@@ -9,9 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{max_abs, random_cnn, random_inputs, random_mlp};
 use isonn::activation::Activation;
 use isonn::interop::proto::{ModelProto, NodeProto};
-use isonn::interop::{
-    encode_model, export_network, float_tensor, import_model, read_model, write_model,
-};
+use isonn::interop::{encode_model, export_network, float_tensor, import_model, read_model, write_model};
 use isonn::model::{Init, Layer, Network, Range};
 use rand::{Rng, SeedableRng};
 
@@ -23,9 +21,7 @@ fn kinds(layers: &[Layer]) -> Vec<String> {
     layers
         .iter()
         .map(|l| match l {
-            Layer::Residual(r) => {
-                format!("residual[{:?} | {:?}]", kinds(&r.main), kinds(&r.shortcut))
-            }
+            Layer::Residual(r) => format!("residual[{:?} | {:?}]", kinds(&r.main), kinds(&r.shortcut)),
             Layer::Activation(a) => format!("activation {a}"),
             other => other.kind().to_string(),
         })
@@ -35,15 +31,8 @@ fn kinds(layers: &[Layer]) -> Vec<String> {
 /// Checks that `imported` has the layers and parameters of `original`,
 /// exactly (both float32), and computes the same logits.
 fn assert_same_network(original: &Network, imported: &Network, label: &str) {
-    assert_eq!(
-        kinds(&imported.layers),
-        kinds(&original.layers),
-        "{label}: layers differ"
-    );
-    assert_eq!(
-        imported.input_shape, original.input_shape,
-        "{label}: input shapes differ"
-    );
+    assert_eq!(kinds(&imported.layers), kinds(&original.layers), "{label}: layers differ");
+    assert_eq!(imported.input_shape, original.input_shape, "{label}: input shapes differ");
     let (a, b) = (original.parameters(), imported.parameters());
     assert_eq!(a.len(), b.len(), "{label}: parameter counts differ");
     for ((name_a, ta), (name_b, tb)) in a.iter().zip(&b) {
@@ -53,13 +42,7 @@ fn assert_same_network(original: &Network, imported: &Network, label: &str) {
         assert_eq!(diff, 0.0, "{label}: {name_a} differs by {diff}");
     }
     let x = random_inputs(3, original, 6, DType::F32);
-    let diff = max_abs(
-        &original
-            .forward(&x)
-            .unwrap()
-            .sub(&imported.forward(&x).unwrap())
-            .unwrap(),
-    );
+    let diff = max_abs(&original.forward(&x).unwrap().sub(&imported.forward(&x).unwrap()).unwrap());
     // Same float32 parameters and the same operations in the same order.
     assert!(diff <= 1e-6, "{label}: logits differ by {diff}");
 }
@@ -67,14 +50,8 @@ fn assert_same_network(original: &Network, imported: &Network, label: &str) {
 fn round_trip(network: &Network) -> Network {
     let bytes = encode_model(&export_network(network).unwrap());
     let model = isonn::interop::decode_model(&bytes, Path::new("rt.onnx")).unwrap();
-    let ranges = if network.channel_ranges.is_empty() {
-        vec![network.input_range]
-    } else {
-        network.channel_ranges.clone()
-    };
-    import_model(&model, Path::new("rt.onnx"), &ranges)
-        .unwrap()
-        .network
+    let ranges = if network.channel_ranges.is_empty() { vec![network.input_range] } else { network.channel_ranges.clone() };
+    import_model(&model, Path::new("rt.onnx"), &ranges).unwrap().network
 }
 
 #[test]
@@ -89,15 +66,8 @@ fn mlps_and_cnns_round_trip() {
 
 #[test]
 fn resnet_with_batch_norm_round_trips() {
-    for activation in [
-        Activation::PhotonicSigmoid,
-        Activation::PhotonicSinusoidal,
-        Activation::ReluN { n: 4.0 },
-        Activation::Relu,
-        Activation::Tanh,
-    ] {
-        let mut network =
-            Network::resnet(&[3, 8, 8], 4, 5, activation.clone(), Init::Xavier, 5).unwrap();
+    for activation in [Activation::PhotonicSigmoid, Activation::PhotonicSinusoidal, Activation::ReluN { n: 4.0 }, Activation::Relu, Activation::Tanh] {
+        let mut network = Network::resnet(&[3, 8, 8], 4, 5, activation.clone(), Init::Xavier, 5).unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         network
             .visit_mut(&mut |_, layer| {
@@ -114,11 +84,7 @@ fn resnet_with_batch_norm_round_trips() {
                 Ok(())
             })
             .unwrap();
-        network.channel_ranges = vec![
-            Range::new(-2.0, 2.0).unwrap(),
-            Range::new(-1.0, 2.0).unwrap(),
-            Range::new(-2.0, 1.0).unwrap(),
-        ];
+        network.channel_ranges = vec![Range::new(-2.0, 2.0).unwrap(), Range::new(-1.0, 2.0).unwrap(), Range::new(-2.0, 1.0).unwrap()];
         network.input_range = Range::new(-2.0, 2.0).unwrap();
         let imported = round_trip(&network);
         assert_same_network(&network, &imported, &format!("resnet {activation}"));
@@ -135,17 +101,14 @@ fn edited(edit: impl FnOnce(&mut ModelProto)) -> ModelProto {
 }
 
 fn import_error(model: &ModelProto) -> String {
-    import_model(model, Path::new("bad.onnx"), &unit())
-        .unwrap_err()
-        .to_string()
+    import_model(model, Path::new("bad.onnx"), &unit()).unwrap_err().to_string()
 }
 
 #[test]
 fn missing_initializer_names_node() {
     let model = edited(|m| {
         let g = m.graph.as_mut().unwrap();
-        g.initializer
-            .retain(|t| t.name.as_deref() != Some("layers.1.weight"));
+        g.initializer.retain(|t| t.name.as_deref() != Some("layers.1.weight"));
     });
     let message = import_error(&model);
     assert!(message.contains("bad.onnx"), "{message}");
@@ -157,11 +120,7 @@ fn missing_initializer_names_node() {
 fn dimension_mismatch_names_node() {
     let model = edited(|m| {
         let g = m.graph.as_mut().unwrap();
-        let weight = g
-            .initializer
-            .iter_mut()
-            .find(|t| t.name.as_deref() == Some("layers.1.weight"))
-            .unwrap();
+        let weight = g.initializer.iter_mut().find(|t| t.name.as_deref() == Some("layers.1.weight")).unwrap();
         let out = weight.dims[0] as usize;
         *weight = float_tensor("layers.1.weight", &[out, 1000], &vec![0.5; out * 1000]);
     });
@@ -180,9 +139,7 @@ fn huge_declared_tensor_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("huge.onnx");
     write_model(&path, &model).unwrap();
-    let message = import_model(&read_model(&path).unwrap(), &path, &unit())
-        .unwrap_err()
-        .to_string();
+    let message = import_model(&read_model(&path).unwrap(), &path, &unit()).unwrap_err().to_string();
     assert!(message.contains("declares dimensions"), "{message}");
 }
 
@@ -209,11 +166,7 @@ fn truncated_file_is_an_error() {
 fn unsupported_op_names_node_and_list() {
     let model = edited(|m| {
         let g = m.graph.as_mut().unwrap();
-        let node: &mut NodeProto = g
-            .node
-            .iter_mut()
-            .find(|n| n.op_type.as_deref() == Some("Gemm"))
-            .unwrap();
+        let node: &mut NodeProto = g.node.iter_mut().find(|n| n.op_type.as_deref() == Some("Gemm")).unwrap();
         node.op_type = Some("LSTM".into());
     });
     let message = import_error(&model);
@@ -228,20 +181,9 @@ fn plain_sigmoid_is_rejected_with_reason() {
         let g = m.graph.as_mut().unwrap();
         // Replace the first activation's formula by a lone Sigmoid on the
         // Gemm output, keeping its output name.
-        let gemm = g
-            .node
-            .iter()
-            .position(|n| n.op_type.as_deref() == Some("Gemm"))
-            .unwrap();
+        let gemm = g.node.iter().position(|n| n.op_type.as_deref() == Some("Gemm")).unwrap();
         let gemm_out = g.node[gemm].output[0].clone();
-        let next_gemm = g
-            .node
-            .iter()
-            .skip(gemm + 1)
-            .position(|n| n.op_type.as_deref() == Some("Gemm"))
-            .unwrap()
-            + gemm
-            + 1;
+        let next_gemm = g.node.iter().skip(gemm + 1).position(|n| n.op_type.as_deref() == Some("Gemm")).unwrap() + gemm + 1;
         let activation_out = g.node[next_gemm].input[0].clone();
         g.node.drain(gemm + 1..next_gemm);
         g.node.insert(
@@ -257,10 +199,7 @@ fn plain_sigmoid_is_rejected_with_reason() {
     });
     let message = import_error(&model);
     assert!(message.contains("/act/Sigmoid"), "{message}");
-    assert!(
-        message.contains("matches none of isonn's activations"),
-        "{message}"
-    );
+    assert!(message.contains("matches none of isonn's activations"), "{message}");
 }
 
 #[test]
@@ -271,39 +210,18 @@ fn import_command_writes_model_for_transform() {
     write_model(&onnx, &export_network(&network).unwrap()).unwrap();
     let out = dir.path().join("imported");
     common::isonn()
-        .args([
-            "import",
-            onnx.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--input-range",
-            "0,1",
-        ])
+        .args(["import", onnx.to_str().unwrap(), "--out", out.to_str().unwrap(), "--input-range", "0,1"])
         .assert()
         .success();
     let (model, _) = isonn::store::load(&out).unwrap();
-    let isonn::store::Model::Regular(imported) = model else {
-        panic!("import wrote a non-negative model")
-    };
+    let isonn::store::Model::Regular(imported) = model else { panic!("import wrote a non-negative model") };
     assert_same_network(&network, &imported, "cnn via the command");
     common::isonn()
-        .args([
-            "transform",
-            out.to_str().unwrap(),
-            "--out",
-            dir.path().join("nonneg").to_str().unwrap(),
-        ])
+        .args(["transform", out.to_str().unwrap(), "--out", dir.path().join("nonneg").to_str().unwrap()])
         .assert()
         .success();
     let bad = common::isonn()
-        .args([
-            "import",
-            onnx.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--input-range",
-            "1,0",
-        ])
+        .args(["import", onnx.to_str().unwrap(), "--out", out.to_str().unwrap(), "--input-range", "1,0"])
         .assert()
         .failure();
     let stderr = String::from_utf8_lossy(&bad.get_output().stderr).to_string();
@@ -327,56 +245,22 @@ fn import_calibrates_relu_on_npy_inputs() {
     isonn::interop::npy::write_npy_f32(&inputs, x.dims(), &values).unwrap();
     let out = dir.path().join("bounded");
     common::isonn()
-        .args([
-            "import",
-            onnx.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--input-range",
-            "0,1",
-        ])
+        .args(["import", onnx.to_str().unwrap(), "--out", out.to_str().unwrap(), "--input-range", "0,1"])
         .args(["--calibrate", inputs.to_str().unwrap()])
         .assert()
         .success();
-    assert!(
-        out.join("bound.json").is_file(),
-        "no bound.json beside the bounded model"
-    );
+    assert!(out.join("bound.json").is_file(), "no bound.json beside the bounded model");
     let (model, _) = isonn::store::load(&out).unwrap();
-    let isonn::store::Model::Regular(bounded) = model else {
-        panic!("import wrote a non-negative model")
-    };
-    let relu_n = bounded
-        .layers
-        .iter()
-        .filter(|l| matches!(l, Layer::Activation(Activation::ReluN { .. })))
-        .count();
-    let relu = network
-        .layers
-        .iter()
-        .filter(|l| matches!(l, Layer::Activation(Activation::Relu)))
-        .count();
+    let isonn::store::Model::Regular(bounded) = model else { panic!("import wrote a non-negative model") };
+    let relu_n = bounded.layers.iter().filter(|l| matches!(l, Layer::Activation(Activation::ReluN { .. }))).count();
+    let relu = network.layers.iter().filter(|l| matches!(l, Layer::Activation(Activation::Relu))).count();
     assert_eq!(relu_n, relu, "every ReLU becomes ReLU-N");
     // The bound is the largest pre-activation on these inputs, so on them
     // the bounded network computes what the ReLU network computes.
-    let diff = max_abs(
-        &network
-            .forward(&x)
-            .unwrap()
-            .sub(&bounded.forward(&x).unwrap())
-            .unwrap(),
-    );
-    assert!(
-        diff <= 1e-5,
-        "bounded logits differ by {diff} on the calibration inputs"
-    );
+    let diff = max_abs(&network.forward(&x).unwrap().sub(&bounded.forward(&x).unwrap()).unwrap());
+    assert!(diff <= 1e-5, "bounded logits differ by {diff} on the calibration inputs");
     common::isonn()
-        .args([
-            "transform",
-            out.to_str().unwrap(),
-            "--out",
-            dir.path().join("nonneg").to_str().unwrap(),
-        ])
+        .args(["transform", out.to_str().unwrap(), "--out", dir.path().join("nonneg").to_str().unwrap()])
         .assert()
         .success();
 }

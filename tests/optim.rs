@@ -15,12 +15,7 @@ fn step_with(optimizer: &mut dyn Optimizer, var: &Var, g: &Tensor) {
 }
 
 fn values(t: &Tensor) -> Vec<f64> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap()
 }
 
 fn parameters_and_gradients() -> impl Strategy<Value = (Vec<f64>, Vec<Vec<f64>>)> {
@@ -131,11 +126,7 @@ fn projected_matches_formula() {
     let device = Device::Cpu;
     let var = Var::new(&[0.5f64, 0.1, 2.0], &device).unwrap();
     let mut optimizer = Projected::new(0.2, 0.0).unwrap();
-    step_with(
-        &mut optimizer,
-        &var,
-        &Tensor::new(&[1.0f64, 1.0, -1.0], &device).unwrap(),
-    );
+    step_with(&mut optimizer, &var, &Tensor::new(&[1.0f64, 1.0, -1.0], &device).unwrap());
     let got = values(var.as_tensor());
     let want = [0.3, 0.0, 2.2];
     for (g, w) in got.iter().zip(want) {
@@ -150,20 +141,12 @@ fn saturated_tanh_zeroes_and_counts() {
     let device = Device::Cpu;
     let var = Var::new(&[1.0f32, 2.0, 3.0], &device).unwrap();
     let mut optimizer = SignPreserving::new(1.0, 1.0, Momentum::None).unwrap();
-    step_with(
-        &mut optimizer,
-        &var,
-        &Tensor::new(&[100.0f32, 0.01, 100.0], &device).unwrap(),
-    );
+    step_with(&mut optimizer, &var, &Tensor::new(&[100.0f32, 0.01, 100.0], &device).unwrap());
     assert_eq!(values(var.as_tensor())[0], 0.0);
     assert_eq!(values(var.as_tensor())[2], 0.0);
     assert!(values(var.as_tensor())[1] > 0.0);
     assert_eq!(optimizer.zeroed(), 2);
-    step_with(
-        &mut optimizer,
-        &var,
-        &Tensor::new(&[-100.0f32, 0.0, -100.0], &device).unwrap(),
-    );
+    step_with(&mut optimizer, &var, &Tensor::new(&[-100.0f32, 0.0, -100.0], &device).unwrap());
     assert_eq!(values(var.as_tensor())[0], 0.0, "a zero never moves again");
 }
 
@@ -181,10 +164,7 @@ fn bounded_tanh_momentum_never_flips() {
         p_reference *= 1.0 - 1.0 * unbounded;
         p_ours *= 1.0 - 1.0 * bounded;
     }
-    assert!(
-        p_reference < 0.0 || unbounded > 1.0,
-        "the reference form leaves (-1, 1): m = {unbounded}"
-    );
+    assert!(p_reference < 0.0 || unbounded > 1.0, "the reference form leaves (-1, 1): m = {unbounded}");
     assert!(bounded.abs() < 1.0);
     assert!(p_ours > 0.0);
 
@@ -192,11 +172,7 @@ fn bounded_tanh_momentum_never_flips() {
     let var = Var::new(&[1.0f64], &device).unwrap();
     let mut optimizer = SignPreserving::new(1.0, 1.0, Momentum::Tanh(beta)).unwrap();
     for _ in 0..200 {
-        step_with(
-            &mut optimizer,
-            &var,
-            &Tensor::new(&[50.0f64], &device).unwrap(),
-        );
+        step_with(&mut optimizer, &var, &Tensor::new(&[50.0f64], &device).unwrap());
         assert!(values(var.as_tensor())[0] >= 0.0);
     }
 }
@@ -204,15 +180,10 @@ fn bounded_tanh_momentum_never_flips() {
 #[test]
 fn invalid_settings_are_rejected() {
     for lr_out in [0.0, -0.5, 1.5, f64::NAN] {
-        let message = SignPreserving::new(0.3, lr_out, Momentum::None)
-            .unwrap_err()
-            .to_string();
+        let message = SignPreserving::new(0.3, lr_out, Momentum::None).unwrap_err().to_string();
         assert!(message.contains("--lr-out"), "{message}");
         assert!(message.contains("(0, 1]"), "{message}");
-        assert!(
-            message.contains("flip"),
-            "the message explains why: {message}"
-        );
+        assert!(message.contains("flip"), "the message explains why: {message}");
     }
     assert!(SignPreserving::new(-1.0, 0.5, Momentum::None).is_err());
     assert!(SignPreserving::new(0.3, 0.5, Momentum::Gradient(1.0)).is_err());
@@ -248,21 +219,15 @@ fn nonneg_gradients_match_finite_differences() {
         let mut nonneg = transform(&network, &TransformOptions::default()).unwrap();
         let x = common::random_inputs(seed, &network, 3, DType::F64);
         let probe = |n: &isonn::nonneg::NonnegNetwork| -> f64 {
-            weighted_sum(&n.forward(&x).unwrap())
-                .to_scalar::<f64>()
-                .unwrap()
+            weighted_sum(&n.forward(&x).unwrap()).to_scalar::<f64>().unwrap()
         };
         let vars = nonneg.make_trainable().unwrap();
-        let grads = weighted_sum(&nonneg.forward(&x).unwrap())
-            .backward()
-            .unwrap();
+        let grads = weighted_sum(&nonneg.forward(&x).unwrap()).backward().unwrap();
         let frozen = nonneg.to_dtype(DType::F64).unwrap();
         let h = 1e-6;
         let mut slot = 0;
         for (layer_index, layer) in frozen.layers.iter().enumerate() {
-            let NonnegLayer::Affine(a) = layer else {
-                continue;
-            };
+            let NonnegLayer::Affine(a) = layer else { continue };
             for (which, tensor) in a.parameters().iter().enumerate() {
                 let grad = values(grads.get(&vars[slot]).unwrap());
                 slot += 1;
@@ -270,9 +235,7 @@ fn nonneg_gradients_match_finite_differences() {
                 for j in (0..base.len()).step_by((base.len() / 4).max(1)) {
                     let nudge = |delta: f64| {
                         let mut changed = frozen.clone();
-                        let NonnegLayer::Affine(b) = &mut changed.layers[layer_index] else {
-                            unreachable!()
-                        };
+                        let NonnegLayer::Affine(b) = &mut changed.layers[layer_index] else { unreachable!() };
                         let mut v = base.clone();
                         v[j] += delta;
                         let t = Tensor::from_vec(v, tensor.dims(), &Device::Cpu).unwrap();

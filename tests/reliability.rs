@@ -30,16 +30,7 @@ fn small_data() -> Dataset {
 }
 
 fn mlp(seed: u64) -> Network {
-    Network::build(
-        Arch::Mlp,
-        &[1, 28, 28],
-        &[8],
-        10,
-        Activation::PhotonicSigmoid,
-        Init::Xavier,
-        seed,
-    )
-    .unwrap()
+    Network::build(Arch::Mlp, &[1, 28, 28], &[8], 10, Activation::PhotonicSigmoid, Init::Xavier, seed).unwrap()
 }
 
 fn config(epochs: usize, seed: u64) -> TrainConfig {
@@ -73,26 +64,11 @@ fn train(
     };
     let shape = network.input_shape.clone();
     let forward = |x: &Tensor, mode| network.forward_mode(x, mode);
-    fit_checkpointed(
-        &forward,
-        &shape,
-        &vars,
-        &mut sgd,
-        data,
-        config,
-        &Progress::hidden(),
-        &mut || Ok(()),
-        &checkpointing,
-    )
+    fit_checkpointed(&forward, &shape, &vars, &mut sgd, data, config, &Progress::hidden(), &mut || Ok(()), &checkpointing)
 }
 
 fn saved_tensors(network: &Network, dir: &Path) -> Vec<u8> {
-    store::save(
-        dir,
-        &Model::Regular(network.detached()),
-        &serde_json::json!({}),
-    )
-    .unwrap();
+    store::save(dir, &Model::Regular(network.detached()), &serde_json::json!({})).unwrap();
     std::fs::read(dir.join(store::MODEL_TENSORS)).unwrap()
 }
 
@@ -105,30 +81,12 @@ fn same_seed_gives_identical_safetensors() {
     for (run, seed) in [(0, 5), (1, 5), (2, 6)] {
         let mut network = mlp(seed);
         let metrics = train(&mut network, &data, &config(2, seed), 0.05, None, false).unwrap();
-        files.push(saved_tensors(
-            &network,
-            &tmp.path().join(format!("run{run}")),
-        ));
-        figures.push(
-            metrics
-                .epochs
-                .iter()
-                .map(|e| (e.loss, e.train_accuracy, e.test_accuracy))
-                .collect::<Vec<_>>(),
-        );
+        files.push(saved_tensors(&network, &tmp.path().join(format!("run{run}"))));
+        figures.push(metrics.epochs.iter().map(|e| (e.loss, e.train_accuracy, e.test_accuracy)).collect::<Vec<_>>());
     }
-    assert_eq!(
-        files[0], files[1],
-        "two runs with seed 5 wrote different model.safetensors"
-    );
-    assert_eq!(
-        figures[0], figures[1],
-        "two runs with seed 5 measured different figures"
-    );
-    assert_ne!(
-        files[0], files[2],
-        "seeds 5 and 6 wrote the same model.safetensors"
-    );
+    assert_eq!(files[0], files[1], "two runs with seed 5 wrote different model.safetensors");
+    assert_eq!(figures[0], figures[1], "two runs with seed 5 measured different figures");
+    assert_ne!(files[0], files[2], "seeds 5 and 6 wrote the same model.safetensors");
 }
 
 #[test]
@@ -160,13 +118,8 @@ fn resume_rejects_other_batch_size() {
     train(&mut mlp(1), &data, &config(1, 1), 0.05, Some(&dir), false).unwrap();
     let mut other = config(2, 1);
     other.batch_size = 60;
-    let error = train(&mut mlp(1), &data, &other, 0.05, Some(&dir), true)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        error.contains("--batch-size 50, this run has 60"),
-        "{error}"
-    );
+    let error = train(&mut mlp(1), &data, &other, 0.05, Some(&dir), true).unwrap_err().to_string();
+    assert!(error.contains("--batch-size 50, this run has 60"), "{error}");
 }
 
 #[test]
@@ -179,10 +132,7 @@ fn divergence_names_epoch_batch_and_checkpoint() {
     // Diverging before any checkpoint leaves none behind.
     let error = train(&mut mlp(1), &data, &config(2, 1), 1e300, Some(&dir), false).unwrap_err();
     let message = error.to_string();
-    assert!(
-        matches!(error, Error::Diverged { epoch: 1, .. }),
-        "{message}"
-    );
+    assert!(matches!(error, Error::Diverged { epoch: 1, .. }), "{message}");
     assert!(message.contains("no checkpoint of this run"), "{message}");
     assert!(!path.exists(), "a diverged run wrote a checkpoint");
 
@@ -191,20 +141,10 @@ fn divergence_names_epoch_batch_and_checkpoint() {
     let good = std::fs::read(&path).unwrap();
     let error = train(&mut mlp(1), &data, &config(2, 1), 1e300, Some(&dir), true).unwrap_err();
     let message = error.to_string();
-    assert!(
-        matches!(error, Error::Diverged { epoch: 2, .. }),
-        "{message}"
-    );
+    assert!(matches!(error, Error::Diverged { epoch: 2, .. }), "{message}");
     assert!(message.contains("epoch 2, batch"), "{message}");
-    assert!(
-        message.contains(&format!("{} (after epoch 1)", path.display())),
-        "{message}"
-    );
-    assert_eq!(
-        std::fs::read(&path).unwrap(),
-        good,
-        "the last good checkpoint changed"
-    );
+    assert!(message.contains(&format!("{} (after epoch 1)", path.display())), "{message}");
+    assert_eq!(std::fs::read(&path).unwrap(), good, "the last good checkpoint changed");
     assert!(checkpoint::load(&path).is_ok());
 }
 
@@ -213,45 +153,26 @@ fn nan_weights_are_never_saved_or_loaded() {
     let tmp = tempfile::tempdir().unwrap();
     let network = mlp(0);
     let dir = tmp.path().join("model");
-    store::save(
-        &dir,
-        &Model::Regular(network.clone()),
-        &serde_json::json!({}),
-    )
-    .unwrap();
+    store::save(&dir, &Model::Regular(network.clone()), &serde_json::json!({})).unwrap();
 
     let mut poisoned = network.clone();
-    if let Some((w, _)) = poisoned
-        .layers
-        .iter_mut()
-        .find_map(|l| l.weight_and_bias_mut())
-    {
+    if let Some((w, _)) = poisoned.layers.iter_mut().find_map(|l| l.weight_and_bias_mut()) {
         let mut values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         values[3] = f32::NAN;
         *w = Tensor::from_vec(values, w.dims(), w.device()).unwrap();
     }
-    let error = store::save(
-        &dir,
-        &Model::Regular(poisoned.clone()),
-        &serde_json::json!({}),
-    )
-    .unwrap_err()
-    .to_string();
+    let error = store::save(&dir, &Model::Regular(poisoned.clone()), &serde_json::json!({}))
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("non-finite"), "{error}");
-    assert!(
-        store::load(&dir).is_ok(),
-        "the failed save damaged the good model"
-    );
+    assert!(store::load(&dir).is_ok(), "the failed save damaged the good model");
 
     // A file written by another tool with a NaN entry is rejected by name.
     let tensors: Vec<(String, Tensor)> = poisoned.parameters();
     let bytes = store::serialize_tensors(&tensors, None, Path::new("x")).unwrap();
     std::fs::write(dir.join(store::MODEL_TENSORS), bytes).unwrap();
     let error = store::load(&dir).unwrap_err().to_string();
-    assert!(
-        error.contains("tensor layers.1.weight contains a non-finite value"),
-        "{error}"
-    );
+    assert!(error.contains("tensor layers.1.weight contains a non-finite value"), "{error}");
 }
 
 /// Offsets to truncate a file of `len` bytes at: 0 and random ones, all
@@ -276,10 +197,7 @@ fn check_truncation<T>(path: &Path, load: &dyn Fn(&Path) -> isonn::Result<T>, se
             Ok(_) => panic!("{name} truncated to {cut} of {} bytes loaded", good.len()),
             Err(e) => {
                 let message = e.to_string();
-                assert!(
-                    message.contains(&name),
-                    "{name} at {cut}: the error does not name the file: {message}"
-                );
+                assert!(message.contains(&name), "{name} at {cut}: the error does not name the file: {message}");
             }
         }
         // An atomic write that stops at the same offset keeps the old file.
@@ -289,25 +207,15 @@ fn check_truncation<T>(path: &Path, load: &dyn Fn(&Path) -> isonn::Result<T>, se
             Err(std::io::Error::other("simulated crash"))
         });
         assert!(result.is_err());
-        assert_eq!(
-            std::fs::read(path).unwrap(),
-            good,
-            "{name}: an interrupted write changed the file"
-        );
-        assert!(
-            !fsio::temporary_path(path).exists(),
-            "{name}: the temporary file was left behind"
-        );
+        assert_eq!(std::fs::read(path).unwrap(), good, "{name}: an interrupted write changed the file");
+        assert!(!fsio::temporary_path(path).exists(), "{name}: the temporary file was left behind");
         assert!(load(path).is_ok(), "{name}: the kept file does not load");
     }
 }
 
 fn cells() -> Vec<(PathBuf, Cell)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/runs/mlp-fashion-mnist/cells");
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
     paths.sort();
     paths
         .into_iter()
@@ -329,47 +237,22 @@ fn truncated_files_fail_and_good_files_survive() {
     // A checkpoint with optimizer buffers, from one real epoch.
     train(&mut network, &data, &config(1, 4), 0.05, Some(&dir), false).unwrap();
     let network = network.detached();
-    store::save(
-        &dir,
-        &Model::Regular(network.clone()),
-        &serde_json::json!({}),
-    )
-    .unwrap();
+    store::save(&dir, &Model::Regular(network.clone()), &serde_json::json!({})).unwrap();
     let load_model = |p: &Path| store::load(p.parent().unwrap()).map(|_| ());
     check_truncation(&dir.join(store::MODEL_JSON), &load_model, 1);
     check_truncation(&dir.join(store::MODEL_TENSORS), &load_model, 2);
-    check_truncation(
-        &checkpoint::path_in(&dir),
-        &|p: &Path| checkpoint::load(p).map(|_| ()),
-        3,
-    );
+    check_truncation(&checkpoint::path_in(&dir), &|p: &Path| checkpoint::load(p).map(|_| ()), 3);
 
     let nonneg = transform(&network, &TransformOptions::default()).unwrap();
-    let report = verify::verify(
-        &network,
-        &nonneg,
-        &data.test,
-        100,
-        Precision::Model,
-        &Progress::hidden(),
-    )
-    .unwrap();
+    let report = verify::verify(&network, &nonneg, &data.test, 100, Precision::Model, &Progress::hidden()).unwrap();
     let report_path = tmp.path().join("equivalence.json");
     fsio::write_json_atomic(&report_path, &report).unwrap();
-    check_truncation(
-        &report_path,
-        &|p: &Path| fsio::read_json::<EquivalenceReport>(p, "equivalence.json"),
-        4,
-    );
+    check_truncation(&report_path, &|p: &Path| fsio::read_json::<EquivalenceReport>(p, "equivalence.json"), 4);
 
     let cells = cells();
     let cell_path = tmp.path().join(cells[0].0.file_name().unwrap());
     fsio::write_json_atomic(&cell_path, &cells[0].1).unwrap();
-    check_truncation(
-        &cell_path,
-        &|p: &Path| fsio::read_json::<Cell>(p, "reproduce cell"),
-        5,
-    );
+    check_truncation(&cell_path, &|p: &Path| fsio::read_json::<Cell>(p, "reproduce cell"), 5);
 
     let results = Results {
         isonn_version: env!("CARGO_PKG_VERSION").into(),
@@ -397,11 +280,7 @@ fn truncated_files_fail_and_good_files_survive() {
     };
     let results_path = tmp.path().join("results.json");
     fsio::write_json_atomic(&results_path, &results).unwrap();
-    check_truncation(
-        &results_path,
-        &|p: &Path| fsio::read_json::<Results>(p, "results.json"),
-        6,
-    );
+    check_truncation(&results_path, &|p: &Path| fsio::read_json::<Results>(p, "results.json"), 6);
 }
 
 #[test]
@@ -413,17 +292,8 @@ fn checkpoint_keeps_optimizer_state() {
     let shape = network.input_shape.clone();
     {
         let forward = |x: &Tensor, mode| network.forward_mode(x, mode);
-        isonn::train::fit(
-            &forward,
-            &shape,
-            &vars,
-            &mut sgd,
-            &data,
-            &config(1, 3),
-            &Progress::hidden(),
-            &mut || Ok(()),
-        )
-        .unwrap();
+        isonn::train::fit(&forward, &shape, &vars, &mut sgd, &data, &config(1, 3), &Progress::hidden(), &mut || Ok(()))
+            .unwrap();
     }
     let state = sgd.state();
     assert_eq!(state.buffers.len(), vars.len());
@@ -446,44 +316,20 @@ fn checkpoint_keeps_optimizer_state() {
     };
     checkpoint::save(&path, &vars, &state, &position).unwrap();
     let loaded = checkpoint::load(&path).unwrap();
-    assert_eq!(
-        loaded.position, position,
-        "the position did not round-trip exactly"
-    );
+    assert_eq!(loaded.position, position, "the position did not round-trip exactly");
     for (i, (saved, var)) in loaded.parameters.iter().zip(&vars).enumerate() {
         let a = saved.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let b = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(a, b, "parameter {i}");
     }
     let mut restored = Sgd::new(0.05, 0.9, 0.0).unwrap();
     restored.set_state(&vars, loaded.optimizer).unwrap();
-    for (i, (a, b)) in restored
-        .state()
-        .buffers
-        .iter()
-        .zip(&state.buffers)
-        .enumerate()
-    {
-        let flat = |t: &Option<Tensor>| {
-            t.as_ref()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
+    for (i, (a, b)) in restored.state().buffers.iter().zip(&state.buffers).enumerate() {
+        let flat = |t: &Option<Tensor>| t.as_ref().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(flat(a), flat(b), "momentum buffer {i}");
     }
     let wrong = OptimizerState {
-        buffers: vec![
-            Some(Tensor::zeros(3, DType::F32, &candle_core::Device::Cpu).unwrap());
-            vars.len()
-        ],
+        buffers: vec![Some(Tensor::zeros(3, DType::F32, &candle_core::Device::Cpu).unwrap()); vars.len()],
         zeroed: 0,
     };
     let error = restored.set_state(&vars, wrong).unwrap_err().to_string();
@@ -496,16 +342,10 @@ fn oversized_model_json_is_rejected_unread() {
     let dir = tmp.path().join("model");
     store::save(&dir, &Model::Regular(mlp(0)), &serde_json::json!({})).unwrap();
     // A sparse file: its length exceeds the cap without using the disk.
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(dir.join(store::MODEL_JSON))
-        .unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(dir.join(store::MODEL_JSON)).unwrap();
     file.set_len(store::MAX_MODEL_JSON_BYTES + 1).unwrap();
     let error = store::load(&dir).unwrap_err().to_string();
-    assert!(
-        error.contains("more than the maximum of 67108864 bytes"),
-        "{error}"
-    );
+    assert!(error.contains("more than the maximum of 67108864 bytes"), "{error}");
 }
 
 #[test]
@@ -524,10 +364,7 @@ fn huge_layer_output_is_rejected() {
         }),
     );
     let error = network.output_shape().unwrap_err().to_string();
-    assert!(
-        error.contains("more than 16777216 values per sample"),
-        "{error}"
-    );
+    assert!(error.contains("more than 16777216 values per sample"), "{error}");
 }
 
 #[test]
@@ -540,32 +377,13 @@ fn foreign_files_are_rejected_by_name() {
     let checkpoint_path = checkpoint::path_in(&dir);
     std::fs::copy(dir.join(store::MODEL_TENSORS), &checkpoint_path).unwrap();
     let error = checkpoint::load(&checkpoint_path).unwrap_err().to_string();
-    assert!(
-        error.contains("no \"isonn_checkpoint\" metadata"),
-        "{error}"
-    );
+    assert!(error.contains("no \"isonn_checkpoint\" metadata"), "{error}");
 
     // Tensors of a wider network under this model.json.
     let other = tmp.path().join("other");
-    let wide = Network::build(
-        Arch::Mlp,
-        &[1, 28, 28],
-        &[9],
-        10,
-        Activation::PhotonicSigmoid,
-        Init::Xavier,
-        0,
-    )
-    .unwrap();
+    let wide = Network::build(Arch::Mlp, &[1, 28, 28], &[9], 10, Activation::PhotonicSigmoid, Init::Xavier, 0).unwrap();
     store::save(&other, &Model::Regular(wide), &serde_json::json!({})).unwrap();
-    std::fs::copy(
-        other.join(store::MODEL_TENSORS),
-        dir.join(store::MODEL_TENSORS),
-    )
-    .unwrap();
+    std::fs::copy(other.join(store::MODEL_TENSORS), dir.join(store::MODEL_TENSORS)).unwrap();
     let error = store::load(&dir).unwrap_err().to_string();
-    assert!(
-        error.contains("has shape [9, 784], model.json implies [8, 784]"),
-        "{error}"
-    );
+    assert!(error.contains("has shape [9, 784], model.json implies [8, 784]"), "{error}");
 }

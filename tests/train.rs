@@ -32,34 +32,15 @@ fn config(epochs: usize, seed: u64) -> TrainConfig {
 }
 
 fn mlp(activation: Activation, seed: u64) -> Network {
-    Network::build(
-        Arch::Mlp,
-        &[1, 28, 28],
-        &[64, 32],
-        10,
-        activation,
-        Init::Xavier,
-        seed,
-    )
-    .unwrap()
+    Network::build(Arch::Mlp, &[1, 28, 28], &[64, 32], 10, activation, Init::Xavier, seed).unwrap()
 }
 
 fn support(t: &Tensor) -> Vec<bool> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-        .iter()
-        .map(|v| *v > 0.0)
-        .collect()
+    t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap().iter().map(|v| *v > 0.0).collect()
 }
 
 fn supports(n: &NonnegNetwork) -> Vec<Vec<bool>> {
-    n.affine_layers()
-        .flat_map(|(_, a)| [support(&a.positive), support(&a.negative)])
-        .collect()
+    n.affine_layers().flat_map(|(_, a)| [support(&a.positive), support(&a.negative)]).collect()
 }
 
 #[test]
@@ -67,19 +48,12 @@ fn regular_training_learns_and_is_deterministic() {
     let data = small_data();
     let mut a = mlp(Activation::PhotonicSinusoidal, 4);
     let mut b = mlp(Activation::PhotonicSinusoidal, 4);
-    let ma =
-        scenario::train_regular(&mut a, &data, &config(2, 4), 0.16, &Progress::hidden()).unwrap();
-    let mb =
-        scenario::train_regular(&mut b, &data, &config(2, 4), 0.16, &Progress::hidden()).unwrap();
-    assert!(
-        ma.test_accuracy > 0.6,
-        "two epochs on 3000 images: {}",
-        ma.test_accuracy
-    );
+    let ma = scenario::train_regular(&mut a, &data, &config(2, 4), 0.16, &Progress::hidden()).unwrap();
+    let mb = scenario::train_regular(&mut b, &data, &config(2, 4), 0.16, &Progress::hidden()).unwrap();
+    assert!(ma.test_accuracy > 0.6, "two epochs on 3000 images: {}", ma.test_accuracy);
     assert_eq!(ma.epochs.len(), 2);
     for ((name, x), (_, y)) in a.parameters().iter().zip(b.parameters()) {
-        let same = x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-            == y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let same = x.flatten_all().unwrap().to_vec1::<f32>().unwrap() == y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(same, "{name} differs between two runs with the same seed");
     }
     assert_eq!(ma.test_accuracy, mb.test_accuracy);
@@ -91,14 +65,7 @@ fn regular_training_learns_and_is_deterministic() {
 fn sign_preserving_training_stays_isomorphic() {
     let data = small_data();
     let mut regular = mlp(Activation::PhotonicSigmoid, 1);
-    scenario::train_regular(
-        &mut regular,
-        &data,
-        &config(1, 1),
-        0.01,
-        &Progress::hidden(),
-    )
-    .unwrap();
+    scenario::train_regular(&mut regular, &data, &config(1, 1), 0.01, &Progress::hidden()).unwrap();
     let mut nonneg = transform(&regular, &TransformOptions::default()).unwrap();
     let before = supports(&nonneg);
     let rule = NonnegOptimizer::SignPreserving {
@@ -106,14 +73,7 @@ fn sign_preserving_training_stays_isomorphic() {
         lr_out: 0.3,
         momentum: Momentum::Tanh(0.9),
     };
-    let report = scenario::train_nonneg(
-        &mut nonneg,
-        &data,
-        &config(2, 1),
-        &rule,
-        &Progress::hidden(),
-    )
-    .unwrap();
+    let report = scenario::train_nonneg(&mut nonneg, &data, &config(2, 1), &rule, &Progress::hidden()).unwrap();
     assert_eq!(report.negative_after_steps, 0);
     assert_eq!(nonneg.count_negative().unwrap(), (0, 0));
     let after = supports(&nonneg);
@@ -123,66 +83,30 @@ fn sign_preserving_training_stays_isomorphic() {
         }
     }
     let back = inverse(&nonneg).unwrap();
-    let check = verify::verify(
-        &back,
-        &nonneg,
-        &data.test,
-        250,
-        Precision::Model,
-        &Progress::hidden(),
-    )
-    .unwrap();
+    let check = verify::verify(&back, &nonneg, &data.test, 250, Precision::Model, &Progress::hidden()).unwrap();
     assert_eq!(check.argmax_agreement, 1.0);
-    assert!(
-        check.max_rel_diff < 1e-4,
-        "inverse map differs by {:e}",
-        check.max_rel_diff
-    );
-    assert!(
-        report.metrics.test_accuracy > 0.5,
-        "accuracy {}",
-        report.metrics.test_accuracy
-    );
+    assert!(check.max_rel_diff < 1e-4, "inverse map differs by {:e}", check.max_rel_diff);
+    assert!(report.metrics.test_accuracy > 0.5, "accuracy {}", report.metrics.test_accuracy);
 }
 
 /// Projected SGD keeps parameters >= 0 but may let P and N overlap; the
 /// inverse map is exact all the same.
+/// Three epochs, because after two the accuracy (0.49 to 0.59) depends on
+/// the last bits of the activation's rounding; after three it is 0.60 to 0.63.
 #[test]
 fn projected_training_keeps_non_negative() {
     let data = small_data();
     let regular = mlp(Activation::PhotonicSinusoidal, 2);
     let mut nonneg = transform(&regular, &TransformOptions::default()).unwrap();
-    let rule = NonnegOptimizer::Projected {
-        lr: 0.05,
-        momentum: 0.5,
-    };
-    let report = scenario::train_nonneg(
-        &mut nonneg,
-        &data,
-        &config(2, 2),
-        &rule,
-        &Progress::hidden(),
-    )
-    .unwrap();
+    let rule = NonnegOptimizer::Projected { lr: 0.05, momentum: 0.5 };
+    let report = scenario::train_nonneg(&mut nonneg, &data, &config(3, 2), &rule, &Progress::hidden()).unwrap();
     assert_eq!(report.negative_after_steps, 0);
     assert_eq!(nonneg.count_negative().unwrap(), (0, 0));
     let back = inverse(&nonneg).unwrap();
-    let check = verify::verify(
-        &back,
-        &nonneg,
-        &data.test,
-        250,
-        Precision::F64,
-        &Progress::hidden(),
-    )
-    .unwrap();
+    let check = verify::verify(&back, &nonneg, &data.test, 250, Precision::F64, &Progress::hidden()).unwrap();
     assert_eq!(check.argmax_agreement, 1.0);
     assert!(check.max_rel_diff < 1e-4, "{:e}", check.max_rel_diff);
-    assert!(
-        report.metrics.test_accuracy > 0.5,
-        "from scratch, 2 epochs: {}",
-        report.metrics.test_accuracy
-    );
+    assert!(report.metrics.test_accuracy > 0.5, "from scratch, 3 epochs: {}", report.metrics.test_accuracy);
 }
 
 /// Clipping a regular network to non-negative weights destroys it; that is
@@ -191,28 +115,13 @@ fn projected_training_keeps_non_negative() {
 fn clipped_network_collapses() {
     let data = small_data();
     let mut regular = mlp(Activation::PhotonicSigmoid, 3);
-    scenario::train_regular(
-        &mut regular,
-        &data,
-        &config(2, 3),
-        0.01,
-        &Progress::hidden(),
-    )
-    .unwrap();
+    scenario::train_regular(&mut regular, &data, &config(2, 3), 0.01, &Progress::hidden()).unwrap();
     let clipped = scenario::clip_negative(&regular).unwrap();
     for (name, t) in clipped.parameters() {
         assert_eq!(isonn::nonneg::count_negative(&t).unwrap(), 0, "{name}");
     }
     let forward = |x: &Tensor| clipped.forward(x);
-    let accuracy = verify::accuracy(
-        &forward,
-        &[1, 28, 28],
-        &data.test,
-        250,
-        DType::F32,
-        &Progress::hidden(),
-    )
-    .unwrap();
+    let accuracy = verify::accuracy(&forward, &[1, 28, 28], &data.test, 250, DType::F32, &Progress::hidden()).unwrap();
     assert!(accuracy < 0.3, "clipped accuracy {accuracy}");
 }
 
@@ -221,20 +130,11 @@ fn exponential_init_is_non_negative_with_xavier_mean() {
     let mut network = mlp(Activation::PhotonicSigmoid, 0);
     scenario::exponential_init(&mut network, 9).unwrap();
     let (_, w) = &network.parameters()[0];
-    let values: Vec<f64> = w
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let values: Vec<f64> = w.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap();
     assert!(values.iter().all(|v| *v >= 0.0));
     let mean = values.iter().sum::<f64>() / values.len() as f64;
     let want = (2.0 / (784.0 + 64.0f64)).sqrt();
-    assert!(
-        (mean / want - 1.0).abs() < 0.02,
-        "mean {mean}, expected {want}"
-    );
+    assert!((mean / want - 1.0).abs() < 0.02, "mean {mean}, expected {want}");
 }
 
 #[test]
@@ -242,12 +142,7 @@ fn scenario_names_parse() {
     use isonn::scenario::Scenario;
     assert_eq!(Scenario::parse_list("all").unwrap().len(), 8);
     assert_eq!(Scenario::parse_list("post-training").unwrap().len(), 2);
-    assert_eq!(
-        Scenario::parse_list("transformation,from-scratch-sign-preserving")
-            .unwrap()
-            .len(),
-        2
-    );
+    assert_eq!(Scenario::parse_list("transformation,from-scratch-sign-preserving").unwrap().len(), 2);
     let message = Scenario::parse_list("sideways").unwrap_err().to_string();
     assert!(message.contains("unknown scenario"), "{message}");
 }
@@ -263,14 +158,7 @@ fn reused_regular_training_gives_the_same_cell() {
         d
     };
     let scenario = scenario::Scenario::PostTraining(scenario::NonnegOptimizerKind::SignPreserving);
-    let settings = scenario::settings(
-        Arch::Mlp,
-        &Activation::PhotonicSigmoid,
-        scenario,
-        2,
-        1,
-        false,
-    );
+    let settings = scenario::settings(Arch::Mlp, &Activation::PhotonicSigmoid, scenario, 2, 1, false);
     let run = |pretrained: &mut scenario::Pretrained| {
         scenario::run_scenario(
             Arch::Mlp,
@@ -294,17 +182,10 @@ fn reused_regular_training_gives_the_same_cell() {
     assert_eq!(cache.reused(), 1);
     // Everything but the wall times.
     let figures = |r: &scenario::ScenarioResult| -> Vec<(usize, f64, f64, Option<f64>)> {
-        r.curve
-            .iter()
-            .map(|e| (e.epoch, e.loss, e.train_accuracy, e.test_accuracy))
-            .collect()
+        r.curve.iter().map(|e| (e.epoch, e.loss, e.train_accuracy, e.test_accuracy)).collect()
     };
     assert_eq!(figures(&fresh), figures(&first));
-    assert_eq!(
-        figures(&first),
-        figures(&reused),
-        "a cached regular training changed the cell"
-    );
+    assert_eq!(figures(&first), figures(&reused), "a cached regular training changed the cell");
     assert_eq!(fresh.test_accuracy, reused.test_accuracy);
 }
 
@@ -317,16 +198,9 @@ fn file_order_training_ignores_the_shuffling_seed() {
     data.test = data.test.take(200);
     let weights = |order_seed: u64, shuffle: bool| -> Vec<f32> {
         let mut network = mlp(Activation::PhotonicSigmoid, 1);
-        let config = TrainConfig {
-            shuffle,
-            ..config(1, order_seed)
-        };
+        let config = TrainConfig { shuffle, ..config(1, order_seed) };
         scenario::train_regular(&mut network, &data, &config, 0.05, &Progress::hidden()).unwrap();
-        network
-            .parameters()
-            .iter()
-            .flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-            .collect()
+        network.parameters().iter().flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
     };
     assert_eq!(weights(5, false), weights(6, false));
     assert_ne!(weights(5, true), weights(6, true));

@@ -6,9 +6,7 @@ mod common;
 use candle_core::{DType, Tensor};
 use common::*;
 use isonn::model::{Network, Range};
-use isonn::nonneg::{
-    inverse, transform, ActivationRange, NonnegLayer, NonnegNetwork, ShiftPolicy, TransformOptions,
-};
+use isonn::nonneg::{inverse, transform, ActivationRange, NonnegLayer, NonnegNetwork, ShiftPolicy, TransformOptions};
 use proptest::prelude::*;
 
 /// Relative tolerance on logits (divided by the largest |logit| of the batch,
@@ -32,35 +30,16 @@ fn check_all_non_negative(nonneg: &NonnegNetwork) {
 /// `P` and `N` never both route one weight.
 fn check_disjoint(nonneg: &NonnegNetwork) {
     for (i, a) in nonneg.affine_layers() {
-        let both = a
-            .positive
-            .gt(0.0)
-            .unwrap()
-            .mul(&a.negative.gt(0.0).unwrap())
-            .unwrap();
-        let overlap = both
-            .to_dtype(DType::F64)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let both = a.positive.gt(0.0).unwrap().mul(&a.negative.gt(0.0).unwrap()).unwrap();
+        let overlap = both.to_dtype(DType::F64).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
         assert_eq!(overlap, 0.0, "layer {i}: P and N overlap");
     }
 }
 
 fn options(shift: bool, tight: bool) -> TransformOptions {
     TransformOptions {
-        shift: if shift {
-            ShiftPolicy::Published
-        } else {
-            ShiftPolicy::Minimal
-        },
-        activation_range: if tight {
-            ActivationRange::Tight
-        } else {
-            ActivationRange::Method
-        },
+        shift: if shift { ShiftPolicy::Published } else { ShiftPolicy::Minimal },
+        activation_range: if tight { ActivationRange::Tight } else { ActivationRange::Method },
     }
 }
 
@@ -71,26 +50,14 @@ fn range_strategy() -> impl Strategy<Value = Range> {
     ]
 }
 
-fn check_network(
-    network: &Network,
-    dtype: DType,
-    opts: TransformOptions,
-    seed: u64,
-) -> Result<(), TestCaseError> {
+fn check_network(network: &Network, dtype: DType, opts: TransformOptions, seed: u64) -> Result<(), TestCaseError> {
     let nonneg = transform(network, &opts).unwrap();
     check_all_non_negative(&nonneg);
     check_disjoint(&nonneg);
     let x = random_inputs(seed, network, 5, dtype);
     let (rel, min_signal) = compare(network, &nonneg, &x);
-    let tolerance = if dtype == DType::F64 {
-        TOLERANCE_F64
-    } else {
-        TOLERANCE_F32
-    };
-    prop_assert!(
-        rel <= tolerance,
-        "relative logit difference {rel:e} above {tolerance:e}"
-    );
+    let tolerance = if dtype == DType::F64 { TOLERANCE_F64 } else { TOLERANCE_F32 };
+    prop_assert!(rel <= tolerance, "relative logit difference {rel:e} above {tolerance:e}");
     prop_assert!(min_signal >= 0.0, "physical signal {min_signal} < 0");
     Ok(())
 }
@@ -160,36 +127,14 @@ fn positive_corrected_bias_is_exact() {
         ],
     };
     for policy in [ShiftPolicy::Minimal, ShiftPolicy::Published] {
-        let nonneg = transform(
-            &network,
-            &TransformOptions {
-                shift: policy,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let NonnegLayer::Affine(first) = &nonneg.layers[1] else {
-            panic!("layer 1 is affine")
-        };
+        let nonneg = transform(&network, &TransformOptions { shift: policy, ..Default::default() }).unwrap();
+        let NonnegLayer::Affine(first) = &nonneg.layers[1] else { panic!("layer 1 is affine") };
         // c = [2, -1 - 1.5] = [2, -2.5]
         let stored: Vec<f64> = first.bias.to_vec1().unwrap();
         let s = first.shift;
-        assert!(
-            (stored[0] - (2.0 + s)).abs() < 1e-12,
-            "unit 0 stores {} for c + s = {}",
-            stored[0],
-            2.0 + s
-        );
-        assert!(
-            (stored[1] - (-2.5 + s)).abs() < 1e-12,
-            "unit 1 stores {}",
-            stored[1]
-        );
-        let x = Tensor::new(
-            &[[[[0.0f64, 0.0]]], [[[1.0, 1.0]]], [[[0.3, 0.9]]]],
-            &device,
-        )
-        .unwrap();
+        assert!((stored[0] - (2.0 + s)).abs() < 1e-12, "unit 0 stores {} for c + s = {}", stored[0], 2.0 + s);
+        assert!((stored[1] - (-2.5 + s)).abs() < 1e-12, "unit 1 stores {}", stored[1]);
+        let x = Tensor::new(&[[[[0.0f64, 0.0]]], [[[1.0, 1.0]]], [[[0.3, 0.9]]]], &device).unwrap();
         let (rel, min_signal) = compare(&network, &nonneg, &x);
         assert!(rel < 1e-14, "{policy:?}: relative difference {rel:e}");
         assert!(min_signal >= 0.0);
@@ -200,18 +145,12 @@ fn positive_corrected_bias_is_exact() {
 fn shift_policies_follow_their_rules() {
     let c = [-2.0, 0.5, 3.0];
     let minimal = ShiftPolicy::Minimal.shift(&c);
-    assert!(
-        (minimal - (2.0 + isonn::nonneg::SHIFT_MARGIN * 3.0)).abs() < 1e-12,
-        "{minimal}"
-    );
+    assert!((minimal - (2.0 + isonn::nonneg::SHIFT_MARGIN * 3.0)).abs() < 1e-12, "{minimal}");
     assert_eq!(ShiftPolicy::Published.shift(&c), 3.0);
     // Every bias positive: the smallest exact shift is 0, plus the margin.
     let positive = [0.5, 1.0];
     assert!((ShiftPolicy::Minimal.shift(&positive) - 0.01).abs() < 1e-12);
-    assert!(
-        ShiftPolicy::Minimal.shift(&[0.0, 0.0]) > 0.0,
-        "the margin keeps zero biases trainable"
-    );
+    assert!(ShiftPolicy::Minimal.shift(&[0.0, 0.0]) > 0.0, "the margin keeps zero biases trainable");
 }
 
 #[test]
@@ -232,15 +171,10 @@ fn unbounded_activation_is_rejected() {
             *a = isonn::activation::Activation::Relu;
         }
     }
-    let message = transform(&network, &TransformOptions::default())
-        .unwrap_err()
-        .to_string();
+    let message = transform(&network, &TransformOptions::default()).unwrap_err().to_string();
     assert!(message.contains("relu"), "{message}");
     assert!(message.contains("unbounded"), "{message}");
-    assert!(
-        message.contains("relu-n"),
-        "the message names the fix: {message}"
-    );
+    assert!(message.contains("relu-n"), "the message names the fix: {message}");
 }
 
 /// Padded convolutions read a range containing 0, so the transformation
@@ -266,24 +200,11 @@ fn padding_widens_range_to_zero() {
     };
     randomise(&mut network, &mut rng, DType::F64);
     let nonneg = transform(&network, &options(false, true)).unwrap();
-    assert_eq!(
-        nonneg.input_range.lo, 0.0,
-        "input range widened to contain 0"
-    );
-    let NonnegLayer::Activation(a) = &nonneg.layers[1] else {
-        panic!()
-    };
-    assert_eq!(
-        a.output_offset, 0.0,
-        "tight range widened before a padded layer"
-    );
-    let NonnegLayer::Activation(b) = &nonneg.layers[3] else {
-        panic!()
-    };
-    assert!(
-        (b.output_offset - 0.06).abs() < 1e-12,
-        "no padding after: tight range kept"
-    );
+    assert_eq!(nonneg.input_range.lo, 0.0, "input range widened to contain 0");
+    let NonnegLayer::Activation(a) = &nonneg.layers[1] else { panic!() };
+    assert_eq!(a.output_offset, 0.0, "tight range widened before a padded layer");
+    let NonnegLayer::Activation(b) = &nonneg.layers[3] else { panic!() };
+    assert!((b.output_offset - 0.06).abs() < 1e-12, "no padding after: tight range kept");
     let x = random_inputs(1, &network, 4, DType::F64);
     let (rel, min_signal) = compare(&network, &nonneg, &x);
     assert!(rel < 1e-12, "{rel:e}");

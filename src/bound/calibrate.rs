@@ -29,12 +29,7 @@ type Observer<'a> = dyn FnMut(&str, &Tensor, Option<&LayerBounds>) -> Result<()>
 /// For ReLU, `min(max(z, 0), N)` is ReLU-N, and a statistic or a clip count
 /// of the outputs `max(z, 0)` equals that of the pre-activations wherever
 /// it is positive, since `max(., 0)` keeps the order of positive values.
-fn forward_observed(
-    network: &Network,
-    bounds: &[LayerBounds],
-    x: &Tensor,
-    observe: &mut Observer,
-) -> Result<Tensor> {
+fn forward_observed(network: &Network, bounds: &[LayerBounds], x: &Tensor, observe: &mut Observer) -> Result<Tensor> {
     chain_observed(&network.layers, "layers", bounds, x, observe)
 }
 
@@ -61,13 +56,7 @@ fn chain_observed(
             }
             Layer::Residual(r) => {
                 let main = chain_observed(&r.main, &format!("{path}.main"), bounds, &h, observe)?;
-                let shortcut = chain_observed(
-                    &r.shortcut,
-                    &format!("{path}.shortcut"),
-                    bounds,
-                    &h,
-                    observe,
-                )?;
+                let shortcut = chain_observed(&r.shortcut, &format!("{path}.shortcut"), bounds, &h, observe)?;
                 main.add(&shortcut)?
             }
             other => other.forward(&h)?,
@@ -132,10 +121,7 @@ enum Accumulator {
     Max(f64),
     /// The `keep` largest values so far, smallest on top: once all values
     /// are seen, the top is the value of rank `n - keep + 1`.
-    Top {
-        keep: usize,
-        heap: BinaryHeap<Reverse<Ordered>>,
-    },
+    Top { keep: usize, heap: BinaryHeap<Reverse<Ordered>> },
 }
 
 impl Accumulator {
@@ -231,11 +217,7 @@ pub fn calibrate(
         check_per_channel(network)?;
     }
     if images.is_empty() {
-        return Err(Error::config(
-            "--calibration-samples",
-            0,
-            "calibration needs at least one image",
-        ));
+        return Err(Error::config("--calibration-samples", 0, "calibration needs at least one image"));
     }
     let shapes = site_shapes(network, images)?;
     let mut accumulators: Vec<Vec<Accumulator>> = Vec::new();
@@ -269,11 +251,7 @@ pub fn calibrate(
         let values = y.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         let group = &mut accumulators[index];
         for (flat, value) in values.into_iter().enumerate() {
-            let slot = if group.len() == 1 {
-                0
-            } else {
-                (flat / positions) % channels
-            };
+            let slot = if group.len() == 1 { 0 } else { (flat / positions) % channels };
             group[slot].push(value);
         }
         Ok(())
@@ -300,12 +278,7 @@ fn site_shapes(network: &Network, images: &Images) -> Result<Vec<Vec<usize>>> {
 
 /// Turns one layer's statistics into bounds, with the fallback for
 /// channels that never fired.
-fn finish_layer(
-    site: Site,
-    group: &[Accumulator],
-    statistic: Statistic,
-    margin: f64,
-) -> Result<LayerBounds> {
+fn finish_layer(site: Site, group: &[Accumulator], statistic: Statistic, margin: f64) -> Result<LayerBounds> {
     let layer = &site.path;
     let raw: Vec<f64> = group.iter().map(|a| a.value() * (1.0 + margin)).collect();
     if let Some(bad) = raw.iter().find(|v| v.is_nan() || **v == f64::INFINITY) {
@@ -382,12 +355,7 @@ pub struct ClipRates {
 ///
 /// The values are those of the bounded network, so the clipping of one layer
 /// changes what the later layers receive.
-pub fn clip_rates(
-    network: &Network,
-    bounds: &[LayerBounds],
-    images: &Images,
-    batch_size: usize,
-) -> Result<ClipRates> {
+pub fn clip_rates(network: &Network, bounds: &[LayerBounds], images: &Images, batch_size: usize) -> Result<ClipRates> {
     let mut layers: Vec<LayerClipRate> = bounds
         .iter()
         .map(|b| LayerClipRate {
@@ -398,33 +366,18 @@ pub fn clip_rates(
             rate: 0.0,
         })
         .collect();
-    for_each_batch(
-        network,
-        bounds,
-        images,
-        batch_size,
-        &mut |path, z, bound| {
-            let Some(bound) = bound else {
-                return Ok(());
-            };
-            let above = z.broadcast_gt(&bound.broadcastable(z)?)?;
-            let clipped = above.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
-            let entry = layers
-                .iter_mut()
-                .find(|l| l.path == path)
-                .expect("one entry per bound");
-            entry.clipped += clipped as u64;
-            entry.values += z.elem_count() as u64;
-            Ok(())
-        },
-    )?;
-    let rate = |clipped: u64, values: u64| {
-        if values == 0 {
-            0.0
-        } else {
-            clipped as f64 / values as f64
-        }
-    };
+    for_each_batch(network, bounds, images, batch_size, &mut |path, z, bound| {
+        let Some(bound) = bound else {
+            return Ok(());
+        };
+        let above = z.broadcast_gt(&bound.broadcastable(z)?)?;
+        let clipped = above.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+        let entry = layers.iter_mut().find(|l| l.path == path).expect("one entry per bound");
+        entry.clipped += clipped as u64;
+        entry.values += z.elem_count() as u64;
+        Ok(())
+    })?;
+    let rate = |clipped: u64, values: u64| if values == 0 { 0.0 } else { clipped as f64 / values as f64 };
     for l in &mut layers {
         l.rate = rate(l.clipped, l.values);
     }
@@ -456,10 +409,7 @@ mod tests {
             channel_ranges: Vec::new(),
             layers: vec![
                 Layer::Flatten,
-                Layer::Linear(Linear {
-                    weight: eye,
-                    bias: zeros,
-                }),
+                Layer::Linear(Linear { weight: eye, bias: zeros }),
                 Layer::Activation(Activation::Relu),
                 Layer::Linear(Linear {
                     weight: head,
@@ -484,12 +434,7 @@ mod tests {
 
     /// Four samples of two units: unit 0 takes 0.1..0.4, unit 1 takes 0.5..0.8.
     fn two_units() -> Images {
-        images(&[
-            vec![0.1, 0.5],
-            vec![0.4, 0.8],
-            vec![0.2, 0.6],
-            vec![0.3, 0.7],
-        ])
+        images(&[vec![0.1, 0.5], vec![0.4, 0.8], vec![0.2, 0.6], vec![0.3, 0.7]])
     }
 
     fn close(got: &[f64], want: &[f64]) -> bool {
@@ -499,52 +444,20 @@ mod tests {
     #[test]
     fn max_per_layer_and_channel() {
         let network = identity_network(2);
-        let layer = calibrate(
-            &network,
-            &two_units(),
-            Statistic::Max,
-            0.0,
-            Granularity::Layer,
-            3,
-        )
-        .unwrap();
+        let layer = calibrate(&network, &two_units(), Statistic::Max, 0.0, Granularity::Layer, 3).unwrap();
         assert_eq!(layer.len(), 1);
         assert_eq!(layer[0].layer, 2);
         assert!(close(&layer[0].bounds, &[0.8]), "{:?}", layer[0].bounds);
-        let channel = calibrate(
-            &network,
-            &two_units(),
-            Statistic::Max,
-            0.0,
-            Granularity::Channel,
-            3,
-        )
-        .unwrap();
-        assert!(
-            close(&channel[0].bounds, &[0.4, 0.8]),
-            "{:?}",
-            channel[0].bounds
-        );
+        let channel = calibrate(&network, &two_units(), Statistic::Max, 0.0, Granularity::Channel, 3).unwrap();
+        assert!(close(&channel[0].bounds, &[0.4, 0.8]), "{:?}", channel[0].bounds);
         assert!(channel[0].fallback_channels.is_empty());
     }
 
     #[test]
     fn margin_scales_bound() {
         let network = identity_network(2);
-        let bounds = calibrate(
-            &network,
-            &two_units(),
-            Statistic::Max,
-            0.5,
-            Granularity::Channel,
-            2,
-        )
-        .unwrap();
-        assert!(
-            close(&bounds[0].bounds, &[0.6, 1.2]),
-            "{:?}",
-            bounds[0].bounds
-        );
+        let bounds = calibrate(&network, &two_units(), Statistic::Max, 0.5, Granularity::Channel, 2).unwrap();
+        assert!(close(&bounds[0].bounds, &[0.6, 1.2]), "{:?}", bounds[0].bounds);
     }
 
     #[test]
@@ -552,84 +465,32 @@ mod tests {
         // 10 values 0.1, 0.2, ..., 1.0 of one unit.
         let rows: Vec<Vec<f32>> = (1..=10).map(|i| vec![i as f32 / 10.0]).collect();
         let network = identity_network(1);
-        let cases = [
-            (90.0, 0.9),
-            (85.0, 0.9),
-            (80.0, 0.8),
-            (100.0, 1.0),
-            (5.0, 0.1),
-            (0.01, 0.1),
-        ];
+        let cases = [(90.0, 0.9), (85.0, 0.9), (80.0, 0.8), (100.0, 1.0), (5.0, 0.1), (0.01, 0.1)];
         for (p, want) in cases {
-            let bounds = calibrate(
-                &network,
-                &images(&rows),
-                Statistic::Percentile(p),
-                0.0,
-                Granularity::Layer,
-                4,
-            )
-            .unwrap();
-            assert!(
-                close(&bounds[0].bounds, &[want]),
-                "percentile {p}: {:?}",
-                bounds[0].bounds
-            );
+            let bounds =
+                calibrate(&network, &images(&rows), Statistic::Percentile(p), 0.0, Granularity::Layer, 4).unwrap();
+            assert!(close(&bounds[0].bounds, &[want]), "percentile {p}: {:?}", bounds[0].bounds);
         }
-        let with_margin = calibrate(
-            &network,
-            &images(&rows),
-            Statistic::Percentile(90.0),
-            0.1,
-            Granularity::Layer,
-            4,
-        )
-        .unwrap();
-        assert!(
-            close(&with_margin[0].bounds, &[0.99]),
-            "{:?}",
-            with_margin[0].bounds
-        );
+        let with_margin =
+            calibrate(&network, &images(&rows), Statistic::Percentile(90.0), 0.1, Granularity::Layer, 4).unwrap();
+        assert!(close(&with_margin[0].bounds, &[0.99]), "{:?}", with_margin[0].bounds);
     }
 
     #[test]
     fn percentile_per_channel() {
         let network = identity_network(2);
         // Rank ceil(0.5 * 4) = 2 of each unit: 0.2 and 0.6.
-        let bounds = calibrate(
-            &network,
-            &two_units(),
-            Statistic::Percentile(50.0),
-            0.0,
-            Granularity::Channel,
-            3,
-        )
-        .unwrap();
-        assert!(
-            close(&bounds[0].bounds, &[0.2, 0.6]),
-            "{:?}",
-            bounds[0].bounds
-        );
+        let bounds =
+            calibrate(&network, &two_units(), Statistic::Percentile(50.0), 0.0, Granularity::Channel, 3).unwrap();
+        assert!(close(&bounds[0].bounds, &[0.2, 0.6]), "{:?}", bounds[0].bounds);
     }
 
     #[test]
     fn dead_channel_gets_layer_bound() {
         let network = identity_network(3);
         let data = images(&[vec![0.0, 0.5, 0.0], vec![0.0, 0.25, 0.0]]);
-        let bounds = calibrate(
-            &network,
-            &data,
-            Statistic::Max,
-            0.0,
-            Granularity::Channel,
-            2,
-        )
-        .unwrap();
-        assert!(
-            close(&bounds[0].bounds, &[0.5, 0.5, 0.5]),
-            "{:?}",
-            bounds[0].bounds
-        );
+        let bounds = calibrate(&network, &data, Statistic::Max, 0.0, Granularity::Channel, 2).unwrap();
+        assert!(close(&bounds[0].bounds, &[0.5, 0.5, 0.5]), "{:?}", bounds[0].bounds);
         assert_eq!(bounds[0].fallback_channels, vec![0, 2]);
     }
 
@@ -674,8 +535,7 @@ mod tests {
     fn max_calibration_clips_nothing() {
         let network = identity_network(2);
         for granularity in [Granularity::Layer, Granularity::Channel] {
-            let bounds =
-                calibrate(&network, &two_units(), Statistic::Max, 0.0, granularity, 3).unwrap();
+            let bounds = calibrate(&network, &two_units(), Statistic::Max, 0.0, granularity, 3).unwrap();
             let rates = clip_rates(&network, &bounds, &two_units(), 3).unwrap();
             assert_eq!(rates.clipped, 0, "{granularity}");
         }
@@ -691,10 +551,7 @@ mod tests {
             fallback_channels: vec![],
         }];
         let x = Tensor::new(&[[[[0.4f64, 0.5]]]], &Device::Cpu).unwrap();
-        let logits: Vec<Vec<f64>> = forward_clipped(&network, &bounds, &x)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
+        let logits: Vec<Vec<f64>> = forward_clipped(&network, &bounds, &x).unwrap().to_vec2().unwrap();
         // min(0.4, 0.25) + min(0.5, 0.65) = 0.75 for both output units.
         assert!(close(&logits[0], &[0.75, 0.75]), "{logits:?}");
     }

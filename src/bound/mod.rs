@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 pub use calibrate::{calibrate, clip_rates, forward_clipped, ClipRates, LayerClipRate};
 pub use rescale::{apply_bounds, check_per_channel, Rescaling};
 
+
 use crate::data::Images;
 use crate::error::{Error, Result};
 use crate::fsio;
@@ -72,11 +73,7 @@ impl FromStr for Statistic {
             return Ok(Statistic::Max);
         }
         let Some(text) = s.strip_prefix("percentile:") else {
-            return Err(Error::config(
-                "--calibrate",
-                s,
-                "expected max or percentile:P, e.g. percentile:99.9",
-            ));
+            return Err(Error::config("--calibrate", s, "expected max or percentile:P, e.g. percentile:99.9"));
         };
         match text.parse::<f64>() {
             Ok(p) if p > 0.0 && p <= 100.0 => Ok(Statistic::Percentile(p)),
@@ -153,13 +150,9 @@ impl BoundMode {
                 n,
                 "the bound N must be a finite number > 0, e.g. --relu-n 6",
             )),
-            BoundMode::Calibrate { margin, .. } if !(margin.is_finite() && margin >= 0.0) => {
-                Err(Error::config(
-                    "--margin",
-                    margin,
-                    "the margin must be a finite number >= 0, e.g. --margin 0.05",
-                ))
-            }
+            BoundMode::Calibrate { margin, .. } if !(margin.is_finite() && margin >= 0.0) => Err(
+                Error::config("--margin", margin, "the margin must be a finite number >= 0, e.g. --margin 0.05"),
+            ),
             BoundMode::Calibrate {
                 statistic: Statistic::Percentile(p),
                 ..
@@ -177,9 +170,7 @@ impl BoundMode {
     pub fn reference(&self) -> String {
         match self {
             BoundMode::Fixed { n } => {
-                format!(
-                    "bounded network (ReLU and GELU replaced by ReLU-N and GELU-N with N = {n})"
-                )
+                format!("bounded network (ReLU and GELU replaced by ReLU-N and GELU-N with N = {n})")
             }
             BoundMode::Calibrate {
                 statistic,
@@ -448,14 +439,7 @@ pub fn bound_network(
             statistic,
             margin,
             granularity,
-        } => calibrate(
-            network,
-            calibration,
-            statistic,
-            margin,
-            granularity,
-            BATCH_SIZE,
-        )?,
+        } => calibrate(network, calibration, statistic, margin, granularity, BATCH_SIZE)?,
     };
     for b in &bounds {
         tracing::info!(
@@ -475,10 +459,8 @@ pub fn bound_network(
     let unbounded_logits = |x: &Tensor| network.forward(x);
     let bounded_logits = |x: &Tensor| bounded.forward(x);
     let shape = &network.input_shape;
-    let accuracy_unbounded =
-        crate::verify::accuracy(&unbounded_logits, shape, test, BATCH_SIZE, dtype, progress)?;
-    let accuracy_bounded =
-        crate::verify::accuracy(&bounded_logits, shape, test, BATCH_SIZE, dtype, progress)?;
+    let accuracy_unbounded = crate::verify::accuracy(&unbounded_logits, shape, test, BATCH_SIZE, dtype, progress)?;
+    let accuracy_bounded = crate::verify::accuracy(&bounded_logits, shape, test, BATCH_SIZE, dtype, progress)?;
 
     let layers = bounds
         .iter()
@@ -487,17 +469,10 @@ pub fn bound_network(
         .map(|((b, c), t)| LayerRecord {
             layer: b.layer,
             path: b.path.clone(),
-            granularity: if b.is_per_channel() {
-                Granularity::Channel
-            } else {
-                Granularity::Layer
-            },
+            granularity: if b.is_per_channel() { Granularity::Channel } else { Granularity::Layer },
             bounds: b.bounds.clone(),
             fallback_channels: b.fallback_channels.clone(),
-            rescaling: rescalings
-                .iter()
-                .find(|r| b.is_per_channel() && r.layer == b.layer)
-                .cloned(),
+            rescaling: rescalings.iter().find(|r| b.is_per_channel() && r.layer == b.layer).cloned(),
             calibration: c.clone(),
             test: t.clone(),
         })
@@ -529,22 +504,9 @@ mod tests {
     #[test]
     fn statistic_parses_and_rejects() {
         assert_eq!("max".parse::<Statistic>().unwrap(), Statistic::Max);
-        assert_eq!(
-            "percentile:99.9".parse::<Statistic>().unwrap(),
-            Statistic::Percentile(99.9)
-        );
-        assert_eq!(
-            "percentile:100".parse::<Statistic>().unwrap(),
-            Statistic::Percentile(100.0)
-        );
-        for bad in [
-            "percentile:0",
-            "percentile:101",
-            "percentile:-5",
-            "percentile:nan",
-            "percentile:",
-            "min",
-        ] {
+        assert_eq!("percentile:99.9".parse::<Statistic>().unwrap(), Statistic::Percentile(99.9));
+        assert_eq!("percentile:100".parse::<Statistic>().unwrap(), Statistic::Percentile(100.0));
+        for bad in ["percentile:0", "percentile:101", "percentile:-5", "percentile:nan", "percentile:", "min"] {
             let message = bad.parse::<Statistic>().unwrap_err().to_string();
             assert!(message.contains(bad), "{message}");
             assert!(message.contains("--calibrate"), "{message}");

@@ -50,9 +50,7 @@ fn plan(network: &Network, layer: usize) -> Result<Rescaling> {
     let mut before = layer;
     let rows_of = loop {
         let Some(previous) = before.checked_sub(1) else {
-            return Err(reject(
-                "reads the network input, not a linear or convolution layer".into(),
-            ));
+            return Err(reject("reads the network input, not a linear or convolution layer".into()));
         };
         match &network.layers[previous] {
             Layer::Linear(_) | Layer::Conv2d(_) | Layer::Conv1d(_) => break previous,
@@ -124,12 +122,7 @@ pub fn check_per_channel(network: &Network) -> Result<()> {
 /// returns the result in `t`'s type.
 /// Returns the bound of the input channel that each `(output, group
 /// channel)` kernel column of a grouped convolution reads, row-major.
-fn group_column_factors(
-    out: usize,
-    group_channels: usize,
-    groups: usize,
-    bounds: &[f64],
-) -> Vec<f64> {
+fn group_column_factors(out: usize, group_channels: usize, groups: usize, bounds: &[f64]) -> Vec<f64> {
     let outputs_per_group = out / groups;
     let mut factor = Vec::with_capacity(out * group_channels);
     for o in 0..out {
@@ -143,18 +136,13 @@ fn group_column_factors(
 
 fn scaled(t: &Tensor, factor: Vec<f64>, shape: Vec<usize>) -> Result<Tensor> {
     let factor = Tensor::from_vec(factor, shape, &Device::Cpu)?;
-    let out = t
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F64)?
-        .broadcast_mul(&factor)?;
+    let out = t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.broadcast_mul(&factor)?;
     Ok(out.to_dtype(t.dtype())?.to_device(t.device())?.detach())
 }
 
 /// Divides output row `c` of an affine layer's weight and bias by `bounds[c]`.
 fn scale_rows(layer: &mut Layer, bounds: &[f64]) -> Result<()> {
-    let (w, b) = layer
-        .weight_and_bias_mut()
-        .expect("the plan picks affine layers");
+    let (w, b) = layer.weight_and_bias_mut().expect("the plan picks affine layers");
     let inverse: Vec<f64> = bounds.iter().map(|n| 1.0 / n).collect();
     let mut shape = vec![1usize; w.rank()];
     shape[0] = bounds.len();
@@ -207,40 +195,23 @@ fn scale_columns(layer: &mut Layer, bounds: &[f64]) -> Result<()> {
 /// Fashion-MNIST MLP of docs/RELU.md, percentile 99.9 per channel raised the
 /// shift from 19 to 600 and the logit error from 2e-6 to 8e-5 of the largest
 /// logit.
-pub fn apply_bounds(
-    network: &Network,
-    bounds: &[LayerBounds],
-) -> Result<(Network, Vec<Rescaling>)> {
+pub fn apply_bounds(network: &Network, bounds: &[LayerBounds]) -> Result<(Network, Vec<Rescaling>)> {
     let shapes = input_shapes(network)?;
     let mut out = network.detached();
     let mut rescalings = Vec::new();
     for b in bounds {
-        let Some(Layer::Activation(unbounded)) =
-            layer_at_mut(&mut out.layers, &b.path).map(|l| l.clone())
-        else {
-            return Err(Error::Shape(format!(
-                "{} is not an activation layer, so it takes no bound",
-                b.path
-            )));
+        let Some(Layer::Activation(unbounded)) = layer_at_mut(&mut out.layers, &b.path).map(|l| l.clone()) else {
+            return Err(Error::Shape(format!("{} is not an activation layer, so it takes no bound", b.path)));
         };
         if !unbounded.is_unbounded() {
-            return Err(Error::Shape(format!(
-                "{} ({unbounded}) is bounded already, so it takes no bound",
-                b.path
-            )));
+            return Err(Error::Shape(format!("{} ({unbounded}) is bounded already, so it takes no bound", b.path)));
         }
         if let Some(bad) = b.bounds.iter().find(|n| !(n.is_finite() && **n > 0.0)) {
-            return Err(Error::Shape(format!(
-                "{}: bound {bad} is not a finite number > 0",
-                b.path
-            )));
+            return Err(Error::Shape(format!("{}: bound {bad} is not a finite number > 0", b.path)));
         }
         if !b.is_per_channel() {
-            let bounded = unbounded
-                .bounded(b.bounds[0])
-                .expect("an unbounded activation has a bounded version");
-            *layer_at_mut(&mut out.layers, &b.path).expect("the path was found above") =
-                Layer::Activation(bounded);
+            let bounded = unbounded.bounded(b.bounds[0]).expect("an unbounded activation has a bounded version");
+            *layer_at_mut(&mut out.layers, &b.path).expect("the path was found above") = Layer::Activation(bounded);
             continue;
         }
         if unbounded != Activation::Relu || b.path != top_level_path(b.layer) {
@@ -292,14 +263,7 @@ mod tests {
         let pool = Layer::MaxPool2d(Pool::new(2, 2));
         let n = network(
             vec![1, 6, 6],
-            vec![
-                conv,
-                pool.clone(),
-                Layer::Activation(Activation::Relu),
-                pool,
-                Layer::Flatten,
-                linear(2, 3),
-            ],
+            vec![conv, pool.clone(), Layer::Activation(Activation::Relu), pool, Layer::Flatten, linear(2, 3)],
         );
         n.output_shape().unwrap();
         assert_eq!(
@@ -315,34 +279,15 @@ mod tests {
     #[test]
     fn per_channel_rejects_missing_affine() {
         let relu = Layer::Activation(Activation::Relu);
-        let last = network(
-            vec![1, 1, 2],
-            vec![Layer::Flatten, linear(2, 2), relu.clone()],
-        );
-        let first = network(
-            vec![1, 1, 2],
-            vec![Layer::Flatten, relu.clone(), linear(2, 2)],
-        );
+        let last = network(vec![1, 1, 2], vec![Layer::Flatten, linear(2, 2), relu.clone()]);
+        let first = network(vec![1, 1, 2], vec![Layer::Flatten, relu.clone(), linear(2, 2)]);
         let twice = network(
             vec![1, 1, 2],
-            vec![
-                Layer::Flatten,
-                linear(2, 2),
-                relu.clone(),
-                Layer::Activation(Activation::ReluN { n: 1.0 }),
-                linear(2, 2),
-            ],
+            vec![Layer::Flatten, linear(2, 2), relu.clone(), Layer::Activation(Activation::ReluN { n: 1.0 }), linear(2, 2)],
         );
-        for (n, layer, reason) in [
-            (last, 2, "last layer"),
-            (first, 1, "layer 0 (flatten)"),
-            (twice, 2, "layer 3 (activation)"),
-        ] {
+        for (n, layer, reason) in [(last, 2, "last layer"), (first, 1, "layer 0 (flatten)"), (twice, 2, "layer 3 (activation)")] {
             let message = check_per_channel(&n).unwrap_err().to_string();
-            assert!(
-                message.contains(&format!("layer {layer} (ReLU)")),
-                "{message}"
-            );
+            assert!(message.contains(&format!("layer {layer} (ReLU)")), "{message}");
             assert!(message.contains(reason), "{message}");
             assert!(message.contains("--per layer"), "{message}");
         }

@@ -67,8 +67,7 @@ impl Augmentation {
                 let row = &plane[source_y * cols..(source_y + 1) * cols];
                 for x in 0..cols {
                     let mirrored = if self.flip { cols - 1 - x } else { x };
-                    let value = shifted(mirrored, self.shift_x, cols)
-                        .map_or(black, |source_x| row[source_x]);
+                    let value = shifted(mirrored, self.shift_x, cols).map_or(black, |source_x| row[source_x]);
                     out.push(value);
                 }
             }
@@ -119,43 +118,24 @@ mod tests {
 
     #[test]
     fn shift_reads_from_offset() {
-        let right = Augmentation {
-            shift_y: 0,
-            shift_x: 1,
-            flip: false,
-        };
+        let right = Augmentation { shift_y: 0, shift_x: 1, flip: false };
         assert_eq!(augmented(right), [2.0, 3.0, -1.0, 5.0, 6.0, -1.0]);
-        let down = Augmentation {
-            shift_y: -1,
-            shift_x: 0,
-            flip: false,
-        };
+        let down = Augmentation { shift_y: -1, shift_x: 0, flip: false };
         assert_eq!(augmented(down), [-1.0, -1.0, -1.0, 1.0, 2.0, 3.0]);
     }
 
     #[test]
     fn flip_mirrors_after_crop() {
-        let flip = Augmentation {
-            flip: true,
-            ..Augmentation::IDENTITY
-        };
+        let flip = Augmentation { flip: true, ..Augmentation::IDENTITY };
         assert_eq!(augmented(flip), [3.0, 2.0, 1.0, 6.0, 5.0, 4.0]);
         // Output x reads input column (cols - 1 - x) + shift_x.
-        let both = Augmentation {
-            shift_y: 0,
-            shift_x: 1,
-            flip: true,
-        };
+        let both = Augmentation { shift_y: 0, shift_x: 1, flip: true };
         assert_eq!(augmented(both), [-1.0, 3.0, 2.0, -1.0, 6.0, 5.0]);
     }
 
     #[test]
     fn shift_past_image_is_black() {
-        let away = Augmentation {
-            shift_y: 2,
-            shift_x: 0,
-            flip: false,
-        };
+        let away = Augmentation { shift_y: 2, shift_x: 0, flip: false };
         assert_eq!(augmented(away), [-1.0; 6]);
     }
 
@@ -163,14 +143,8 @@ mod tests {
     fn draws_cover_every_offset() {
         let draws = for_batch(0, 1, 0, 2000);
         for shift in -CROP_PADDING..=CROP_PADDING {
-            assert!(
-                draws.iter().any(|a| a.shift_y == shift),
-                "shift_y {shift} drawn"
-            );
-            assert!(
-                draws.iter().any(|a| a.shift_x == shift),
-                "shift_x {shift} drawn"
-            );
+            assert!(draws.iter().any(|a| a.shift_y == shift), "shift_y {shift} drawn");
+            assert!(draws.iter().any(|a| a.shift_x == shift), "shift_x {shift} drawn");
         }
         let flips = draws.iter().filter(|a| a.flip).count();
         assert!((800..1200).contains(&flips), "{flips} flips of 2000");

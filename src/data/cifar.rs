@@ -9,9 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{
-    DataSource, Dataset, DatasetName, FileDigest, Images, Normalisation, CLASSES, MAX_FILE_BYTES,
-};
+use super::{DataSource, Dataset, DatasetName, FileDigest, Images, Normalisation, CLASSES, MAX_FILE_BYTES};
 use crate::error::{Error, Result};
 
 /// Rows and columns of a CIFAR-10 image.
@@ -129,10 +127,7 @@ pub fn load_dir(dir: &Path, name: DatasetName, source: DataSource) -> Result<Dat
 /// Returns `dir`, or its [`SUBFOLDER`] when `dir` contains none of the
 /// files and the subfolder exists.
 fn data_folder(dir: &Path) -> PathBuf {
-    let has_files = TRAIN_FILES
-        .iter()
-        .chain([&TEST_FILE])
-        .any(|file| dir.join(file).is_file());
+    let has_files = TRAIN_FILES.iter().chain([&TEST_FILE]).any(|file| dir.join(file).is_file());
     let nested = dir.join(SUBFOLDER);
     if !has_files && nested.is_dir() {
         nested
@@ -165,10 +160,7 @@ fn read_split(paths: &[PathBuf], gray: bool, files: &mut Vec<FileDigest>) -> Res
         contents.push(bytes);
     }
     let channels = if gray { 1 } else { 3 };
-    let records: usize = contents
-        .iter()
-        .map(|bytes| bytes.len() / RECORD_BYTES)
-        .sum();
+    let records: usize = contents.iter().map(|bytes| bytes.len() / RECORD_BYTES).sum();
     let mut pixels = Vec::with_capacity(records * channels * PLANE);
     let mut labels = Vec::with_capacity(records);
     for (bytes, path) in contents.iter().zip(paths) {
@@ -190,13 +182,7 @@ fn read_split(paths: &[PathBuf], gray: bool, files: &mut Vec<FileDigest>) -> Res
 ///
 /// Colour images are appended as normalised red, green and blue planes,
 /// grayscale ones as one plane of luma in `[0, 1]`.
-fn decode(
-    bytes: &[u8],
-    path: &Path,
-    gray: bool,
-    pixels: &mut Vec<f32>,
-    labels: &mut Vec<u8>,
-) -> Result<()> {
+fn decode(bytes: &[u8], path: &Path, gray: bool, pixels: &mut Vec<f32>, labels: &mut Vec<u8>) -> Result<()> {
     check_size(bytes.len(), path)?;
     let normalisation = normalisation();
     for (index, record) in bytes.chunks_exact(RECORD_BYTES).enumerate() {
@@ -220,15 +206,10 @@ fn decode(
         let (green, blue) = rest.split_at(PLANE);
         if gray {
             let values = red.iter().zip(green).zip(blue);
-            pixels
-                .extend(values.map(|((&r, &g), &b)| luma(scaled(r), scaled(g), scaled(b)) as f32));
+            pixels.extend(values.map(|((&r, &g), &b)| luma(scaled(r), scaled(g), scaled(b)) as f32));
         } else {
             for (channel, plane) in [red, green, blue].into_iter().enumerate() {
-                pixels.extend(
-                    plane
-                        .iter()
-                        .map(|&byte| normalisation.apply(channel, scaled(byte)) as f32),
-                );
+                pixels.extend(plane.iter().map(|&byte| normalisation.apply(channel, scaled(byte)) as f32));
             }
         }
     }
@@ -280,18 +261,10 @@ mod tests {
     #[test]
     fn decode_normalises_each_plane() {
         let (mut pixels, mut labels) = (Vec::new(), Vec::new());
-        decode(
-            &record(),
-            Path::new("one.bin"),
-            false,
-            &mut pixels,
-            &mut labels,
-        )
-        .unwrap();
+        decode(&record(), Path::new("one.bin"), false, &mut pixels, &mut labels).unwrap();
         assert_eq!(labels, [3]);
         assert_eq!(pixels.len(), 3 * PLANE);
-        let expected =
-            |channel: usize, byte: f64| ((byte / 255.0 - MEAN[channel]) / STD[channel]) as f32;
+        let expected = |channel: usize, byte: f64| ((byte / 255.0 - MEAN[channel]) / STD[channel]) as f32;
         assert!((pixels[5] - expected(0, 5.0)).abs() < 1e-6);
         assert!((pixels[PLANE + 5] - expected(1, 250.0)).abs() < 1e-6);
         assert!((pixels[2 * PLANE + 5] - expected(2, 7.0)).abs() < 1e-6);
@@ -300,14 +273,7 @@ mod tests {
     #[test]
     fn decode_gray_weights_channels() {
         let (mut pixels, mut labels) = (Vec::new(), Vec::new());
-        decode(
-            &record(),
-            Path::new("one.bin"),
-            true,
-            &mut pixels,
-            &mut labels,
-        )
-        .unwrap();
+        decode(&record(), Path::new("one.bin"), true, &mut pixels, &mut labels).unwrap();
         assert_eq!(pixels.len(), PLANE);
         let expected = (0.299 * 10.0 + 0.587 * 245.0 + 0.114 * 7.0) / 255.0;
         assert!((f64::from(pixels[10]) - expected).abs() < 1e-6);
@@ -315,14 +281,9 @@ mod tests {
 
     #[test]
     fn size_check_names_leftover() {
-        let error = check_size(2 * RECORD_BYTES + 5, Path::new("x.bin"))
-            .unwrap_err()
-            .to_string();
+        let error = check_size(2 * RECORD_BYTES + 5, Path::new("x.bin")).unwrap_err().to_string();
         assert!(error.starts_with("x.bin: is 6151 bytes"), "{error}");
-        assert!(
-            error.contains("2 whole records and 5 bytes left over"),
-            "{error}"
-        );
+        assert!(error.contains("2 whole records and 5 bytes left over"), "{error}");
         assert!(check_size(RECORD_BYTES, Path::new("x.bin")).is_ok());
     }
 }

@@ -4,9 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::idx::{self, IdxImages};
-use super::{
-    cifar, DataSource, Dataset, DatasetName, FileDigest, Images, CLASSES, ENV_VAR, SYSTEM_DIR,
-};
+use super::{cifar, DataSource, Dataset, DatasetName, FileDigest, Images, CLASSES, ENV_VAR, SYSTEM_DIR};
 use crate::error::{Error, Result};
 
 /// Number of training images in the embedded Fashion-MNIST subset.
@@ -439,9 +437,7 @@ mod tests {
         let system = tempfile::tempdir().unwrap();
         write_dataset(system.path());
         for name in [DatasetName::Cifar10, DatasetName::Cifar10Gray] {
-            let error = resolve(name, None, None, system.path())
-                .unwrap_err()
-                .to_string();
+            let error = resolve(name, None, None, system.path()).unwrap_err().to_string();
             assert!(error.contains(&format!("{name} is not bundled")), "{error}");
             assert!(error.contains("ISONN_DATA=DIR"), "{error}");
             assert!(error.contains("data_batch_1.bin"), "{error}");

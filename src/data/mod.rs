@@ -186,11 +186,7 @@ impl Images {
                 )));
             }
             let start = index * values_per_image;
-            append(
-                position,
-                &self.pixels[start..start + values_per_image],
-                &mut x,
-            );
+            append(position, &self.pixels[start..start + values_per_image], &mut x);
             y.push(u32::from(self.labels[index]));
         }
         let batch = indices.len();
@@ -345,9 +341,7 @@ impl Dataset {
         let Some((first, rest)) = ranges.split_first() else {
             return Range { lo: 0.0, hi: 1.0 };
         };
-        rest.iter().fold(*first, |all, range| {
-            all.including(range.lo).including(range.hi)
-        })
+        rest.iter().fold(*first, |all, range| all.including(range.lo).including(range.hi))
     }
 }
 
@@ -373,8 +367,5 @@ impl FileDigest {
 /// Returns the SHA-256 checksum of `bytes` in lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }

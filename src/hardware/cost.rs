@@ -139,15 +139,11 @@ impl Energies {
     /// non-finite value.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let is_toml = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("toml"));
+        let is_toml = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml"));
         let energies: Energies = if is_toml {
-            toml::from_str(&text)
-                .map_err(|e| Error::data(path, format!("invalid TOML energies: {e}")))?
+            toml::from_str(&text).map_err(|e| Error::data(path, format!("invalid TOML energies: {e}")))?
         } else {
-            serde_json::from_str(&text)
-                .map_err(|e| Error::data(path, format!("invalid JSON energies: {e}")))?
+            serde_json::from_str(&text).map_err(|e| Error::data(path, format!("invalid JSON energies: {e}")))?
         };
         let values = [
             ("modulator_j", energies.modulator_j),
@@ -160,9 +156,7 @@ impl Energies {
             if !(value.is_finite() && value >= 0.0) {
                 return Err(Error::data(
                     path,
-                    format!(
-                        "{key} = {value} is not an energy; give a finite number of joules >= 0"
-                    ),
+                    format!("{key} = {value} is not an energy; give a finite number of joules >= 0"),
                 ));
             }
         }
@@ -197,9 +191,7 @@ pub fn cost_table(network: &Network, energies: Option<&Energies>) -> Result<Cost
     let mut shape = network.input_shape.clone();
     let mut rows = Vec::new();
     for (i, layer) in network.layers.iter().enumerate() {
-        let output = layer
-            .output_shape(&shape)
-            .map_err(|e| Error::Shape(format!("layer {i}: {e}")))?;
+        let output = layer.output_shape(&shape).map_err(|e| Error::Shape(format!("layer {i}: {e}")))?;
         if let Some((weight, _)) = layer.weight_and_bias() {
             let dims = weight.dims();
             let outputs = dims[0];
@@ -266,11 +258,7 @@ pub fn cost_table(network: &Network, energies: Option<&Energies>) -> Result<Cost
     let energy_per_sample_j = energies.map(|e| {
         Scheme::ALL
             .iter()
-            .map(|&s| {
-                rows.iter()
-                    .map(|r| e.per_sample(r.scheme(s), r.cycles))
-                    .sum()
-            })
+            .map(|&s| rows.iter().map(|r| e.per_sample(r.scheme(s), r.cycles)).sum())
             .collect()
     });
     Ok(CostTable {
@@ -292,13 +280,7 @@ impl CostTable {
         let cells = |c: &SchemeCount| {
             format!(
                 "{} | {} | {} | {} | {} | {} | {}",
-                c.optical_inputs,
-                c.modulators,
-                c.weight_elements,
-                c.nonzero_elements,
-                c.photodetectors,
-                c.adcs,
-                c.subtractions
+                c.optical_inputs, c.modulators, c.weight_elements, c.nonzero_elements, c.photodetectors, c.adcs, c.subtractions
             )
         };
         for row in &self.rows {
@@ -316,11 +298,7 @@ impl CostTable {
             }
         }
         for (scheme, total) in Scheme::ALL.iter().zip(&self.totals) {
-            out.push_str(&format!(
-                "| total | | | | | {} | {} |\n",
-                scheme.name(),
-                cells(total)
-            ));
+            out.push_str(&format!("| total | | | | | {} | {} |\n", scheme.name(), cells(total)));
         }
         if let Some(energy) = &self.energy_per_sample_j {
             out.push_str("\n| scheme | energy per sample (J) |\n|---|---:|\n");

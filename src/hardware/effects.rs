@@ -65,22 +65,14 @@ impl Effects {
             if let Some(b) = value {
                 if !(1..=MAX_BITS).contains(&b) {
                     let reason = format!("must be between 1 and {MAX_BITS} bits");
-                    return Some(InvalidEffect {
-                        field,
-                        value: b.to_string(),
-                        reason,
-                    });
+                    return Some(InvalidEffect { field, value: b.to_string(), reason });
                 }
             }
         }
         if let Some(db) = self.extinction_db {
             if !(db.is_finite() && db > 0.0) {
                 let reason = "must be a finite ratio > 0 dB, e.g. 30".to_string();
-                return Some(InvalidEffect {
-                    field: "extinction_db",
-                    value: db.to_string(),
-                    reason,
-                });
+                return Some(InvalidEffect { field: "extinction_db", value: db.to_string(), reason });
             }
         }
         let noises = [
@@ -90,13 +82,8 @@ impl Effects {
         ];
         for (field, value) in noises {
             if !(value.is_finite() && value >= 0.0) {
-                let reason =
-                    "must be a finite standard deviation >= 0, relative to full scale".to_string();
-                return Some(InvalidEffect {
-                    field,
-                    value: value.to_string(),
-                    reason,
-                });
+                let reason = "must be a finite standard deviation >= 0, relative to full scale".to_string();
+                return Some(InvalidEffect { field, value: value.to_string(), reason });
             }
         }
         None
@@ -142,16 +129,10 @@ impl Effects {
     /// Applies the detector effects to readings `z` of a layer whose full
     /// scale is `full_scale`: additive and shot-like noise, then the ADC,
     /// which clips to `[0, full_scale]` and quantises to `adc_bits`.
-    pub fn apply_to_detector(
-        &self,
-        z: &Tensor,
-        full_scale: f64,
-        rng: &mut StdRng,
-    ) -> Result<Tensor> {
+    pub fn apply_to_detector(&self, z: &Tensor, full_scale: f64, rng: &mut StdRng) -> Result<Tensor> {
         let mut z = z.clone();
         if self.detector_noise > 0.0 {
-            let noise =
-                standard_normal_like(&z, rng)?.affine(self.detector_noise * full_scale, 0.0)?;
+            let noise = standard_normal_like(&z, rng)?.affine(self.detector_noise * full_scale, 0.0)?;
             z = z.add(&noise)?;
         }
         if self.shot_noise > 0.0 {
@@ -201,10 +182,7 @@ pub struct InvalidEffect {
 pub fn quantise(x: &Tensor, bits: u32) -> Result<Tensor> {
     let levels = ((1u64 << bits) - 1) as f64;
     let clipped = x.clamp(0.0, 1.0)?;
-    let rounded = clipped
-        .affine(levels, 0.0)?
-        .round()?
-        .affine(1.0 / levels, 0.0)?;
+    let rounded = clipped.affine(levels, 0.0)?.round()?.affine(1.0 / levels, 0.0)?;
     Ok(clipped.add(&rounded.sub(&clipped)?.detach())?)
 }
 
@@ -214,9 +192,5 @@ pub fn standard_normal_like(like: &Tensor, rng: &mut StdRng) -> Result<Tensor> {
     let n = like.elem_count();
     let values: Vec<f64> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
     let t = Tensor::from_vec(values, like.shape(), like.device())?;
-    Ok(if like.dtype() == DType::F64 {
-        t
-    } else {
-        t.to_dtype(like.dtype())?
-    })
+    Ok(if like.dtype() == DType::F64 { t } else { t.to_dtype(like.dtype())? })
 }

@@ -182,12 +182,7 @@ pub fn evaluate(
     let mapping = DeviceMapping::new(network, granularity)?;
     for m in &mapping.layers {
         let largest_gain = m.gains.iter().fold(0.0f64, |a, g| a.max(*g));
-        tracing::debug!(
-            layer = m.layer,
-            full_scale = m.full_scale,
-            largest_gain,
-            "device mapping"
-        );
+        tracing::debug!(layer = m.layer, full_scale = m.full_scale, largest_gain, "device mapping");
     }
     let seeds: Vec<u64> = if effects.is_random() {
         seeds.to_vec()
@@ -201,14 +196,7 @@ pub fn evaluate(
         let noise = NoiseSource::new(rng);
         let forward = |x: &Tensor| realised.forward(x, &noise);
         let dtype = network.dtype();
-        accuracies.push(verify::accuracy(
-            &forward,
-            &network.input_shape,
-            images,
-            1000,
-            dtype,
-            progress,
-        )?);
+        accuracies.push(verify::accuracy(&forward, &network.input_shape, images, 1000, dtype, progress)?);
     }
     let (mean, std) = mean_and_std(&accuracies);
     Ok(HardwareAccuracy {

@@ -88,10 +88,7 @@ impl DeviceMapping {
             .affine_layers()
             .map(|(i, a)| layer_mapping(i, a, granularity))
             .collect::<Result<Vec<_>>>()?;
-        Ok(DeviceMapping {
-            granularity,
-            layers,
-        })
+        Ok(DeviceMapping { granularity, layers })
     }
 
     /// Returns the mapping of the affine layer at network index `layer`.
@@ -133,8 +130,7 @@ impl DeviceMapping {
             let crate::nonneg::NonnegLayer::Affine(a) = &mut out.layers[i] else {
                 unreachable!("affine_layers returned index {i}");
             };
-            let (positive, negative, bias) =
-                m.parameters_of(a, &device.signal, &device.complement, &device.offsets)?;
+            let (positive, negative, bias) = m.parameters_of(a, &device.signal, &device.complement, &device.offsets)?;
             a.positive = positive;
             a.negative = negative;
             a.bias = bias;
@@ -143,9 +139,8 @@ impl DeviceMapping {
     }
 
     fn checked_layer(&self, layer: usize) -> Result<&LayerMapping> {
-        self.layer(layer).ok_or_else(|| {
-            Error::Shape(format!("the device mapping has no entry for layer {layer}"))
-        })
+        self.layer(layer)
+            .ok_or_else(|| Error::Shape(format!("the device mapping has no entry for layer {layer}")))
     }
 }
 
@@ -181,11 +176,7 @@ impl LayerMapping {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let inverse = self.transmission_scale(a)?.recip()?;
         let bias_inverse = self.bias_scale(a)?.recip()?;
-        Ok((
-            signal.mul(&inverse)?,
-            complement.mul(&inverse)?,
-            offsets.mul(&bias_inverse)?,
-        ))
+        Ok((signal.mul(&inverse)?, complement.mul(&inverse)?, offsets.mul(&bias_inverse)?))
     }
 
     fn gain_of(&self, output: usize) -> f64 {
@@ -194,11 +185,7 @@ impl LayerMapping {
 }
 
 /// Computes gains and the full scale of one layer in f64.
-fn layer_mapping(
-    index: usize,
-    a: &NonnegAffine,
-    granularity: GainGranularity,
-) -> Result<LayerMapping> {
+fn layer_mapping(index: usize, a: &NonnegAffine, granularity: GainGranularity) -> Result<LayerMapping> {
     for alpha in &a.alpha {
         if !(alpha.is_finite() && *alpha > 0.0) {
             return Err(Error::Shape(format!(
@@ -234,9 +221,7 @@ fn layer_mapping(
     // A row (or layer) of zeros keeps gain 1: every transmission is 0 anyway.
     let positive_or_one = |g: f64| if g > 0.0 { g } else { 1.0 };
     let gains = match granularity {
-        GainGranularity::PerLayer => vec![positive_or_one(
-            row_peaks.iter().fold(0.0, |m, v| m.max(*v)),
-        )],
+        GainGranularity::PerLayer => vec![positive_or_one(row_peaks.iter().fold(0.0, |m, v| m.max(*v)))],
         GainGranularity::PerOutput => row_peaks.into_iter().map(positive_or_one).collect(),
     };
     Ok(LayerMapping {

@@ -12,8 +12,7 @@ mod sweep;
 pub use cost::{cost_table, CostRow, CostTable, Energies, Scheme, SchemeCount};
 pub use effects::{quantise, Effects, InvalidEffect, MAX_BITS};
 pub use eval::{
-    evaluate, realise, HardwareAccuracy, HardwareTraining, NoiseSource, RealisedAffine,
-    RealisedNetwork,
+    evaluate, realise, HardwareAccuracy, HardwareTraining, NoiseSource, RealisedAffine, RealisedNetwork,
 };
 pub use mapping::{DeviceMapping, GainGranularity, LayerMapping, MappedLayer};
 pub use sweep::{run_sweep, Sweep, SweepParameter, SweepPoint, SweepReport, SweepSeries};

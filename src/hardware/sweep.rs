@@ -78,10 +78,7 @@ impl SweepParameter {
     }
 
     fn is_bits(self) -> bool {
-        matches!(
-            self,
-            SweepParameter::InputBits | SweepParameter::WeightBits | SweepParameter::AdcBits
-        )
+        matches!(self, SweepParameter::InputBits | SweepParameter::WeightBits | SweepParameter::AdcBits)
     }
 
     /// Returns `base` with this parameter set to `value`.
@@ -129,16 +126,12 @@ impl FromStr for Sweep {
             .ok_or_else(|| invalid(&format!("unknown parameter {name:?}")))?;
         let (range, steps) = match range.split_once(':') {
             Some((r, s)) => {
-                let steps: usize = s
-                    .parse()
-                    .map_err(|_| invalid(&format!("steps {s:?} is not a whole number")))?;
+                let steps: usize = s.parse().map_err(|_| invalid(&format!("steps {s:?} is not a whole number")))?;
                 (r, Some(steps))
             }
             None => (range, None),
         };
-        let (a, b) = range
-            .split_once("..")
-            .ok_or_else(|| invalid("missing '..'"))?;
+        let (a, b) = range.split_once("..").ok_or_else(|| invalid("missing '..'"))?;
         let parse = |v: &str| v.trim().parse::<f64>().ok().filter(|x| x.is_finite());
         let (Some(start), Some(end)) = (parse(a), parse(b)) else {
             return Err(invalid("the bounds must be finite numbers"));
@@ -148,9 +141,7 @@ impl FromStr for Sweep {
         }
         let values: Vec<f64> = if parameter.is_bits() && steps.is_none() {
             if start.fract() != 0.0 || end.fract() != 0.0 || start < 1.0 || end > MAX_BITS as f64 {
-                return Err(invalid(&format!(
-                    "bit widths must be whole numbers from 1 to {MAX_BITS}"
-                )));
+                return Err(invalid(&format!("bit widths must be whole numbers from 1 to {MAX_BITS}")));
             }
             (start as u32..=end as u32).map(f64::from).collect()
         } else {
@@ -161,13 +152,7 @@ impl FromStr for Sweep {
                 )));
             }
             let mut values: Vec<f64> = (0..steps)
-                .map(|k| {
-                    if steps == 1 {
-                        start
-                    } else {
-                        start + (end - start) * k as f64 / (steps - 1) as f64
-                    }
-                })
+                .map(|k| if steps == 1 { start } else { start + (end - start) * k as f64 / (steps - 1) as f64 })
                 .map(round_to_significant)
                 .collect();
             if parameter.is_bits() {
@@ -177,10 +162,7 @@ impl FromStr for Sweep {
             values
         };
         for v in &values {
-            parameter
-                .apply(&Effects::default(), *v)
-                .validate()
-                .map_err(|e| invalid(&e.to_string()))?;
+            parameter.apply(&Effects::default(), *v).validate().map_err(|e| invalid(&e.to_string()))?;
         }
         Ok(Sweep { parameter, values })
     }
@@ -245,14 +227,7 @@ pub fn run_sweep(
 ) -> Result<SweepReport> {
     let mut series = Vec::with_capacity(models.len());
     for (label, network) in models {
-        let ideal = evaluate(
-            network,
-            granularity,
-            &Effects::default(),
-            images,
-            &[0],
-            progress,
-        )?;
+        let ideal = evaluate(network, granularity, &Effects::default(), images, &[0], progress)?;
         let mut points = Vec::with_capacity(sweep.values.len());
         for &value in &sweep.values {
             let effects = sweep.parameter.apply(base, value);
@@ -321,11 +296,7 @@ impl SweepReport {
             .iter()
             .map(|s| report::Series {
                 label: s.label.clone(),
-                points: s
-                    .points
-                    .iter()
-                    .map(|p| (p.value, 100.0 * p.accuracy.mean))
-                    .collect(),
+                points: s.points.iter().map(|p| (p.value, 100.0 * p.accuracy.mean)).collect(),
             })
             .collect();
         let references: Vec<(String, f64)> = self

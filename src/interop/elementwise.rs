@@ -142,27 +142,16 @@ mod tests {
     #[test]
     fn torch_style_photonic_sigmoid_is_recognised() {
         // A2 + (A1 - A2) / (1 + exp((min(x, X0 + 2) - X0) / D)), constants in f32.
-        let t = b(
-            "Div",
-            b("Sub", b("Min", Expr::Input, c(X0 + CUTOFF)), c(X0)),
-            c(D),
-        );
+        let t = b("Div", b("Sub", b("Min", Expr::Input, c(X0 + CUTOFF)), c(X0)), c(D));
         let denominator = b("Add", Expr::Unary("Exp", Box::new(t)), c(1.0));
-        let expr = b(
-            "Add",
-            Expr::Binary("Div", c(A1 - A2), Box::new(denominator)),
-            c(A2),
-        );
+        let expr = b("Add", Expr::Binary("Div", c(A1 - A2), Box::new(denominator)), c(A2));
         assert_eq!(recognise(&expr), Some(Activation::PhotonicSigmoid));
     }
 
     #[test]
     fn sinusoidal_with_pow_is_recognised() {
         let clamped = b("Max", b("Min", Expr::Input, c(1.0)), c(0.0));
-        let sine = Expr::Unary(
-            "Sin",
-            Box::new(b("Mul", clamped, c(std::f64::consts::FRAC_PI_2))),
-        );
+        let sine = Expr::Unary("Sin", Box::new(b("Mul", clamped, c(std::f64::consts::FRAC_PI_2))));
         let expr = b("Pow", sine, c(2.0));
         assert_eq!(recognise(&expr), Some(Activation::PhotonicSinusoidal));
     }
@@ -171,29 +160,15 @@ mod tests {
     fn relu_n_bound_is_read() {
         let expr = b("Min", Expr::Unary("Relu", Box::new(Expr::Input)), c(6.0));
         assert_eq!(recognise(&expr), Some(Activation::ReluN { n: 6.0 }));
-        assert_eq!(
-            recognise(&Expr::Unary("Relu", Box::new(Expr::Input))),
-            Some(Activation::Relu)
-        );
+        assert_eq!(recognise(&Expr::Unary("Relu", Box::new(Expr::Input))), Some(Activation::Relu));
     }
 
     #[test]
     fn near_miss_formulas_are_rejected() {
         // A plain sigmoid, and a photonic sigmoid whose width is off by 1%.
-        assert_eq!(
-            recognise(&Expr::Unary("Sigmoid", Box::new(Expr::Input))),
-            None
-        );
-        let t = b(
-            "Div",
-            b("Sub", b("Min", Expr::Input, c(X0 + CUTOFF)), c(X0)),
-            c(D * 1.01),
-        );
-        let expr = b(
-            "Add",
-            b("Mul", Expr::Unary("Sigmoid", Box::new(t)), c(A2 - A1)),
-            c(A1),
-        );
+        assert_eq!(recognise(&Expr::Unary("Sigmoid", Box::new(Expr::Input))), None);
+        let t = b("Div", b("Sub", b("Min", Expr::Input, c(X0 + CUTOFF)), c(X0)), c(D * 1.01));
+        let expr = b("Add", b("Mul", Expr::Unary("Sigmoid", Box::new(t)), c(A2 - A1)), c(A1));
         assert_eq!(recognise(&expr), None);
         // ReLU-N without its lower clamp.
         assert_eq!(recognise(&b("Min", Expr::Input, c(6.0))), None);

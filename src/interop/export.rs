@@ -52,13 +52,7 @@ pub fn export_model(model: &Model) -> Result<ModelProto> {
 pub fn export_network(network: &Network) -> Result<ModelProto> {
     let mut graph = GraphBuilder::default();
     let shape = network.input_shape.clone();
-    let (last, shape) = regular_chain(
-        &mut graph,
-        &network.layers,
-        "layers.",
-        INPUT_NAME.into(),
-        shape,
-    )?;
+    let (last, shape) = regular_chain(&mut graph, &network.layers, "layers.", INPUT_NAME.into(), shape)?;
     graph.node("Identity", OUTPUT_NAME, &[&last], vec![]);
     Ok(graph.finish(
         "isonn-regular",
@@ -79,14 +73,7 @@ pub fn export_nonneg(network: &NonnegNetwork) -> Result<ModelProto> {
     };
     let lo_name = channel_constant(&mut graph, "input.lo", &lo, 3);
     let u = graph.node("Sub", "input/modulator", &[INPUT_NAME, &lo_name], vec![]);
-    let (last, shape) = nonneg_chain(
-        &mut graph,
-        network,
-        &network.layers,
-        "layers.",
-        u,
-        network.input_shape.clone(),
-    )?;
+    let (last, shape) = nonneg_chain(&mut graph, network, &network.layers, "layers.", u, network.input_shape.clone())?;
     let logits = offset_node(&mut graph, "output/offset", &last, -network.output_offset);
     graph.node("Identity", OUTPUT_NAME, &[&logits], vec![]);
     Ok(graph.finish(
@@ -140,79 +127,39 @@ fn regular_chain(
             .map_err(|m| Error::interop(&name, format!("{} layer: {m}", layer.kind())))?;
         x = match layer {
             Layer::Linear(l) => {
-                let w = graph.initializer(
-                    &format!("{name}.weight"),
-                    l.weight.dims(),
-                    &values_f32(&l.weight)?,
-                );
-                let b = graph.initializer(
-                    &format!("{name}.bias"),
-                    l.bias.dims(),
-                    &values_f32(&l.bias)?,
-                );
-                graph.node(
-                    "Gemm",
-                    &format!("{name}/gemm"),
-                    &[&x, &w, &b],
-                    vec![int("transB", 1)],
-                )
+                let w = graph.initializer(&format!("{name}.weight"), l.weight.dims(), &values_f32(&l.weight)?);
+                let b = graph.initializer(&format!("{name}.bias"), l.bias.dims(), &values_f32(&l.bias)?);
+                graph.node("Gemm", &format!("{name}/gemm"), &[&x, &w, &b], vec![int("transB", 1)])
             }
             Layer::Conv2d(c) => regular_conv(graph, &name, &x, c)?,
-            Layer::Conv1d(_) => return Err(Error::interop(
-                &name,
-                "conv1d layers are not exported to ONNX yet; the layers this export writes are \
+            Layer::Conv1d(_) => {
+                return Err(Error::interop(
+                    &name,
+                    "conv1d layers are not exported to ONNX yet; the layers this export writes are \
                      listed in docs/INTEROP.md",
-            )),
+                ))
+            }
             Layer::Activation(a) => activation_nodes(graph, &name, &x, a)?,
             Layer::AvgPool2d(p) => pool_node(graph, "AveragePool", &name, &x, p),
             Layer::MaxPool2d(p) => pool_node(graph, "MaxPool", &name, &x, p),
-            Layer::Flatten => graph.node(
-                "Flatten",
-                &format!("{name}/flatten"),
-                &[&x],
-                vec![int("axis", 1)],
-            ),
+            Layer::Flatten => graph.node("Flatten", &format!("{name}/flatten"), &[&x], vec![int("axis", 1)]),
             Layer::BatchNorm(bn) => {
                 let (mean, var) = bn.running_stats();
                 let mut inputs = vec![x.clone()];
-                for (part, t) in [
-                    ("weight", &bn.weight),
-                    ("bias", &bn.bias),
-                    ("running_mean", &mean),
-                    ("running_var", &var),
-                ] {
-                    inputs.push(graph.initializer(
-                        &format!("{name}.{part}"),
-                        t.dims(),
-                        &values_f32(t)?,
-                    ));
+                for (part, t) in [("weight", &bn.weight), ("bias", &bn.bias), ("running_mean", &mean), ("running_var", &var)] {
+                    inputs.push(graph.initializer(&format!("{name}.{part}"), t.dims(), &values_f32(t)?));
                 }
                 let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
                 graph.node(
                     "BatchNormalization",
                     &format!("{name}/batch_norm"),
                     &inputs,
-                    vec![
-                        float("epsilon", bn.eps as f32),
-                        float("momentum", 1.0 - bn.momentum as f32),
-                    ],
+                    vec![float("epsilon", bn.eps as f32), float("momentum", 1.0 - bn.momentum as f32)],
                 )
             }
             Layer::Residual(r) => {
-                let (main, _) = regular_chain(
-                    graph,
-                    &r.main,
-                    &format!("{name}.main."),
-                    x.clone(),
-                    shape.clone(),
-                )?;
-                let (shortcut, _) = regular_chain(
-                    graph,
-                    &r.shortcut,
-                    &format!("{name}.shortcut."),
-                    x.clone(),
-                    shape.clone(),
-                )?;
+                let (main, _) = regular_chain(graph, &r.main, &format!("{name}.main."), x.clone(), shape.clone())?;
+                let (shortcut, _) = regular_chain(graph, &r.shortcut, &format!("{name}.shortcut."), x.clone(), shape.clone())?;
                 graph.node("Add", &format!("{name}/sum"), &[&main, &shortcut], vec![])
             }
             Layer::GlobalAvgPool => global_pool(graph, &name, &x),
@@ -234,16 +181,8 @@ fn unsupported_elman(name: &str) -> Error {
 }
 
 fn regular_conv(graph: &mut GraphBuilder, name: &str, x: &str, c: &Conv2d) -> Result<String> {
-    let w = graph.initializer(
-        &format!("{name}.weight"),
-        c.weight.dims(),
-        &values_f32(&c.weight)?,
-    );
-    let b = graph.initializer(
-        &format!("{name}.bias"),
-        c.bias.dims(),
-        &values_f32(&c.bias)?,
-    );
+    let w = graph.initializer(&format!("{name}.weight"), c.weight.dims(), &values_f32(&c.weight)?);
+    let b = graph.initializer(&format!("{name}.bias"), c.bias.dims(), &values_f32(&c.bias)?);
     let mut input = x.to_string();
     let mut padding = c.padding;
     let pad_value = c.pad_value.first().copied().unwrap_or(0.0);
@@ -260,22 +199,10 @@ fn regular_conv(graph: &mut GraphBuilder, name: &str, x: &str, c: &Conv2d) -> Re
         padding = 0;
     }
     let (_, _, kh, kw) = c.kernel_dims();
-    Ok(graph.node(
-        "Conv",
-        &format!("{name}/conv"),
-        &[&input, &w, &b],
-        conv_attributes(kh, kw, c.stride, padding, c.dilation, c.groups),
-    ))
+    Ok(graph.node("Conv", &format!("{name}/conv"), &[&input, &w, &b], conv_attributes(kh, kw, c.stride, padding, c.dilation, c.groups)))
 }
 
-fn conv_attributes(
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    padding: usize,
-    dilation: usize,
-    groups: usize,
-) -> Vec<super::proto::AttributeProto> {
+fn conv_attributes(kh: usize, kw: usize, stride: usize, padding: usize, dilation: usize, groups: usize) -> Vec<super::proto::AttributeProto> {
     let p = padding as i64;
     vec![
         ints("kernel_shape", &[kh as i64, kw as i64]),
@@ -290,10 +217,7 @@ fn conv_attributes(
 /// `padding` on every side with `value`.
 fn pad_node(graph: &mut GraphBuilder, name: &str, x: &str, padding: usize, value: f64) -> String {
     let p = padding as i64;
-    let pads = graph.tensor(int64_tensor(
-        &format!("{name}.pads"),
-        &[0, 0, p, p, 0, 0, p, p],
-    ));
+    let pads = graph.tensor(int64_tensor(&format!("{name}.pads"), &[0, 0, p, p, 0, 0, p, p]));
     let constant = graph.scalar(&format!("{name}.value"), value);
     graph.node("Pad", name, &[x, &pads, &constant], vec![])
 }
@@ -309,38 +233,18 @@ fn pool_node(graph: &mut GraphBuilder, op: &str, name: &str, x: &str, pool: &Poo
         // isonn, like PyTorch's default, counts the padding in the average.
         attributes.push(int("count_include_pad", 1));
     }
-    let node = if op == "AveragePool" {
-        "average_pool"
-    } else {
-        "max_pool"
-    };
+    let node = if op == "AveragePool" { "average_pool" } else { "max_pool" };
     graph.node(op, &format!("{name}/{node}"), &[x], attributes)
 }
 
 fn global_pool(graph: &mut GraphBuilder, name: &str, x: &str) -> String {
-    let pooled = graph.node(
-        "GlobalAveragePool",
-        &format!("{name}/global_average_pool"),
-        &[x],
-        vec![],
-    );
-    graph.node(
-        "Flatten",
-        &format!("{name}/flatten"),
-        &[&pooled],
-        vec![int("axis", 1)],
-    )
+    let pooled = graph.node("GlobalAveragePool", &format!("{name}/global_average_pool"), &[x], vec![]);
+    graph.node("Flatten", &format!("{name}/flatten"), &[&pooled], vec![int("axis", 1)])
 }
 
 /// Adds an adaptive average pool as an `AveragePool`, which is exact when
 /// the output size divides the input size (all windows equal).
-fn adaptive_pool(
-    graph: &mut GraphBuilder,
-    name: &str,
-    x: &str,
-    shape: &[usize],
-    [oh, ow]: [usize; 2],
-) -> Result<String> {
+fn adaptive_pool(graph: &mut GraphBuilder, name: &str, x: &str, shape: &[usize], [oh, ow]: [usize; 2]) -> Result<String> {
     let (h, w) = (shape[1], shape[2]);
     if h % oh != 0 || w % ow != 0 {
         return Err(Error::interop(
@@ -369,12 +273,7 @@ fn dropout_node(graph: &mut GraphBuilder, name: &str, x: &str, p: f64) -> String
 
 /// Adds the nodes of `activation` applied to `x`, the photonic responses
 /// as their elementwise formulas.
-fn activation_nodes(
-    graph: &mut GraphBuilder,
-    name: &str,
-    x: &str,
-    activation: &Activation,
-) -> Result<String> {
+fn activation_nodes(graph: &mut GraphBuilder, name: &str, x: &str, activation: &Activation) -> Result<String> {
     Ok(match *activation {
         Activation::Relu => graph.node("Relu", &format!("{name}/relu"), &[x], vec![]),
         Activation::Tanh => graph.node("Tanh", &format!("{name}/tanh"), &[x], vec![]),
@@ -455,39 +354,13 @@ fn nonneg_chain(
             NonnegLayer::AvgPool2d(p) => pool_node(graph, "AveragePool", &name, &v, p),
             NonnegLayer::MaxPool2d(p) => pool_node(graph, "MaxPool", &name, &v, p),
             NonnegLayer::PaddedAvgPool2d { pool, pad } => {
-                let padded =
-                    padded_signal(graph, &format!("{name}/pad"), &v, pool.padding, pad, &shape);
-                pool_node(
-                    graph,
-                    "AveragePool",
-                    &name,
-                    &padded,
-                    &Pool::new(pool.kernel, pool.stride),
-                )
+                let padded = padded_signal(graph, &format!("{name}/pad"), &v, pool.padding, pad, &shape);
+                pool_node(graph, "AveragePool", &name, &padded, &Pool::new(pool.kernel, pool.stride))
             }
-            NonnegLayer::Flatten => graph.node(
-                "Flatten",
-                &format!("{name}/flatten"),
-                &[&v],
-                vec![int("axis", 1)],
-            ),
+            NonnegLayer::Flatten => graph.node("Flatten", &format!("{name}/flatten"), &[&v], vec![int("axis", 1)]),
             NonnegLayer::Residual(r) => {
-                let (main, _) = nonneg_chain(
-                    graph,
-                    network,
-                    &r.main,
-                    &format!("{name}.main."),
-                    v.clone(),
-                    shape.clone(),
-                )?;
-                let (shortcut, _) = nonneg_chain(
-                    graph,
-                    network,
-                    &r.shortcut,
-                    &format!("{name}.shortcut."),
-                    v.clone(),
-                    shape.clone(),
-                )?;
+                let (main, _) = nonneg_chain(graph, network, &r.main, &format!("{name}.main."), v.clone(), shape.clone())?;
+                let (shortcut, _) = nonneg_chain(graph, network, &r.shortcut, &format!("{name}.shortcut."), v.clone(), shape.clone())?;
                 graph.node("Add", &format!("{name}/sum"), &[&main, &shortcut], vec![])
             }
             NonnegLayer::GlobalAvgPool => global_pool(graph, &name, &v),
@@ -502,11 +375,7 @@ fn nonneg_chain(
 
 /// Returns the one-sample output shape of a non-negative layer by running
 /// it on one zero sample.
-fn nonneg_output_shape(
-    network: &NonnegNetwork,
-    layer: &NonnegLayer,
-    shape: &[usize],
-) -> Result<Vec<usize>> {
+fn nonneg_output_shape(network: &NonnegNetwork, layer: &NonnegLayer, shape: &[usize]) -> Result<Vec<usize>> {
     let mut dims = vec![1];
     dims.extend_from_slice(shape);
     let zeros = Tensor::zeros(dims, network.dtype(), &network.device())?;
@@ -519,14 +388,7 @@ fn nonneg_output_shape(
 ///
 /// ONNX's `Pad` takes one value, so distinct per-channel values are added
 /// after zero padding as a constant border image that is 0 inside.
-fn padded_signal(
-    graph: &mut GraphBuilder,
-    name: &str,
-    v: &str,
-    padding: usize,
-    values: &[f64],
-    shape: &[usize],
-) -> String {
+fn padded_signal(graph: &mut GraphBuilder, name: &str, v: &str, padding: usize, values: &[f64], shape: &[usize]) -> String {
     let first = values.first().copied().unwrap_or(0.0);
     if values.iter().all(|&x| x == first) {
         return pad_node(graph, name, v, padding, first);
@@ -537,8 +399,7 @@ fn padded_signal(
     for (channel, value) in values.iter().enumerate().take(c) {
         for row in 0..h {
             for col in 0..w {
-                let inside =
-                    (padding..h - padding).contains(&row) && (padding..w - padding).contains(&col);
+                let inside = (padding..h - padding).contains(&row) && (padding..w - padding).contains(&col);
                 if !inside {
                     border[(channel * h + row) * w + col] = *value as f32;
                 }
@@ -546,139 +407,67 @@ fn padded_signal(
         }
     }
     let border = graph.initializer(&format!("{name}.border"), &[c, h, w], &border);
-    graph.node(
-        "Add",
-        &format!("{name}_border"),
-        &[&zero_padded, &border],
-        vec![],
-    )
+    graph.node("Add", &format!("{name}_border"), &[&zero_padded, &border], vec![])
 }
 
 /// Adds the nodes of `z' = P u + N (alpha - u) + bias`.
-fn nonneg_affine(
-    graph: &mut GraphBuilder,
-    name: &str,
-    u: &str,
-    a: &NonnegAffine,
-    shape: &[usize],
-) -> Result<String> {
+fn nonneg_affine(graph: &mut GraphBuilder, name: &str, u: &str, a: &NonnegAffine, shape: &[usize]) -> Result<String> {
     let rank = shape.len();
     let alpha = channel_constant(graph, &format!("{name}.alpha"), &a.alpha, rank);
     let complement = graph.node("Sub", &format!("{name}/complement"), &[&alpha, u], vec![]);
     // The port's output is alpha - u >= 0; rounding at u = alpha can give
     // -1 ulp, which this removes, as isonn's forward pass does.
-    let complement = graph.node(
-        "Relu",
-        &format!("{name}/complement_floor"),
-        &[&complement],
-        vec![],
-    );
+    let complement = graph.node("Relu", &format!("{name}/complement_floor"), &[&complement], vec![]);
 
-    let positive = graph.initializer(
-        &format!("{name}.positive"),
-        a.positive.dims(),
-        &values_f32(&a.positive)?,
-    );
-    let negative = graph.initializer(
-        &format!("{name}.negative"),
-        a.negative.dims(),
-        &values_f32(&a.negative)?,
-    );
+    let positive = graph.initializer(&format!("{name}.positive"), a.positive.dims(), &values_f32(&a.positive)?);
+    let negative = graph.initializer(&format!("{name}.negative"), a.negative.dims(), &values_f32(&a.negative)?);
     let out = a.bias.dims()[0];
-    let (signal, complement, bias_dims) =
-        match a.op {
-            AffineOp::Linear => {
-                let transposed = vec![int("transB", 1)];
-                let signal = graph.node(
-                    "Gemm",
-                    &format!("{name}/signal_weights"),
-                    &[u, &positive],
-                    transposed.clone(),
-                );
-                let complement = graph.node(
-                    "Gemm",
-                    &format!("{name}/complement_weights"),
-                    &[&complement, &negative],
-                    transposed,
-                );
-                (signal, complement, vec![out])
+    let (signal, complement, bias_dims) = match a.op {
+        AffineOp::Linear => {
+            let transposed = vec![int("transB", 1)];
+            let signal = graph.node("Gemm", &format!("{name}/signal_weights"), &[u, &positive], transposed.clone());
+            let complement = graph.node("Gemm", &format!("{name}/complement_weights"), &[&complement, &negative], transposed);
+            (signal, complement, vec![out])
+        }
+        AffineOp::Conv2d {
+            stride,
+            padding,
+            dilation,
+            groups,
+        } => {
+            let (mut u_in, mut complement_in) = (u.to_string(), complement);
+            if padding > 0 {
+                let (signal_pad, complement_pad) = a.pad_values();
+                u_in = padded_signal(graph, &format!("{name}/signal_pad"), u, padding, &signal_pad, shape);
+                complement_in = padded_signal(graph, &format!("{name}/complement_pad"), &complement_in, padding, &complement_pad, shape);
             }
-            AffineOp::Conv2d {
-                stride,
-                padding,
-                dilation,
-                groups,
-            } => {
-                let (mut u_in, mut complement_in) = (u.to_string(), complement);
-                if padding > 0 {
-                    let (signal_pad, complement_pad) = a.pad_values();
-                    u_in = padded_signal(
-                        graph,
-                        &format!("{name}/signal_pad"),
-                        u,
-                        padding,
-                        &signal_pad,
-                        shape,
-                    );
-                    complement_in = padded_signal(
-                        graph,
-                        &format!("{name}/complement_pad"),
-                        &complement_in,
-                        padding,
-                        &complement_pad,
-                        shape,
-                    );
-                }
-                let (_, _, kh, kw) = a.positive.dims4()?;
-                let attributes = conv_attributes(kh, kw, stride, 0, dilation, groups);
-                let signal = graph.node(
-                    "Conv",
-                    &format!("{name}/signal_weights"),
-                    &[&u_in, &positive],
-                    attributes.clone(),
-                );
-                let complement = graph.node(
-                    "Conv",
-                    &format!("{name}/complement_weights"),
-                    &[&complement_in, &negative],
-                    attributes,
-                );
-                (signal, complement, vec![out, 1, 1])
-            }
-            AffineOp::Conv1d { .. } => return Err(Error::interop(
+            let (_, _, kh, kw) = a.positive.dims4()?;
+            let attributes = conv_attributes(kh, kw, stride, 0, dilation, groups);
+            let signal = graph.node("Conv", &format!("{name}/signal_weights"), &[&u_in, &positive], attributes.clone());
+            let complement = graph.node("Conv", &format!("{name}/complement_weights"), &[&complement_in, &negative], attributes);
+            (signal, complement, vec![out, 1, 1])
+        }
+        AffineOp::Conv1d { .. } => {
+            return Err(Error::interop(
                 name,
                 "conv1d layers are not exported to ONNX yet; the layers this export writes are \
                  listed in docs/INTEROP.md",
-            )),
-        };
+            ))
+        }
+    };
 
-    let detector = graph.node(
-        "Add",
-        &format!("{name}/detector"),
-        &[&signal, &complement],
-        vec![],
-    );
+    let detector = graph.node("Add", &format!("{name}/detector"), &[&signal, &complement], vec![]);
     let bias = graph.initializer(&format!("{name}.bias"), &bias_dims, &values_f32(&a.bias)?);
     Ok(graph.node("Add", &format!("{name}/bias"), &[&detector, &bias], vec![]))
 }
 
 /// Adds the activation device `f(v + input_offset) - output_offset`,
 /// clamped to the activation's output bounds as isonn's forward pass does.
-fn nonneg_activation(
-    graph: &mut GraphBuilder,
-    name: &str,
-    v: &str,
-    a: &NonnegActivation,
-) -> Result<String> {
+fn nonneg_activation(graph: &mut GraphBuilder, name: &str, v: &str, a: &NonnegActivation) -> Result<String> {
     let shifted = offset_node(graph, &format!("{name}/shift"), v, -a.input_offset);
     let mut y = activation_nodes(graph, name, &shifted, &a.activation)?;
     if let Some((lo, hi)) = a.activation.output_bounds() {
         y = clip_node(graph, &format!("{name}/clamp"), &y, lo, hi);
     }
-    Ok(offset_node(
-        graph,
-        &format!("{name}/output_offset"),
-        &y,
-        a.output_offset,
-    ))
+    Ok(offset_node(graph, &format!("{name}/output_offset"), &y, a.output_offset))
 }

@@ -99,9 +99,7 @@ mod tests {
 
     #[test]
     fn empty_file_has_no_graph() {
-        let message = decode_model(&[], Path::new("empty.onnx"))
-            .unwrap_err()
-            .to_string();
+        let message = decode_model(&[], Path::new("empty.onnx")).unwrap_err().to_string();
         assert!(message.contains("no graph"), "{message}");
     }
 

@@ -2,9 +2,9 @@
 //! from, with their constants stored as initializers.
 
 use super::proto::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto,
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto,
+    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto,
+    ValueInfoProto,
 };
 use super::tensor::float_tensor;
 
@@ -56,13 +56,7 @@ pub fn float(name: &str, value: f32) -> AttributeProto {
 impl GraphBuilder {
     /// Adds a node `name` of `op` reading `inputs`; returns its output name,
     /// which is `name`.
-    pub fn node(
-        &mut self,
-        op: &str,
-        name: &str,
-        inputs: &[&str],
-        attributes: Vec<AttributeProto>,
-    ) -> String {
+    pub fn node(&mut self, op: &str, name: &str, inputs: &[&str], attributes: Vec<AttributeProto>) -> String {
         self.nodes.push(NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
             output: vec![name.to_string()],
@@ -104,9 +98,7 @@ impl GraphBuilder {
     ) -> ModelProto {
         let value_info = |name: &str, shape: &[usize]| {
             let mut dims = vec![tensor_shape_proto::Dimension {
-                value: Some(tensor_shape_proto::dimension::Value::DimParam(
-                    "batch".into(),
-                )),
+                value: Some(tensor_shape_proto::dimension::Value::DimParam("batch".into())),
                 ..Default::default()
             }];
             dims.extend(shape.iter().map(|&d| tensor_shape_proto::Dimension {

@@ -15,10 +15,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 
 use super::elementwise::{recognise, Expr, BINARY_OPS, UNARY_OPS};
-use super::proto::{
-    attribute_proto::AttributeType, tensor_shape_proto::dimension, type_proto, AttributeProto,
-    ModelProto, NodeProto,
-};
+use super::proto::{attribute_proto::AttributeType, tensor_shape_proto::dimension, type_proto, AttributeProto, ModelProto, NodeProto};
 use super::tensor::{decode_tensor, TensorData};
 use crate::error::{Error, Result};
 use crate::model::{BatchNorm, Conv2d, Layer, Linear, Network, Pool, Range, Residual};
@@ -74,17 +71,12 @@ pub fn import_model(model: &ModelProto, path: &Path, input_ranges: &[Range]) -> 
     let opset = model
         .opset_import
         .iter()
-        .find(|o| {
-            o.domain.as_deref().unwrap_or("").is_empty() || o.domain.as_deref() == Some("ai.onnx")
-        })
+        .find(|o| o.domain.as_deref().unwrap_or("").is_empty() || o.domain.as_deref() == Some("ai.onnx"))
         .and_then(|o| o.version);
     if opset.is_some_and(|v| v < 11) {
         return Err(Error::interop(
             &location,
-            format!(
-                "opset {} is older than 11; export the model again with opset_version=13 or later",
-                opset.unwrap_or(0)
-            ),
+            format!("opset {} is older than 11; export the model again with opset_version=13 or later", opset.unwrap_or(0)),
         ));
     }
 
@@ -95,8 +87,7 @@ pub fn import_model(model: &ModelProto, path: &Path, input_ranges: &[Range]) -> 
     };
     for tensor in &graph.initializer {
         let name = tensor.name.clone().unwrap_or_default();
-        let data = decode_tensor(tensor)
-            .map_err(|m| Error::interop(&location, format!("initializer: {m}")))?;
+        let data = decode_tensor(tensor).map_err(|m| Error::interop(&location, format!("initializer: {m}")))?;
         importer.values.insert(name, Value::Constant(data));
     }
     let input_shape = importer.add_graph_input(model)?;
@@ -107,10 +98,7 @@ pub fn import_model(model: &ModelProto, path: &Path, input_ranges: &[Range]) -> 
         outputs => {
             return Err(Error::interop(
                 &location,
-                format!(
-                    "the graph has {} outputs; isonn imports a graph with one output, the logits",
-                    outputs.len()
-                ),
+                format!("the graph has {} outputs; isonn imports a graph with one output, the logits", outputs.len()),
             ))
         }
     };
@@ -121,9 +109,7 @@ pub fn import_model(model: &ModelProto, path: &Path, input_ranges: &[Range]) -> 
                 return Err(importer.node_error(node, "a Softmax or LogSoftmax is supported only as the last node, on the graph output"));
             }
             let id = importer.signal(node, 0)?;
-            importer
-                .values
-                .insert(output_name.clone(), Value::Signal(id));
+            importer.values.insert(output_name.clone(), Value::Signal(id));
             output_function = Some(op.to_string());
             continue;
         }
@@ -133,48 +119,31 @@ pub fn import_model(model: &ModelProto, path: &Path, input_ranges: &[Range]) -> 
     let last = match importer.values.remove(&output_name) {
         Some(Value::Signal(id)) => id,
         Some(Value::Expr(base, expr, nodes)) => importer.materialise(base, expr, &nodes)?,
-        Some(Value::Constant(_)) => {
-            return Err(Error::interop(&location, "the graph output is a constant"))
-        }
-        None => {
-            return Err(Error::interop(
-                &location,
-                format!("no node produces the graph output {output_name}"),
-            ))
-        }
+        Some(Value::Constant(_)) => return Err(Error::interop(&location, "the graph output is a constant")),
+        None => return Err(Error::interop(&location, format!("no node produces the graph output {output_name}"))),
     };
 
     let layers = importer.chain(None, last);
     let (lo, hi) = input_ranges
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
-            (lo.min(r.lo), hi.max(r.hi))
-        });
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| (lo.min(r.lo), hi.max(r.hi)));
     let mut network = Network::new(&input_shape, Range::new(lo, hi)?, layers);
     if input_ranges.len() > 1 {
         if input_ranges.len() != input_shape[0] {
             return Err(Error::config(
                 "--input-range",
                 format!("{} ranges", input_ranges.len()),
-                format!(
-                    "give one range, or one per input channel ({})",
-                    input_shape[0]
-                ),
+                format!("give one range, or one per input channel ({})", input_shape[0]),
             ));
         }
         network.channel_ranges = input_ranges.to_vec();
     }
     network.output_shape()?;
-    Ok(Imported {
-        network,
-        output_function,
-    })
+    Ok(Imported { network, output_function })
 }
 
 fn attribute<'n>(node: &'n NodeProto, name: &str) -> Option<&'n AttributeProto> {
-    node.attribute
-        .iter()
-        .find(|a| a.name.as_deref() == Some(name))
+    node.attribute.iter().find(|a| a.name.as_deref() == Some(name))
 }
 
 fn int_attribute(node: &NodeProto, name: &str, default: i64) -> i64 {
@@ -182,9 +151,7 @@ fn int_attribute(node: &NodeProto, name: &str, default: i64) -> i64 {
 }
 
 fn float_attribute(node: &NodeProto, name: &str, default: f64) -> f64 {
-    attribute(node, name)
-        .and_then(|a| a.f)
-        .map_or(default, |f| f as f64)
+    attribute(node, name).and_then(|a| a.f).map_or(default, |f| f as f64)
 }
 
 fn ints_attribute(node: &NodeProto, name: &str) -> Option<Vec<i64>> {
@@ -222,21 +189,13 @@ impl Importer<'_> {
         let [input] = inputs.as_slice() else {
             return Err(Error::interop(
                 &location,
-                format!(
-                    "the graph has {} data inputs; isonn imports a graph with one",
-                    inputs.len()
-                ),
+                format!("the graph has {} data inputs; isonn imports a graph with one", inputs.len()),
             ));
         };
 
         let name = input.name.clone().unwrap_or_default();
-        let Some(type_proto::Value::TensorType(tensor)) =
-            input.r#type.as_ref().and_then(|t| t.value.as_ref())
-        else {
-            return Err(Error::interop(
-                &location,
-                format!("graph input {name} is not a tensor"),
-            ));
+        let Some(type_proto::Value::TensorType(tensor)) = input.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+            return Err(Error::interop(&location, format!("graph input {name} is not a tensor")));
         };
         let dims: Vec<Option<i64>> = tensor
             .shape
@@ -251,11 +210,7 @@ impl Importer<'_> {
                     .collect()
             })
             .unwrap_or_default();
-        let sample: Option<Vec<usize>> = dims
-            .iter()
-            .skip(1)
-            .map(|d| d.and_then(|v| usize::try_from(v).ok()).filter(|&v| v > 0))
-            .collect();
+        let sample: Option<Vec<usize>> = dims.iter().skip(1).map(|d| d.and_then(|v| usize::try_from(v).ok()).filter(|&v| v > 0)).collect();
         let (root_shape, flatten) = match (dims.len(), sample) {
             (4, Some(s)) => (s, false),
             (2, Some(s)) => (vec![1, 1, s[0]], true),
@@ -379,12 +334,7 @@ impl Importer<'_> {
                 self.values.insert(name, Value::Signal(id));
                 Ok(id)
             }
-            Value::Constant(_) => Err(self.node_error(
-                node,
-                format!(
-                    "input {i} ({name}) is a constant; it must be computed from the graph input"
-                ),
-            )),
+            Value::Constant(_) => Err(self.node_error(node, format!("input {i} ({name}) is a constant; it must be computed from the graph input"))),
         }
     }
 
@@ -421,10 +371,7 @@ impl Importer<'_> {
         let op = node.op_type.as_deref().unwrap_or("");
         let domain = node.domain.as_deref().unwrap_or("");
         if !(domain.is_empty() || domain == "ai.onnx") {
-            return Err(self.node_error(
-                node,
-                format!("operator domain {domain} is not supported; isonn imports {SUPPORTED_OPS}"),
-            ));
+            return Err(self.node_error(node, format!("operator domain {domain} is not supported; isonn imports {SUPPORTED_OPS}")));
         }
         let value = match op {
             "Constant" => Value::Constant(self.constant_node(node)?),
@@ -463,10 +410,7 @@ impl Importer<'_> {
             "Clip" => self.clip(node)?,
             op if UNARY_OPS.contains(&op) || BINARY_OPS.contains(&op) => self.elementwise(node)?,
             _ => {
-                return Err(self.node_error(
-                    node,
-                    format!("unsupported operator {op}; isonn imports {SUPPORTED_OPS}"),
-                ));
+                return Err(self.node_error(node, format!("unsupported operator {op}; isonn imports {SUPPORTED_OPS}")));
             }
         };
         self.set_output(node, value);
@@ -498,10 +442,7 @@ impl Importer<'_> {
         }
         let b = self.constant(node, 1)?.clone();
         let [k, n] = b.dims[..] else {
-            return Err(self.node_error(
-                node,
-                format!("weight has shape {:?}; Gemm needs a matrix", b.dims),
-            ));
+            return Err(self.node_error(node, format!("weight has shape {:?}; Gemm needs a matrix", b.dims)));
         };
 
         let alpha = float_attribute(node, "alpha", 1.0);
@@ -511,11 +452,7 @@ impl Importer<'_> {
         let mut weight = vec![0.0; out * inputs];
         for o in 0..out {
             for i in 0..inputs {
-                let v = if trans_b {
-                    b.values[o * inputs + i]
-                } else {
-                    b.values[i * out + o]
-                };
+                let v = if trans_b { b.values[o * inputs + i] } else { b.values[i * out + o] };
                 weight[o * inputs + i] = alpha * v;
             }
         }
@@ -524,28 +461,11 @@ impl Importer<'_> {
             None => vec![0.0; out],
             Some(c) if c.values.len() == out => c.values.iter().map(|v| beta * v).collect(),
             Some(c) if c.values.len() == 1 => vec![beta * c.values[0]; out],
-            Some(c) => {
-                return Err(self.node_error(
-                    node,
-                    format!("bias has shape {:?}; expected [{out}]", c.dims),
-                ))
-            }
+            Some(c) => return Err(self.node_error(node, format!("bias has shape {:?}; expected [{out}]", c.dims))),
         };
         let layer = Layer::Linear(Linear {
-            weight: to_tensor(
-                &TensorData {
-                    dims: vec![],
-                    values: weight,
-                },
-                &[out, inputs],
-            )?,
-            bias: to_tensor(
-                &TensorData {
-                    dims: vec![],
-                    values: bias,
-                },
-                &[out],
-            )?,
+            weight: to_tensor(&TensorData { dims: vec![], values: weight }, &[out, inputs])?,
+            bias: to_tensor(&TensorData { dims: vec![], values: bias }, &[out])?,
         });
         self.push(node, x, layer)
     }
@@ -554,13 +474,7 @@ impl Importer<'_> {
         let x = self.signal(node, 0)?;
         let b = self.constant(node, 1)?.clone();
         let [inputs, out] = b.dims[..] else {
-            return Err(self.node_error(
-                node,
-                format!(
-                    "weight has shape {:?}; MatMul needs a constant matrix as its second operand",
-                    b.dims
-                ),
-            ));
+            return Err(self.node_error(node, format!("weight has shape {:?}; MatMul needs a constant matrix as its second operand", b.dims)));
         };
         let mut weight = vec![0.0; out * inputs];
         for o in 0..out {
@@ -569,20 +483,8 @@ impl Importer<'_> {
             }
         }
         let layer = Layer::Linear(Linear {
-            weight: to_tensor(
-                &TensorData {
-                    dims: vec![],
-                    values: weight,
-                },
-                &[out, inputs],
-            )?,
-            bias: to_tensor(
-                &TensorData {
-                    dims: vec![],
-                    values: vec![0.0; out],
-                },
-                &[out],
-            )?,
+            weight: to_tensor(&TensorData { dims: vec![], values: weight }, &[out, inputs])?,
+            bias: to_tensor(&TensorData { dims: vec![], values: vec![0.0; out] }, &[out])?,
         });
         let id = self.push(node, x, layer)?;
         self.signals[id].bias_pending = true;
@@ -590,8 +492,7 @@ impl Importer<'_> {
     }
 
     fn is_bias_add(&self, node: &NodeProto) -> Result<bool> {
-        let (Value::Signal(id), Value::Constant(c)) = (self.value(node, 0)?, self.value(node, 1)?)
-        else {
+        let (Value::Signal(id), Value::Constant(c)) = (self.value(node, 0)?, self.value(node, 1)?) else {
             return Ok(false);
         };
         let signal = &self.signals[*id];
@@ -599,9 +500,7 @@ impl Importer<'_> {
     }
 
     fn bias_add(&mut self, node: &NodeProto) -> Result<usize> {
-        let Value::Signal(id) = self.value(node, 0)? else {
-            unreachable!("checked by is_bias_add")
-        };
+        let Value::Signal(id) = self.value(node, 0)? else { unreachable!("checked by is_bias_add") };
         let id = *id;
         let bias = self.constant(node, 1)?.clone();
         let mut signal = Signal {
@@ -621,26 +520,12 @@ impl Importer<'_> {
         let x = self.signal(node, 0)?;
         let w = self.constant(node, 1)?.clone();
         let [out, _, kh, kw] = w.dims[..] else {
-            return Err(self.node_error(
-                node,
-                format!(
-                    "weight has shape {:?}; isonn imports 2-D convolutions",
-                    w.dims
-                ),
-            ));
+            return Err(self.node_error(node, format!("weight has shape {:?}; isonn imports 2-D convolutions", w.dims)));
         };
         let bias = match self.optional_constant(node, 2)? {
-            None => TensorData {
-                dims: vec![out],
-                values: vec![0.0; out],
-            },
+            None => TensorData { dims: vec![out], values: vec![0.0; out] },
             Some(b) if b.values.len() == out => b.clone(),
-            Some(b) => {
-                return Err(self.node_error(
-                    node,
-                    format!("bias has shape {:?}; expected [{out}]", b.dims),
-                ))
-            }
+            Some(b) => return Err(self.node_error(node, format!("bias has shape {:?}; expected [{out}]", b.dims))),
         };
 
         self.check_auto_pad(node)?;
@@ -649,10 +534,7 @@ impl Importer<'_> {
         let padding = self.uniform(node, "pads", 0)?;
         if let Some(k) = ints_attribute(node, "kernel_shape") {
             if k != [kh as i64, kw as i64] {
-                return Err(self.node_error(
-                    node,
-                    format!("kernel_shape {k:?} does not match the weight's {kh}x{kw}"),
-                ));
+                return Err(self.node_error(node, format!("kernel_shape {k:?} does not match the weight's {kh}x{kw}")));
             }
         }
 
@@ -670,16 +552,11 @@ impl Importer<'_> {
     }
 
     fn check_auto_pad(&self, node: &NodeProto) -> Result<()> {
-        let auto_pad = attribute(node, "auto_pad")
-            .and_then(|a| a.s.clone())
-            .unwrap_or_default();
+        let auto_pad = attribute(node, "auto_pad").and_then(|a| a.s.clone()).unwrap_or_default();
         if !(auto_pad.is_empty() || auto_pad == b"NOTSET") {
             return Err(self.node_error(
                 node,
-                format!(
-                    "auto_pad {} is not supported; export with explicit padding",
-                    String::from_utf8_lossy(&auto_pad)
-                ),
+                format!("auto_pad {} is not supported; export with explicit padding", String::from_utf8_lossy(&auto_pad)),
             ));
         }
         Ok(())
@@ -704,10 +581,7 @@ impl Importer<'_> {
     fn batch_norm(&mut self, node: &NodeProto) -> Result<usize> {
         let x = self.signal(node, 0)?;
         if int_attribute(node, "training_mode", 0) != 0 {
-            return Err(self.node_error(
-                node,
-                "training_mode=1; export the model in eval mode (model.eval())",
-            ));
+            return Err(self.node_error(node, "training_mode=1; export the model in eval mode (model.eval())"));
         }
         let mut parts = Vec::new();
         for i in 1..5 {
@@ -716,21 +590,12 @@ impl Importer<'_> {
         }
         let channels = parts[0].dims()[0];
         if parts.iter().any(|p| p.dims()[0] != channels) {
-            return Err(self.node_error(
-                node,
-                "scale, bias, mean and variance have different lengths",
-            ));
+            return Err(self.node_error(node, "scale, bias, mean and variance have different lengths"));
         }
         let eps = float_attribute(node, "epsilon", 1e-5);
         let momentum = 1.0 - float_attribute(node, "momentum", 0.9);
         let [weight, bias, mean, var]: [Tensor; 4] = parts.try_into().expect("four parts");
-        self.push(
-            node,
-            x,
-            Layer::BatchNorm(BatchNorm::from_parts(
-                weight, bias, mean, var, eps, momentum,
-            )),
-        )
+        self.push(node, x, Layer::BatchNorm(BatchNorm::from_parts(weight, bias, mean, var, eps, momentum)))
     }
 
     fn pool(&mut self, node: &NodeProto) -> Result<usize> {
@@ -753,16 +618,8 @@ impl Importer<'_> {
                  padding in the average, as PyTorch's AvgPool2d does by default",
             ));
         }
-        let pool = Pool {
-            kernel,
-            stride,
-            padding,
-        };
-        let layer = if op == "MaxPool" {
-            Layer::MaxPool2d(pool)
-        } else {
-            Layer::AvgPool2d(pool)
-        };
+        let pool = Pool { kernel, stride, padding };
+        let layer = if op == "MaxPool" { Layer::MaxPool2d(pool) } else { Layer::AvgPool2d(pool) };
         self.push(node, x, layer)
     }
 
@@ -786,10 +643,7 @@ impl Importer<'_> {
             None => ints_attribute(node, "axes").unwrap_or_default(),
         };
         let rank = self.signals[x].shape.len() as i64 + 1;
-        let mut positive: Vec<i64> = axes
-            .iter()
-            .map(|&a| if a < 0 { a + rank } else { a })
-            .collect();
+        let mut positive: Vec<i64> = axes.iter().map(|&a| if a < 0 { a + rank } else { a }).collect();
         positive.sort_unstable();
         if rank != 4 || positive != [2, 3] {
             return Err(self.node_error(
@@ -808,10 +662,7 @@ impl Importer<'_> {
         let target = self.constant(node, 1)?.values.clone();
         let size: usize = self.signals[x].shape.iter().product();
         let flattens = match target[..] {
-            [batch, rest] => {
-                (rest == -1.0 || rest == size as f64)
-                    && (batch == -1.0 || batch == 0.0 || rest == -1.0 || batch >= 1.0)
-            }
+            [batch, rest] => (rest == -1.0 || rest == size as f64) && (batch == -1.0 || batch == 0.0 || rest == -1.0 || batch >= 1.0),
             _ => false,
         };
         if !flattens {
@@ -824,8 +675,7 @@ impl Importer<'_> {
     }
 
     fn is_residual_add(&self, node: &NodeProto) -> bool {
-        let is_signal =
-            |i: usize| matches!(self.value(node, i), Ok(Value::Signal(_) | Value::Expr(..)));
+        let is_signal = |i: usize| matches!(self.value(node, i), Ok(Value::Signal(_) | Value::Expr(..)));
         let base = |i: usize| match self.value(node, i) {
             Ok(Value::Signal(id)) => Some(*id),
             Ok(Value::Expr(id, ..)) => Some(*id),
@@ -833,9 +683,7 @@ impl Importer<'_> {
         };
         // Two expressions of the same signal (x + f(x) elementwise) form
         // one expression, not a residual block.
-        is_signal(0)
-            && is_signal(1)
-            && !(matches!(self.value(node, 0), Ok(Value::Expr(..))) && base(0) == base(1))
+        is_signal(0) && is_signal(1) && !(matches!(self.value(node, 0), Ok(Value::Expr(..))) && base(0) == base(1))
             && !(matches!(self.value(node, 1), Ok(Value::Expr(..))) && base(0) == base(1))
     }
 
@@ -843,11 +691,7 @@ impl Importer<'_> {
         let a = self.signal(node, 0)?;
         let b = self.signal(node, 1)?;
         let (path_a, path_b) = (self.path(a), self.path(b));
-        let common = path_a
-            .iter()
-            .zip(&path_b)
-            .take_while(|(x, y)| x == y)
-            .count();
+        let common = path_a.iter().zip(&path_b).take_while(|(x, y)| x == y).count();
         let start = path_a[common - 1];
         let (mut main, mut shortcut) = (self.chain(Some(start), a), self.chain(Some(start), b));
         if main.is_empty() {
@@ -910,10 +754,7 @@ impl Importer<'_> {
         Ok(match base {
             Some(id) => Value::Expr(id, expr, nodes),
             // Only constants: fold to a scalar constant.
-            None => Value::Constant(TensorData {
-                dims: vec![],
-                values: vec![expr.eval(0.0)],
-            }),
+            None => Value::Constant(TensorData { dims: vec![], values: vec![expr.eval(0.0)] }),
         })
     }
 
@@ -924,10 +765,7 @@ impl Importer<'_> {
             match t {
                 None => Ok(None),
                 Some(t) if t.values.len() == 1 => Ok(Some(t.values[0])),
-                Some(t) => Err(self.node_error(
-                    node,
-                    format!("Clip bound has shape {:?}; expected a scalar", t.dims),
-                )),
+                Some(t) => Err(self.node_error(node, format!("Clip bound has shape {:?}; expected a scalar", t.dims))),
             }
         };
         let mut lo = scalar(self.optional_constant(node, 1)?)?;
@@ -947,10 +785,7 @@ impl Importer<'_> {
         nodes.push(node.name.clone().unwrap_or_else(|| "Clip".into()));
         Ok(match base {
             Some(id) => Value::Expr(id, expr, nodes),
-            None => Value::Constant(TensorData {
-                dims: vec![],
-                values: vec![expr.eval(0.0)],
-            }),
+            None => Value::Constant(TensorData { dims: vec![], values: vec![expr.eval(0.0)] }),
         })
     }
 }

@@ -202,15 +202,10 @@ pub fn build_manifest(
             }
             NonnegLayer::AvgPool2d(pool) => ManifestLayer::AvgPool2d { pool: *pool },
             NonnegLayer::MaxPool2d(pool) => ManifestLayer::MaxPool2d { pool: *pool },
-            NonnegLayer::PaddedAvgPool2d { pool, pad } => ManifestLayer::PaddedAvgPool2d {
-                pool: *pool,
-                pad: pad.clone(),
-            },
+            NonnegLayer::PaddedAvgPool2d { pool, pad } => ManifestLayer::PaddedAvgPool2d { pool: *pool, pad: pad.clone() },
             NonnegLayer::Flatten => ManifestLayer::Flatten,
             NonnegLayer::GlobalAvgPool => ManifestLayer::GlobalAvgPool,
-            NonnegLayer::AdaptiveAvgPool2d(size) => {
-                ManifestLayer::AdaptiveAvgPool2d { size: *size }
-            }
+            NonnegLayer::AdaptiveAvgPool2d(size) => ManifestLayer::AdaptiveAvgPool2d { size: *size },
             NonnegLayer::Dropout(p) => ManifestLayer::Dropout { p: *p },
             NonnegLayer::Residual(_) | NonnegLayer::Elman(_) => {
                 return Err(Error::interop(
@@ -221,40 +216,25 @@ pub fn build_manifest(
             }
         });
     }
-    let ranges = if network.channel_ranges.is_empty() {
-        vec![network.input_range]
-    } else {
-        network.channel_ranges.clone()
-    };
+    let ranges = if network.channel_ranges.is_empty() { vec![network.input_range] } else { network.channel_ranges.clone() };
     let manifest = Manifest {
         format: MANIFEST_FORMAT.into(),
         schema_version: MANIFEST_VERSION,
-        input: ManifestInput {
-            shape: network.input_shape.clone(),
-            ranges,
-        },
+        input: ManifestInput { shape: network.input_shape.clone(), ranges },
         layers,
         output_offset: network.output_offset,
-        mapping: settings
-            .map(|s| mapping::build_mapping(network, s, &mut tensors))
-            .transpose()?,
+        mapping: settings.map(|s| mapping::build_mapping(network, s, &mut tensors)).transpose()?,
     };
     Ok((manifest, tensors))
 }
 
-fn affine_layer(
-    name: &str,
-    a: &NonnegAffine,
-    tensors: &mut Vec<(String, Tensor)>,
-) -> Result<ManifestLayer> {
+fn affine_layer(name: &str, a: &NonnegAffine, tensors: &mut Vec<(String, Tensor)>) -> Result<ManifestLayer> {
     let positive = a.positive.to_dtype(DType::F32)?;
     let negative = a.negative.to_dtype(DType::F32)?;
-    let routing = positive.gt(0.0)?.to_dtype(DType::U8)?.add(
-        &negative
-            .gt(0.0)?
-            .to_dtype(DType::U8)?
-            .affine(ROUTE_COMPLEMENT as f64, 0.0)?,
-    )?;
+    let routing = positive
+        .gt(0.0)?
+        .to_dtype(DType::U8)?
+        .add(&negative.gt(0.0)?.to_dtype(DType::U8)?.affine(ROUTE_COMPLEMENT as f64, 0.0)?)?;
     tensors.push((format!("{name}.positive"), positive));
     tensors.push((format!("{name}.negative"), negative));
     tensors.push((format!("{name}.bias"), a.bias.to_dtype(DType::F32)?));
@@ -263,14 +243,8 @@ fn affine_layer(
         lo: a.lo.clone(),
         alpha: a.alpha.clone(),
         shift: a.shift,
-        input_range: SignalRange {
-            lo: 0.0,
-            hi: a.alpha.iter().cloned().fold(0.0, f64::max),
-        },
-        output_range: SignalRange {
-            lo: 0.0,
-            hi: a.out_max,
-        },
+        input_range: SignalRange { lo: 0.0, hi: a.alpha.iter().cloned().fold(0.0, f64::max) },
+        output_range: SignalRange { lo: 0.0, hi: a.out_max },
     };
     let dims = a.positive.dims();
     Ok(match a.op {
@@ -297,11 +271,7 @@ fn affine_layer(
 /// Writes the manifest of `network` into `dir`, with the mapping section
 /// when `settings` is given: the tensors first, then `manifest.json`, each
 /// atomically.
-pub fn write_manifest(
-    dir: &Path,
-    network: &NonnegNetwork,
-    settings: Option<&DeviceSettings>,
-) -> Result<()> {
+pub fn write_manifest(dir: &Path, network: &NonnegNetwork, settings: Option<&DeviceSettings>) -> Result<()> {
     let (manifest, tensors) = build_manifest(network, settings)?;
     crate::fsio::create_dir_all(dir)?;
     let tensors_path = dir.join(MANIFEST_TENSORS);
@@ -335,15 +305,9 @@ pub fn read_manifest(dir: &Path) -> Result<NonnegNetwork> {
 pub fn read_manifest_with_mapping(dir: &Path) -> Result<(NonnegNetwork, Option<ReadMapping>)> {
     let json_path = dir.join(MANIFEST_JSON);
     let manifest: Manifest = crate::fsio::read_json(&json_path, "hardware manifest")?;
-    let invalid = |message: String| Error::Model {
-        path: json_path.clone(),
-        message,
-    };
+    let invalid = |message: String| Error::Model { path: json_path.clone(), message };
     if manifest.format != MANIFEST_FORMAT {
-        return Err(invalid(format!(
-            "format is {:?}, expected {MANIFEST_FORMAT:?}",
-            manifest.format
-        )));
+        return Err(invalid(format!("format is {:?}, expected {MANIFEST_FORMAT:?}", manifest.format)));
     }
     if manifest.schema_version != MANIFEST_VERSION {
         return Err(invalid(format!(
@@ -353,34 +317,22 @@ pub fn read_manifest_with_mapping(dir: &Path) -> Result<(NonnegNetwork, Option<R
     }
     let shape = &manifest.input.shape;
     if shape.len() != 3 || shape.iter().any(|&d| d == 0 || d > 65536) {
-        return Err(invalid(format!(
-            "input.shape {shape:?} must be three sizes in 1..=65536"
-        )));
+        return Err(invalid(format!("input.shape {shape:?} must be three sizes in 1..=65536")));
     }
     let ranges = &manifest.input.ranges;
-    if !(ranges.len() == 1 || ranges.len() == shape[0])
-        || ranges.iter().any(|r| Range::new(r.lo, r.hi).is_err())
-    {
-        return Err(invalid(format!(
-            "input.ranges must be one or {} finite ranges with lo <= hi",
-            shape[0]
-        )));
+    if !(ranges.len() == 1 || ranges.len() == shape[0]) || ranges.iter().any(|r| Range::new(r.lo, r.hi).is_err()) {
+        return Err(invalid(format!("input.ranges must be one or {} finite ranges with lo <= hi", shape[0])));
     }
     if !manifest.output_offset.is_finite() {
         return Err(invalid("output_offset must be finite".into()));
     }
 
     let tensors_path = dir.join(MANIFEST_TENSORS);
-    let bytes = crate::fsio::read_capped(
-        &tensors_path,
-        crate::store::MAX_TENSOR_BYTES,
-        "manifest.safetensors",
-    )?;
-    let mut tensors: HashMap<String, Tensor> =
-        candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| Error::Model {
-            path: tensors_path.clone(),
-            message: format!("cannot read tensors ({e}); the file is damaged or not safetensors"),
-        })?;
+    let bytes = crate::fsio::read_capped(&tensors_path, crate::store::MAX_TENSOR_BYTES, "manifest.safetensors")?;
+    let mut tensors: HashMap<String, Tensor> = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| Error::Model {
+        path: tensors_path.clone(),
+        message: format!("cannot read tensors ({e}); the file is damaged or not safetensors"),
+    })?;
     let mut layers = Vec::with_capacity(manifest.layers.len());
     let mut affine_names = Vec::new();
     for (i, layer) in manifest.layers.iter().enumerate() {
@@ -389,60 +341,21 @@ pub fn read_manifest_with_mapping(dir: &Path) -> Result<(NonnegNetwork, Option<R
         }
         let at = |message: String| invalid(format!("layers[{i}]: {message}"));
         layers.push(match layer {
-            ManifestLayer::Linear { name, affine, .. } => NonnegLayer::Affine(
-                read_affine(
-                    name,
-                    affine,
-                    AffineOp::Linear,
-                    Vec::new(),
-                    &mut tensors,
-                    &tensors_path,
-                )
-                .map_err(|e| at(e))?,
-            ),
-            ManifestLayer::Conv2d {
-                name,
-                stride,
-                padding,
-                dilation,
-                groups,
-                pad,
-                affine,
-                ..
-            } => {
-                let op = AffineOp::Conv2d {
-                    stride: *stride,
-                    padding: *padding,
-                    dilation: *dilation,
-                    groups: *groups,
-                };
-                NonnegLayer::Affine(
-                    read_affine(name, affine, op, pad.clone(), &mut tensors, &tensors_path)
-                        .map_err(|e| at(e))?,
-                )
+            ManifestLayer::Linear { name, affine, .. } => NonnegLayer::Affine(read_affine(name, affine, AffineOp::Linear, Vec::new(), &mut tensors, &tensors_path).map_err(|e| at(e))?),
+            ManifestLayer::Conv2d { name, stride, padding, dilation, groups, pad, affine, .. } => {
+                let op = AffineOp::Conv2d { stride: *stride, padding: *padding, dilation: *dilation, groups: *groups };
+                NonnegLayer::Affine(read_affine(name, affine, op, pad.clone(), &mut tensors, &tensors_path).map_err(|e| at(e))?)
             }
-            ManifestLayer::Activation {
-                activation,
-                input_offset,
-                output_offset,
-                ..
-            } => {
+            ManifestLayer::Activation { activation, input_offset, output_offset, .. } => {
                 activation.validate().map_err(|m| at(m))?;
                 if !(input_offset.is_finite() && output_offset.is_finite()) {
                     return Err(at("input_offset and output_offset must be finite".into()));
                 }
-                NonnegLayer::Activation(NonnegActivation {
-                    activation: activation.clone(),
-                    input_offset: *input_offset,
-                    output_offset: *output_offset,
-                })
+                NonnegLayer::Activation(NonnegActivation { activation: activation.clone(), input_offset: *input_offset, output_offset: *output_offset })
             }
             ManifestLayer::AvgPool2d { pool } => NonnegLayer::AvgPool2d(*pool),
             ManifestLayer::MaxPool2d { pool } => NonnegLayer::MaxPool2d(*pool),
-            ManifestLayer::PaddedAvgPool2d { pool, pad } => NonnegLayer::PaddedAvgPool2d {
-                pool: *pool,
-                pad: pad.clone(),
-            },
+            ManifestLayer::PaddedAvgPool2d { pool, pad } => NonnegLayer::PaddedAvgPool2d { pool: *pool, pad: pad.clone() },
             ManifestLayer::Flatten => NonnegLayer::Flatten,
             ManifestLayer::GlobalAvgPool => NonnegLayer::GlobalAvgPool,
             ManifestLayer::AdaptiveAvgPool2d { size } => NonnegLayer::AdaptiveAvgPool2d(*size),
@@ -453,10 +366,7 @@ pub fn read_manifest_with_mapping(dir: &Path) -> Result<(NonnegNetwork, Option<R
         [r] => (*r, Vec::new()),
         _ => {
             let lo = ranges.iter().map(|r| r.lo).fold(f64::INFINITY, f64::min);
-            let hi = ranges
-                .iter()
-                .map(|r| r.hi)
-                .fold(f64::NEG_INFINITY, f64::max);
+            let hi = ranges.iter().map(|r| r.hi).fold(f64::NEG_INFINITY, f64::max);
             (Range { lo, hi }, ranges.clone())
         }
     };
@@ -468,28 +378,20 @@ pub fn read_manifest_with_mapping(dir: &Path) -> Result<(NonnegNetwork, Option<R
         output_offset: manifest.output_offset,
     };
     let device = match &manifest.mapping {
-        Some(section) => Some(
-            mapping::read_mapping(section, &affine_names, &network, &mut tensors)
-                .map_err(invalid)?,
-        ),
+        Some(section) => Some(mapping::read_mapping(section, &affine_names, &network, &mut tensors).map_err(invalid)?),
         None => None,
     };
     if let Some(name) = tensors.keys().next() {
-        return Err(Error::Model {
-            path: tensors_path,
-            message: format!("tensor {name} belongs to no layer of {MANIFEST_JSON}"),
-        });
+        return Err(Error::Model { path: tensors_path, message: format!("tensor {name} belongs to no layer of {MANIFEST_JSON}") });
     }
     // Running one zero sample checks that every layer fits the shape the
     // previous one produces, with candle's own shape checks.
     let mut dims = vec![1];
     dims.extend_from_slice(shape);
     let probe = Tensor::zeros(dims, DType::F32, &Device::Cpu)?;
-    network.forward(&probe).map_err(|e| {
-        invalid(format!(
-            "the layers do not fit together or the input shape: {e}"
-        ))
-    })?;
+    network
+        .forward(&probe)
+        .map_err(|e| invalid(format!("the layers do not fit together or the input shape: {e}")))?;
     Ok((network, device))
 }
 
@@ -502,37 +404,16 @@ fn read_affine(
     tensors: &mut HashMap<String, Tensor>,
     path: &Path,
 ) -> std::result::Result<NonnegAffine, String> {
-    let mut take = |part: &str| {
-        tensors
-            .remove(&format!("{name}.{part}"))
-            .ok_or_else(|| format!("tensor {name}.{part} is missing from {}", path.display()))
-    };
-    let (positive, negative, bias, routing) = (
-        take("positive")?,
-        take("negative")?,
-        take("bias")?,
-        take("routing")?,
-    );
+    let mut take = |part: &str| tensors.remove(&format!("{name}.{part}")).ok_or_else(|| format!("tensor {name}.{part} is missing from {}", path.display()));
+    let (positive, negative, bias, routing) = (take("positive")?, take("negative")?, take("bias")?, take("routing")?);
 
-    for (part, t) in [
-        ("positive", &positive),
-        ("negative", &negative),
-        ("bias", &bias),
-    ] {
+    for (part, t) in [("positive", &positive), ("negative", &negative), ("bias", &bias)] {
         if t.dtype() != DType::F32 {
-            return Err(format!(
-                "tensor {name}.{part} is {:?}; expected f32",
-                t.dtype()
-            ));
+            return Err(format!("tensor {name}.{part} is {:?}; expected f32", t.dtype()));
         }
-        let values = t
-            .flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| e.to_string())?;
+        let values = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())?;
         if let Some(v) = values.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
-            return Err(format!(
-                "tensor {name}.{part} contains {v}; every weight and bias must be finite and >= 0"
-            ));
+            return Err(format!("tensor {name}.{part} contains {v}; every weight and bias must be finite and >= 0"));
         }
     }
     let rank = match op {
@@ -540,10 +421,7 @@ fn read_affine(
         AffineOp::Conv2d { .. } => 4,
         AffineOp::Conv1d { .. } => 3,
     };
-    if positive.rank() != rank
-        || negative.dims() != positive.dims()
-        || routing.dims() != positive.dims()
-    {
+    if positive.rank() != rank || negative.dims() != positive.dims() || routing.dims() != positive.dims() {
         return Err(format!(
             "{name}: positive {:?}, negative {:?} and routing {:?} must have one shape of rank {rank}",
             positive.dims(),
@@ -552,31 +430,16 @@ fn read_affine(
         ));
     }
     if bias.dims() != [positive.dims()[0]] {
-        return Err(format!(
-            "{name}.bias has shape {:?}; expected [{}]",
-            bias.dims(),
-            positive.dims()[0]
-        ));
+        return Err(format!("{name}.bias has shape {:?}; expected [{}]", bias.dims(), positive.dims()[0]));
     }
 
     let expected = positive
         .gt(0.0)
         .and_then(|p| p.to_dtype(DType::U8))
-        .and_then(|p| {
-            p.add(
-                &negative
-                    .gt(0.0)?
-                    .to_dtype(DType::U8)?
-                    .affine(ROUTE_COMPLEMENT as f64, 0.0)?,
-            )
-        })
+        .and_then(|p| p.add(&negative.gt(0.0)?.to_dtype(DType::U8)?.affine(ROUTE_COMPLEMENT as f64, 0.0)?))
         .map_err(|e| e.to_string())?;
     let routing_matches = routing.dtype() == DType::U8
-        && expected
-            .eq(&routing)
-            .and_then(|m| m.to_dtype(DType::F32)?.min_all()?.to_scalar::<f32>())
-            .map_err(|e| e.to_string())?
-            == 1.0;
+        && expected.eq(&routing).and_then(|m| m.to_dtype(DType::F32)?.min_all()?.to_scalar::<f32>()).map_err(|e| e.to_string())? == 1.0;
     if !routing_matches {
         return Err(format!(
             "{name}.routing must be u8 with 1 where positive > 0, 2 where negative > 0 and 3 where both are"
@@ -586,22 +449,13 @@ fn read_affine(
     let inputs = positive.dims()[1];
     let lengths_ok = |v: &[f64]| !v.is_empty() && v.iter().all(|x| x.is_finite());
     if !lengths_ok(&spec.lo) || !lengths_ok(&spec.alpha) || spec.alpha.iter().any(|&a| a < 0.0) {
-        return Err(format!(
-            "{name}: lo and alpha must be non-empty lists of finite values, alpha >= 0"
-        ));
+        return Err(format!("{name}: lo and alpha must be non-empty lists of finite values, alpha >= 0"));
     }
-    if rank == 2
-        && [spec.lo.len(), spec.alpha.len()]
-            .iter()
-            .any(|&n| n != 1 && n != inputs)
-    {
+    if rank == 2 && [spec.lo.len(), spec.alpha.len()].iter().any(|&n| n != 1 && n != inputs) {
         return Err(format!("{name}: lo and alpha need one value or {inputs}"));
     }
     if !(spec.shift.is_finite() && spec.shift >= 0.0) {
-        return Err(format!(
-            "{name}: shift {} must be finite and >= 0",
-            spec.shift
-        ));
+        return Err(format!("{name}: shift {} must be finite and >= 0", spec.shift));
     }
     Ok(NonnegAffine {
         op,

@@ -25,6 +25,6 @@ pub mod proto {
 }
 
 pub use export::{export_model, export_network, export_nonneg, INPUT_NAME, OUTPUT_NAME};
-pub use file::{decode_model, encode_model, read_model, write_model, MAX_ONNX_BYTES};
 pub use import::{import_model, Imported, SUPPORTED_OPS};
+pub use file::{decode_model, encode_model, read_model, write_model, MAX_ONNX_BYTES};
 pub use tensor::{decode_tensor, float_tensor, int64_tensor, TensorData};

@@ -17,12 +17,7 @@ pub const MAX_NPY_BYTES: u64 = 4 << 30;
 /// Reads a float array from `path`.
 pub fn read_npy(path: &Path) -> Result<TensorData> {
     let bytes = crate::fsio::read_capped(path, MAX_NPY_BYTES, ".npy array")?;
-    parse_npy(&bytes).map_err(|m| {
-        Error::data(
-            path,
-            format!("{m}; save it with numpy.save as float32 or float64"),
-        )
-    })
+    parse_npy(&bytes).map_err(|m| Error::data(path, format!("{m}; save it with numpy.save as float32 or float64")))
 }
 
 /// Parses the bytes of a `.npy` file.
@@ -32,10 +27,7 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<TensorData, String> {
     }
     let (header_len, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
         v => return Err(format!("unsupported .npy format version {v}")),
     };
     let header = bytes
@@ -48,9 +40,7 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<TensorData, String> {
     } else if header.contains("'<f8'") {
         8
     } else {
-        return Err(format!(
-            "header {header:?} has no little-endian float32 or float64 dtype"
-        ));
+        return Err(format!("header {header:?} has no little-endian float32 or float64 dtype"));
     };
     if header.contains("'fortran_order': True") {
         return Err("the array is in Fortran order; save a C-ordered copy".into());
@@ -63,10 +53,7 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<TensorData, String> {
         .ok_or_else(|| format!("header {header:?} has no shape"))?;
     let mut dims = Vec::new();
     for part in shape.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        dims.push(
-            part.parse::<usize>()
-                .map_err(|_| format!("invalid dimension {part:?} in the .npy shape"))?,
-        );
+        dims.push(part.parse::<usize>().map_err(|_| format!("invalid dimension {part:?} in the .npy shape"))?);
     }
 
     let data = &bytes[start + header_len..];
@@ -94,13 +81,7 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<TensorData, String> {
 pub fn encode_npy_f32(dims: &[usize], values: &[f32]) -> Vec<u8> {
     let shape: String = match dims {
         [d] => format!("({d},)"),
-        _ => format!(
-            "({})",
-            dims.iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        _ => format!("({})", dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
     };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
     // The header, newline included, pads the data start to a multiple of 64.
@@ -133,10 +114,7 @@ mod tests {
         let values = [1.0f32, -2.5, 3.25, 0.0, 7.0, -1e-8];
         let parsed = parse_npy(&encode_npy_f32(&[2, 3], &values)).unwrap();
         assert_eq!(parsed.dims, vec![2, 3]);
-        assert_eq!(
-            parsed.values,
-            values.iter().map(|&v| v as f64).collect::<Vec<_>>()
-        );
+        assert_eq!(parsed.values, values.iter().map(|&v| v as f64).collect::<Vec<_>>());
         let parsed = parse_npy(&encode_npy_f32(&[3], &values[..3])).unwrap();
         assert_eq!(parsed.dims, vec![3]);
     }
@@ -147,8 +125,6 @@ mod tests {
         bytes.truncate(bytes.len() - 4);
         assert!(parse_npy(&bytes).unwrap_err().contains("20 follow"));
         assert!(parse_npy(b"\x93NUMPY").is_err());
-        assert!(parse_npy(b"not numpy at all")
-            .unwrap_err()
-            .contains("magic"));
+        assert!(parse_npy(b"not numpy at all").unwrap_err().contains("magic"));
     }
 }

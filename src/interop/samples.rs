@@ -18,10 +18,7 @@ use crate::store::Model;
 pub fn images_from_npy(path: &Path, network: &Network) -> Result<Images> {
     let data = super::npy::read_npy(path)?;
     let [n, sample @ ..] = data.dims.as_slice() else {
-        return Err(Error::data(
-            path,
-            "the array is a scalar; save inputs as [n, channels, height, width]",
-        ));
+        return Err(Error::data(path, "the array is a scalar; save inputs as [n, channels, height, width]"));
     };
     if sample != network.input_shape.as_slice() || *n == 0 {
         return Err(Error::data(
@@ -41,17 +38,10 @@ pub fn images_from_npy(path: &Path, network: &Network) -> Result<Images> {
 /// Computes the logits of `model` on the inputs in `data`, read from
 /// `path` (named in errors), in batches of 256; returns the number of
 /// inputs and the logits, row-major `[n, classes]`.
-pub fn predict(
-    model: &Model,
-    data: &super::tensor::TensorData,
-    path: &Path,
-) -> Result<(usize, Vec<f32>)> {
+pub fn predict(model: &Model, data: &super::tensor::TensorData, path: &Path) -> Result<(usize, Vec<f32>)> {
     let shape = model.input_shape();
     let [n, sample @ ..] = data.dims.as_slice() else {
-        return Err(Error::data(
-            path,
-            "the array is a scalar; save inputs as [n, channels, height, width]",
-        ));
+        return Err(Error::data(path, "the array is a scalar; save inputs as [n, channels, height, width]"));
     };
     if sample != shape {
         return Err(Error::data(
@@ -67,20 +57,14 @@ pub fn predict(
         let mut dims = vec![count];
         dims.extend_from_slice(shape);
         let x = Tensor::from_slice(values, dims, &Device::Cpu)?.to_dtype(model.dtype())?;
-        let y = model
-            .forward(&x)?
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?;
+        let y = model.forward(&x)?.to_dtype(candle_core::DType::F32)?.flatten_all()?;
         logits.extend(y.to_vec1::<f32>()?);
     }
     Ok((*n, logits))
 }
 
 fn join(dims: &[usize]) -> String {
-    dims.iter()
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 /// Draws `n` samples uniformly from the network's input range (per
@@ -108,26 +92,17 @@ pub fn uniform_images(network: &Network, n: usize, seed: u64) -> Result<Images> 
 
 fn labelled(network: &Network, n: usize, pixels: Vec<f32>) -> Result<Images> {
     let [channels, rows, cols] = network.input_shape[..] else {
-        return Err(Error::Shape(format!(
-            "expected a [c, h, w] input shape, got {:?}",
-            network.input_shape
-        )));
+        return Err(Error::Shape(format!("expected a [c, h, w] input shape, got {:?}", network.input_shape)));
     };
     let mut labels = Vec::with_capacity(n);
     let per_sample = channels * rows * cols;
     for start in (0..n).step_by(256) {
         let count = (n - start).min(256);
-        let x = Tensor::from_slice(
-            &pixels[start * per_sample..(start + count) * per_sample],
-            (count, channels, rows, cols),
-            &Device::Cpu,
-        )?
-        .to_dtype(network.dtype())?;
+        let x = Tensor::from_slice(&pixels[start * per_sample..(start + count) * per_sample], (count, channels, rows, cols), &Device::Cpu)?
+            .to_dtype(network.dtype())?;
         let predicted: Vec<u32> = network.forward(&x)?.argmax(1)?.to_vec1()?;
         for p in predicted {
-            labels.push(u8::try_from(p).map_err(|_| {
-                Error::Shape(format!("class {p} does not fit isonn's 8-bit labels"))
-            })?);
+            labels.push(u8::try_from(p).map_err(|_| Error::Shape(format!("class {p} does not fit isonn's 8-bit labels")))?);
         }
     }
     Ok(Images {

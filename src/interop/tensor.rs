@@ -22,9 +22,7 @@ pub struct TensorData {
 /// tensor and what is wrong.
 pub fn decode_tensor(tensor: &TensorProto) -> Result<TensorData, String> {
     let name = tensor.name.as_deref().unwrap_or("(unnamed)");
-    if tensor.data_location == Some(DataLocation::External as i32)
-        || !tensor.external_data.is_empty()
-    {
+    if tensor.data_location == Some(DataLocation::External as i32) || !tensor.external_data.is_empty() {
         return Err(format!(
             "tensor {name} keeps its data in an external file, which isonn does not read; save \
              the model with every tensor inside it (onnx.save_model(..., save_as_external_data=False))"
@@ -33,18 +31,10 @@ pub fn decode_tensor(tensor: &TensorProto) -> Result<TensorData, String> {
     let mut dims = Vec::with_capacity(tensor.dims.len());
     let mut count: usize = 1;
     for &d in &tensor.dims {
-        let d = usize::try_from(d).map_err(|_| {
-            format!(
-                "tensor {name} has a negative dimension in {:?}",
-                tensor.dims
-            )
-        })?;
-        count = count.checked_mul(d).ok_or_else(|| {
-            format!(
-                "tensor {name} declares dimensions {:?}, more values than memory holds",
-                tensor.dims
-            )
-        })?;
+        let d = usize::try_from(d).map_err(|_| format!("tensor {name} has a negative dimension in {:?}", tensor.dims))?;
+        count = count
+            .checked_mul(d)
+            .ok_or_else(|| format!("tensor {name} declares dimensions {:?}, more values than memory holds", tensor.dims))?;
         dims.push(d);
     }
     let data_type = tensor.data_type.unwrap_or(0);
@@ -189,14 +179,9 @@ mod tests {
         assert!(message.contains("big"), "{message}");
         t.dims = vec![i64::MAX, i64::MAX];
         let message = decode_tensor(&t).unwrap_err();
-        assert!(
-            message.contains("more values than memory holds"),
-            "{message}"
-        );
+        assert!(message.contains("more values than memory holds"), "{message}");
         t.dims = vec![-4, 2];
-        assert!(decode_tensor(&t)
-            .unwrap_err()
-            .contains("negative dimension"));
+        assert!(decode_tensor(&t).unwrap_err().contains("negative dimension"));
     }
 
     #[test]

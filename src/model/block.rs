@@ -50,25 +50,11 @@ impl BatchNorm {
     pub fn new(channels: usize) -> Result<Self> {
         let ones = Tensor::ones(channels, DType::F32, &Device::Cpu)?;
         let zeros = Tensor::zeros(channels, DType::F32, &Device::Cpu)?;
-        Ok(Self::from_parts(
-            ones.clone(),
-            zeros.clone(),
-            zeros,
-            ones,
-            1e-5,
-            0.1,
-        ))
+        Ok(Self::from_parts(ones.clone(), zeros.clone(), zeros, ones, 1e-5, 0.1))
     }
 
     /// Builds a normalisation from its tensors, all `[channels]`.
-    pub fn from_parts(
-        weight: Tensor,
-        bias: Tensor,
-        mean: Tensor,
-        var: Tensor,
-        eps: f64,
-        momentum: f64,
-    ) -> Self {
+    pub fn from_parts(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, eps: f64, momentum: f64) -> Self {
         BatchNorm {
             weight,
             bias,
@@ -103,23 +89,9 @@ impl BatchNorm {
     pub fn inference_affine(&self) -> Result<(Vec<f64>, Vec<f64>)> {
         let (mean, var) = self.running_stats();
         let f64s = |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.to_vec1()?) };
-        let (gamma, beta, mean, var) = (
-            f64s(&self.weight)?,
-            f64s(&self.bias)?,
-            f64s(&mean)?,
-            f64s(&var)?,
-        );
-        let scale: Vec<f64> = gamma
-            .iter()
-            .zip(&var)
-            .map(|(g, v)| g / (v + self.eps).sqrt())
-            .collect();
-        let offset = beta
-            .iter()
-            .zip(&scale)
-            .zip(&mean)
-            .map(|((b, s), m)| b - s * m)
-            .collect();
+        let (gamma, beta, mean, var) = (f64s(&self.weight)?, f64s(&self.bias)?, f64s(&mean)?, f64s(&var)?);
+        let scale: Vec<f64> = gamma.iter().zip(&var).map(|(g, v)| g / (v + self.eps).sqrt()).collect();
+        let offset = beta.iter().zip(&scale).zip(&mean).map(|((b, s), m)| b - s * m).collect();
         Ok((scale, offset))
     }
 
@@ -147,19 +119,12 @@ impl BatchNorm {
         let per_channel = x.transpose(0, 1)?.contiguous()?.reshape((channels, ()))?; // [channels, n]
         let n = per_channel.dims()[1];
         let mean = per_channel.mean(1)?;
-        let var = per_channel
-            .broadcast_sub(&mean.unsqueeze(1)?)?
-            .sqr()?
-            .mean(1)?;
+        let var = per_channel.broadcast_sub(&mean.unsqueeze(1)?)?.sqr()?.mean(1)?;
         let (running_mean, running_var) = self.running_stats();
         let unbiased = var.detach().affine(n as f64 / (n.max(2) - 1) as f64, 0.0)?;
         let m = self.momentum;
-        let new_mean = running_mean
-            .affine(1.0 - m, 0.0)?
-            .add(&mean.detach().affine(m, 0.0)?)?;
-        let new_var = running_var
-            .affine(1.0 - m, 0.0)?
-            .add(&unbiased.affine(m, 0.0)?)?;
+        let new_mean = running_mean.affine(1.0 - m, 0.0)?.add(&mean.detach().affine(m, 0.0)?)?;
+        let new_var = running_var.affine(1.0 - m, 0.0)?.add(&unbiased.affine(m, 0.0)?)?;
         self.set_running_stats(new_mean, new_var);
         Ok((mean, var))
     }
@@ -233,9 +198,7 @@ impl Elman {
     /// Checks an input sample shape and returns `[hidden]`.
     pub fn output_shape(&self, input: &[usize]) -> std::result::Result<Vec<usize>, String> {
         let [c, _, w] = input else {
-            return Err(format!(
-                "expects [channels, steps, width] input, got {input:?}"
-            ));
+            return Err(format!("expects [channels, steps, width] input, got {input:?}"));
         };
         if c * w != self.features() {
             return Err(format!(
@@ -245,10 +208,7 @@ impl Elman {
             ));
         }
         if self.activation.output_bounds().is_none() {
-            return Err(format!(
-                "activation {} is unbounded; an Elman cell needs a bounded one",
-                self.activation
-            ));
+            return Err(format!("activation {} is unbounded; an Elman cell needs a bounded one", self.activation));
         }
         Ok(vec![self.hidden()])
     }

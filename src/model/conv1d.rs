@@ -42,11 +42,7 @@ impl Conv1d {
     ) -> Result<Self> {
         let group_channels = in_channels / groups.max(1);
         Ok(Conv1d {
-            weight: Tensor::zeros(
-                (out_channels, group_channels, kernel),
-                DType::F32,
-                &Device::Cpu,
-            )?,
+            weight: Tensor::zeros((out_channels, group_channels, kernel), DType::F32, &Device::Cpu)?,
             bias: Tensor::zeros(out_channels, DType::F32, &Device::Cpu)?,
             stride,
             padding,
@@ -89,9 +85,7 @@ impl Conv1d {
     pub fn output_shape(&self, input: &[usize]) -> std::result::Result<Vec<usize>, String> {
         let (out_c, group_c, k) = self.kernel_dims();
         let [c, h, w] = input else {
-            return Err(format!(
-                "expects [channels, height, width] input, got {input:?}"
-            ));
+            return Err(format!("expects [channels, height, width] input, got {input:?}"));
         };
         if self.groups == 0 || self.stride == 0 || self.dilation == 0 || k == 0 {
             return Err(format!(
@@ -100,13 +94,8 @@ impl Conv1d {
             ));
         }
         const LIMIT: usize = 1 << 16;
-        if [k, self.stride, self.dilation, self.padding]
-            .iter()
-            .any(|&v| v > LIMIT)
-        {
-            return Err(format!(
-                "kernel, stride, dilation and padding must each be at most {LIMIT}"
-            ));
+        if [k, self.stride, self.dilation, self.padding].iter().any(|&v| v > LIMIT) {
+            return Err(format!("kernel, stride, dilation and padding must each be at most {LIMIT}"));
         }
         let count = self.pad_value.len();
         if !(count <= 1 || count == *c) || self.pad_value.iter().any(|v| !v.is_finite()) {

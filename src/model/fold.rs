@@ -40,11 +40,7 @@ fn fold_chain(layers: &[Layer], path: &str) -> Result<Vec<Layer>> {
         }
         if let Some((index, bn)) = pending.take() {
             if layer.weight_and_bias().is_none() {
-                return Err(unfoldable(
-                    path,
-                    index,
-                    &format!("it is followed by a {} layer", layer.kind()),
-                ));
+                return Err(unfoldable(path, index, &format!("it is followed by a {} layer", layer.kind())));
             }
             fold_before(&bn, &mut layer).map_err(|m| unfoldable(path, index, &m))?;
             out.push(layer);
@@ -61,11 +57,7 @@ fn fold_chain(layers: &[Layer], path: &str) -> Result<Vec<Layer>> {
         }
     }
     if let Some((index, _)) = pending {
-        return Err(unfoldable(
-            path,
-            index,
-            "no linear or convolution layer is next to it",
-        ));
+        return Err(unfoldable(path, index, "no linear or convolution layer is next to it"));
     }
     Ok(out)
 }
@@ -84,22 +76,14 @@ fn unfoldable(path: &str, index: usize, reason: &str) -> Error {
 /// Folds `bn` into the affine layer before it: `W' = diag(g) W`, `b' = g b + beta`.
 fn fold_after(bn: &BatchNorm, layer: &mut Layer) -> std::result::Result<(), String> {
     let (scale, offset) = bn.inference_affine().map_err(|e| e.to_string())?;
-    let (weight, bias) = layer
-        .weight_and_bias_mut()
-        .expect("the caller checked for an affine layer");
+    let (weight, bias) = layer.weight_and_bias_mut().expect("the caller checked for an affine layer");
     let out_units = weight.dims()[0];
     if out_units != scale.len() {
-        return Err(format!(
-            "it normalises {} channels, the layer produces {out_units}",
-            scale.len()
-        ));
+        return Err(format!("it normalises {} channels, the layer produces {out_units}", scale.len()));
     }
     let mut run = || -> Result<()> {
         let dtype = weight.dtype();
-        let mut rows: Vec<Vec<f64>> = weight
-            .reshape((out_units, ()))?
-            .to_dtype(DType::F64)?
-            .to_vec2()?;
+        let mut rows: Vec<Vec<f64>> = weight.reshape((out_units, ()))?.to_dtype(DType::F64)?.to_vec2()?;
         let mut b: Vec<f64> = bias.to_dtype(DType::F64)?.to_vec1()?;
         for (i, row) in rows.iter_mut().enumerate() {
             row.iter_mut().for_each(|w| *w *= scale[i]);
@@ -119,12 +103,9 @@ fn fold_after(bn: &BatchNorm, layer: &mut Layer) -> std::result::Result<(), Stri
 fn fold_before(bn: &BatchNorm, layer: &mut Layer) -> std::result::Result<(), String> {
     let (scale, offset) = bn.inference_affine().map_err(|e| e.to_string())?;
     match layer {
-        Layer::Conv2d(Conv2d {
-            padding, pad_value, ..
-        })
-        | Layer::Conv1d(Conv1d {
-            padding, pad_value, ..
-        }) if *padding > 0 => {
+        Layer::Conv2d(Conv2d { padding, pad_value, .. }) | Layer::Conv1d(Conv1d { padding, pad_value, .. })
+            if *padding > 0 =>
+        {
             *pad_value = input_pad(pad_value, &scale, &offset)?;
         }
         _ => {}
@@ -134,9 +115,7 @@ fn fold_before(bn: &BatchNorm, layer: &mut Layer) -> std::result::Result<(), Str
         Layer::Conv1d(c) => c.groups,
         _ => 1,
     };
-    let (weight, bias) = layer
-        .weight_and_bias_mut()
-        .expect("the caller checked for an affine layer");
+    let (weight, bias) = layer.weight_and_bias_mut().expect("the caller checked for an affine layer");
     let dims = weight.dims().to_vec();
     let (out_units, group_inputs) = (dims[0], dims[1]);
     if group_inputs * groups != scale.len() {
@@ -149,10 +128,7 @@ fn fold_before(bn: &BatchNorm, layer: &mut Layer) -> std::result::Result<(), Str
     let receptive: usize = dims[2..].iter().product();
     let mut run = || -> Result<()> {
         let dtype = weight.dtype();
-        let mut rows: Vec<Vec<f64>> = weight
-            .reshape((out_units, ()))?
-            .to_dtype(DType::F64)?
-            .to_vec2()?;
+        let mut rows: Vec<Vec<f64>> = weight.reshape((out_units, ()))?.to_dtype(DType::F64)?.to_vec2()?;
         let mut b: Vec<f64> = bias.to_dtype(DType::F64)?.to_vec1()?;
         for (i, row) in rows.iter_mut().enumerate() {
             let group = i / (out_units / groups);
@@ -172,11 +148,7 @@ fn fold_before(bn: &BatchNorm, layer: &mut Layer) -> std::result::Result<(), Str
 
 /// Returns the inputs `x_c = (v_c - offset_c) / scale_c` that the
 /// normalisation maps to the padding values `v` (zeros when empty).
-fn input_pad(
-    values: &[f64],
-    scale: &[f64],
-    offset: &[f64],
-) -> std::result::Result<Vec<f64>, String> {
+fn input_pad(values: &[f64], scale: &[f64], offset: &[f64]) -> std::result::Result<Vec<f64>, String> {
     (0..scale.len())
         .map(|c| {
             let v = if values.is_empty() { 0.0 } else { values[c.min(values.len() - 1)] };

@@ -46,26 +46,13 @@ impl Init {
 
     /// Initialises a chain whose input values centre on `input_mid`, and
     /// returns the centre of its output.
-    fn apply_chain(
-        self,
-        layers: &mut [Layer],
-        mut input_mid: f64,
-        rng: &mut StdRng,
-    ) -> Result<f64> {
+    fn apply_chain(self, layers: &mut [Layer], mut input_mid: f64, rng: &mut StdRng) -> Result<f64> {
         for i in 0..layers.len() {
             // The activation this layer feeds, if pooling and flattening
             // are all that lies between them.
             let next_activation = layers[i + 1..]
                 .iter()
-                .find(|l| {
-                    !matches!(
-                        l,
-                        Layer::AvgPool2d(_)
-                            | Layer::MaxPool2d(_)
-                            | Layer::Flatten
-                            | Layer::Dropout(_)
-                    )
-                })
+                .find(|l| !matches!(l, Layer::AvgPool2d(_) | Layer::MaxPool2d(_) | Layer::Flatten | Layer::Dropout(_)))
                 .and_then(|l| match l {
                     Layer::Activation(a) => Some(a.clone()),
                     _ => None,
@@ -88,10 +75,7 @@ impl Init {
                             sums(&input)?
                                 .iter()
                                 .zip(sums(&recurrent)?)
-                                .map(|(a, b)| {
-                                    (e.activation.steepest_input() - input_mid * a - state_mid * b)
-                                        as f32
-                                })
+                                .map(|(a, b)| (e.activation.steepest_input() - input_mid * a - state_mid * b) as f32)
                                 .collect()
                         }
                         Init::Xavier => vec![0.0; e.hidden()],
@@ -129,10 +113,7 @@ impl Init {
 
 /// Returns the centre of an activation's outputs (0.5 when unbounded).
 fn midpoint(activation: &crate::activation::Activation) -> f64 {
-    activation
-        .output_bounds()
-        .map(|(lo, hi)| (lo + hi) / 2.0)
-        .unwrap_or(0.5)
+    activation.output_bounds().map(|(lo, hi)| (lo + hi) / 2.0).unwrap_or(0.5)
 }
 
 /// Draws Xavier-normal weights of shape `dims`, `std = sqrt(2 / (fan_in +
@@ -157,29 +138,14 @@ mod tests {
 
     #[test]
     fn xavier_std_matches_fan() {
-        let net = Network::mlp(
-            &[1, 28, 28],
-            &[300],
-            10,
-            Activation::PhotonicSigmoid,
-            Init::Xavier,
-            7,
-        )
-        .unwrap();
-        let w: Vec<f32> = net.parameters()[0]
-            .1
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
+        let net = Network::mlp(&[1, 28, 28], &[300], 10, Activation::PhotonicSigmoid, Init::Xavier, 7)
             .unwrap();
+        let w: Vec<f32> = net.parameters()[0].1.flatten_all().unwrap().to_vec1().unwrap();
         let mean = w.iter().map(|&v| v as f64).sum::<f64>() / w.len() as f64;
         let var = w.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / w.len() as f64;
         let want = 2.0 / (784.0 + 300.0);
         assert!(mean.abs() < 5e-4, "mean {mean}");
-        assert!(
-            (var / want - 1.0).abs() < 0.02,
-            "variance {var}, expected {want}"
-        );
+        assert!((var / want - 1.0).abs() < 0.02, "variance {var}, expected {want}");
     }
 
     #[test]
@@ -191,38 +157,20 @@ mod tests {
         let b: Vec<f32> = params[1].1.to_vec1().unwrap();
         for (row, bias) in w.iter().zip(&b) {
             let z_at_mid: f64 = row.iter().map(|&v| 0.5 * v as f64).sum::<f64>() + *bias as f64;
-            assert!(
-                (z_at_mid - 0.5).abs() < 1e-5,
-                "pre-activation at midpoint {z_at_mid}"
-            );
+            assert!((z_at_mid - 0.5).abs() < 1e-5, "pre-activation at midpoint {z_at_mid}");
         }
         let out_bias: Vec<f32> = params[3].1.to_vec1().unwrap();
-        assert!(
-            out_bias.iter().all(|&v| v == 0.0),
-            "output layer biases stay zero"
-        );
+        assert!(out_bias.iter().all(|&v| v == 0.0), "output layer biases stay zero");
     }
 
     #[test]
     fn same_seed_same_weights() {
         let build = |seed| {
-            Network::cnn(
-                &[1, 28, 28],
-                10,
-                Activation::PhotonicSigmoid,
-                Init::Xavier,
-                seed,
-            )
-            .unwrap()
+            Network::cnn(&[1, 28, 28], 10, Activation::PhotonicSigmoid, Init::Xavier, seed).unwrap()
         };
         let (a, b, c) = (build(3), build(3), build(4));
         let first = |n: &Network| -> Vec<f32> {
-            n.parameters()[0]
-                .1
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
+            n.parameters()[0].1.flatten_all().unwrap().to_vec1().unwrap()
         };
         assert_eq!(first(&a), first(&b));
         assert_ne!(first(&a), first(&c));

@@ -112,25 +112,16 @@ impl Conv2d {
     pub fn output_shape(&self, input: &[usize]) -> std::result::Result<Vec<usize>, String> {
         let (out_c, group_c, kh, kw) = self.kernel_dims();
         let [c, h, w] = input else {
-            return Err(format!(
-                "expects [channels, height, width] input, got {input:?}"
-            ));
+            return Err(format!("expects [channels, height, width] input, got {input:?}"));
         };
         if self.groups == 0 || self.stride == 0 || self.dilation == 0 || kh == 0 || kw == 0 {
             return Err("kernel size, groups, stride and dilation must be >= 1".into());
         }
         const LIMIT: usize = 1 << 16;
-        if [kh, kw, self.stride, self.dilation, self.padding]
-            .iter()
-            .any(|&v| v > LIMIT)
-        {
-            return Err(format!(
-                "kernel, stride, dilation and padding must be at most {LIMIT}"
-            ));
+        if [kh, kw, self.stride, self.dilation, self.padding].iter().any(|&v| v > LIMIT) {
+            return Err(format!("kernel, stride, dilation and padding must be at most {LIMIT}"));
         }
-        if !(self.pad_value.len() <= 1 || self.pad_value.len() == *c)
-            || self.pad_value.iter().any(|v| !v.is_finite())
-        {
+        if !(self.pad_value.len() <= 1 || self.pad_value.len() == *c) || self.pad_value.iter().any(|v| !v.is_finite()) {
             return Err(format!(
                 "{} padding values for {c} input channels; give none, one or one per channel, all finite",
                 self.pad_value.len()
@@ -181,9 +172,7 @@ impl Pool {
 
     fn output_shape(&self, input: &[usize]) -> std::result::Result<Vec<usize>, String> {
         let [c, h, w] = input else {
-            return Err(format!(
-                "expects [channels, height, width] input, got {input:?}"
-            ));
+            return Err(format!("expects [channels, height, width] input, got {input:?}"));
         };
         if 2 * self.padding > self.kernel {
             return Err(format!(
@@ -192,12 +181,7 @@ impl Pool {
             ));
         }
         let (ph, pw) = (h + 2 * self.padding, w + 2 * self.padding);
-        if self.kernel == 0
-            || self.stride == 0
-            || ph < self.kernel
-            || pw < self.kernel
-            || self.stride > ph
-        {
+        if self.kernel == 0 || self.stride == 0 || ph < self.kernel || pw < self.kernel || self.stride > ph {
             return Err(format!(
                 "window {} with stride {} and padding {} does not fit a {h}x{w} input",
                 self.kernel, self.stride, self.padding
@@ -297,16 +281,10 @@ impl Layer {
     pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         Ok(match self {
             Layer::Linear(l) => crate::ops::linear(x, &l.weight, &l.bias)?,
-            Layer::Conv2d(c) => {
-                crate::ops::add_channel_bias(&c.convolve(x, &c.weight, c.padding)?, &c.bias)?
-            }
-            Layer::Conv1d(c) => {
-                crate::ops::add_channel_bias(&c.convolve(x, &c.weight, &c.pad_value)?, &c.bias)?
-            }
+            Layer::Conv2d(c) => crate::ops::add_channel_bias(&c.convolve(x, &c.weight, c.padding)?, &c.bias)?,
+            Layer::Conv1d(c) => crate::ops::add_channel_bias(&c.convolve(x, &c.weight, &c.pad_value)?, &c.bias)?,
             Layer::Activation(a) => a.forward(x)?,
-            Layer::AvgPool2d(p) => {
-                p.average(x, &Tensor::new(0.0, x.device())?.to_dtype(x.dtype())?)?
-            }
+            Layer::AvgPool2d(p) => p.average(x, &Tensor::new(0.0, x.device())?.to_dtype(x.dtype())?)?,
             Layer::MaxPool2d(p) => p.maximum(x, lowest(x.dtype()))?,
             Layer::Flatten => x.flatten_from(1)?,
             Layer::BatchNorm(bn) => bn.forward(x, mode)?,
@@ -345,10 +323,7 @@ impl Layer {
             Layer::Flatten => Ok(vec![input.iter().product()]),
             Layer::BatchNorm(bn) => {
                 if input.is_empty() || input[0] != bn.channels() {
-                    return Err(format!(
-                        "normalises {} channels, got input {input:?}",
-                        bn.channels()
-                    ));
+                    return Err(format!("normalises {} channels, got input {input:?}", bn.channels()));
                 }
                 if !(bn.eps > 0.0 && bn.eps.is_finite() && (0.0..=1.0).contains(&bn.momentum)) {
                     return Err(format!(
@@ -360,8 +335,7 @@ impl Layer {
             }
             Layer::Residual(r) => {
                 let main = chain_shape(&r.main, input).map_err(|m| format!("main branch: {m}"))?;
-                let shortcut =
-                    chain_shape(&r.shortcut, input).map_err(|m| format!("shortcut: {m}"))?;
+                let shortcut = chain_shape(&r.shortcut, input).map_err(|m| format!("shortcut: {m}"))?;
                 if main != shortcut {
                     return Err(format!(
                         "the main branch produces {main:?} but the shortcut {shortcut:?}; \
@@ -373,9 +347,7 @@ impl Layer {
             Layer::Elman(e) => e.output_shape(input),
             Layer::GlobalAvgPool => match input {
                 [c, _, _] => Ok(vec![*c]),
-                _ => Err(format!(
-                    "expects [channels, height, width] input, got {input:?}"
-                )),
+                _ => Err(format!("expects [channels, height, width] input, got {input:?}")),
             },
             Layer::AdaptiveAvgPool2d([oh, ow]) => match input {
                 [c, h, w] if *oh >= 1 && *ow >= 1 && oh <= h && ow <= w => Ok(vec![*c, *oh, *ow]),
@@ -473,8 +445,7 @@ pub fn chain_shape(layers: &[Layer], input: &[usize]) -> std::result::Result<Vec
     let mut shape = input.to_vec();
     for (i, layer) in layers.iter().enumerate() {
         if let Layer::Activation(a) = layer {
-            a.validate()
-                .map_err(|m| format!("layer {i} (activation): {m}"))?;
+            a.validate().map_err(|m| format!("layer {i} (activation): {m}"))?;
         }
         shape = layer
             .output_shape(&shape)
@@ -510,11 +481,7 @@ pub fn adaptive_average(x: &Tensor, [oh, ow]: [usize; 2]) -> Result<Tensor> {
         let mut cells = Vec::with_capacity(ow);
         for j in 0..ow {
             let (c0, c1) = window(j, ow, w);
-            cells.push(
-                band.narrow(3, c0, c1 - c0)?
-                    .flatten_from(2)?
-                    .mean_keepdim(2)?,
-            ); // [batch, c, 1]
+            cells.push(band.narrow(3, c0, c1 - c0)?.flatten_from(2)?.mean_keepdim(2)?); // [batch, c, 1]
         }
         rows.push(Tensor::cat(&cells, 2)?.unsqueeze(2)?); // [batch, c, 1, ow]
     }

@@ -14,8 +14,8 @@ pub use block::sequence;
 pub use fold::fold_batchnorm;
 pub use init::Init;
 pub use layer::{
-    adaptive_average, chain_shape, forward_chain, BatchNorm, Conv1d, Conv2d, Elman, Layer, Linear,
-    Mode, Pool, Residual,
+    adaptive_average, chain_shape, forward_chain, BatchNorm, Conv1d, Conv2d, Elman, Layer, Linear, Mode, Pool,
+    Residual,
 };
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -202,12 +202,7 @@ impl Network {
         let conv = |i, o| Conv2d::zeros(i, o, 3, 1, 0, 1, 1);
         let pool = Pool::new(2, 2);
         let mut layers = Vec::new();
-        for (i, o, pooled) in [
-            (channels, 32, false),
-            (32, 64, true),
-            (64, 128, false),
-            (128, 256, true),
-        ] {
+        for (i, o, pooled) in [(channels, 32, false), (32, 64, true), (64, 128, false), (128, 256, true)] {
             layers.push(Layer::Conv2d(conv(i, o)?));
             layers.push(Layer::Activation(activation.clone()));
             if pooled {
@@ -218,9 +213,9 @@ impl Network {
 
         let mut shape = input_shape.to_vec();
         for (i, layer) in layers.iter().enumerate() {
-            shape = layer.output_shape(&shape).map_err(|message| {
-                Error::Shape(format!("cifar-cnn layer {i} ({}): {message}", layer.kind()))
-            })?;
+            shape = layer
+                .output_shape(&shape)
+                .map_err(|message| Error::Shape(format!("cifar-cnn layer {i} ({}): {message}", layer.kind())))?;
         }
         let flat = shape.iter().product::<usize>();
         layers.push(Layer::Linear(Linear::zeros(flat, 512)?));
@@ -269,9 +264,7 @@ impl Network {
     ) -> Result<Self> {
         let channels = input_shape.first().copied().unwrap_or(1);
         let conv = |i, o, kernel, stride, padding| -> Result<Layer> {
-            Ok(Layer::Conv2d(Conv2d::zeros(
-                i, o, kernel, stride, padding, 1, 1,
-            )?))
+            Ok(Layer::Conv2d(Conv2d::zeros(i, o, kernel, stride, padding, 1, 1)?))
         };
         let bn = |c| -> Result<Layer> { Ok(Layer::BatchNorm(BatchNorm::new(c)?)) };
         let f = Layer::Activation(activation);
@@ -281,24 +274,12 @@ impl Network {
             bn(width)?,
             f.clone(),
             Layer::Residual(Residual {
-                main: vec![
-                    conv(width, width, 3, 1, 1)?,
-                    bn(width)?,
-                    f.clone(),
-                    conv(width, width, 3, 1, 1)?,
-                    bn(width)?,
-                ],
+                main: vec![conv(width, width, 3, 1, 1)?, bn(width)?, f.clone(), conv(width, width, 3, 1, 1)?, bn(width)?],
                 shortcut: Vec::new(),
             }),
             f.clone(),
             Layer::Residual(Residual {
-                main: vec![
-                    conv(width, wide, 3, 2, 1)?,
-                    bn(wide)?,
-                    f.clone(),
-                    conv(wide, wide, 3, 1, 1)?,
-                    bn(wide)?,
-                ],
+                main: vec![conv(width, wide, 3, 2, 1)?, bn(wide)?, f.clone(), conv(wide, wide, 3, 1, 1)?, bn(wide)?],
                 shortcut: vec![conv(width, wide, 1, 2, 0)?, bn(wide)?],
             }),
             f,
@@ -321,11 +302,7 @@ impl Network {
     ) -> Result<Self> {
         let features = match input_shape {
             [c, _, w] => c * w,
-            _ => {
-                return Err(Error::Shape(format!(
-                    "an Elman network reads [channels, steps, width], got {input_shape:?}"
-                )))
-            }
+            _ => return Err(Error::Shape(format!("an Elman network reads [channels, steps, width], got {input_shape:?}"))),
         };
         let layers = vec![
             Layer::Elman(Elman::zeros(features, state, activation)?),
@@ -334,12 +311,7 @@ impl Network {
         Self::initialised(input_shape, layers, init, seed)
     }
 
-    fn initialised(
-        input_shape: &[usize],
-        layers: Vec<Layer>,
-        init: Init,
-        seed: u64,
-    ) -> Result<Self> {
+    fn initialised(input_shape: &[usize], layers: Vec<Layer>, init: Init, seed: u64) -> Result<Self> {
         let mut network = Network::new(input_shape, Range { lo: 0.0, hi: 1.0 }, layers);
         network.output_shape()?;
         init.apply(&mut network, seed)?;
@@ -383,8 +355,7 @@ impl Network {
     /// Returns the shape of one output sample, checking that every layer
     /// accepts the shape the previous one produces.
     pub fn output_shape(&self) -> Result<Vec<usize>> {
-        check_channel_ranges(self.input_range, &self.channel_ranges, &self.input_shape)
-            .map_err(Error::Shape)?;
+        check_channel_ranges(self.input_range, &self.channel_ranges, &self.input_shape).map_err(Error::Shape)?;
         let shape = chain_shape(&self.layers, &self.input_shape).map_err(Error::Shape)?;
         if shape.len() != 1 {
             return Err(Error::Shape(format!(
@@ -468,12 +439,9 @@ impl Network {
     /// Returns whether the network is a plain chain: no residual block,
     /// recurrent cell or batch normalisation.
     pub fn is_chain(&self) -> bool {
-        self.layers.iter().all(|l| {
-            !matches!(
-                l,
-                Layer::Residual(_) | Layer::Elman(_) | Layer::BatchNorm(_)
-            )
-        })
+        self.layers
+            .iter()
+            .all(|l| !matches!(l, Layer::Residual(_) | Layer::Elman(_) | Layer::BatchNorm(_)))
     }
 
     /// Returns the data type of the parameters (f32 unless converted).
@@ -520,11 +488,7 @@ fn visit_chain_mut(
 
 /// Checks per-channel input ranges: one per channel, each finite and
 /// within the network's input range.
-pub fn check_channel_ranges(
-    range: Range,
-    channel_ranges: &[Range],
-    shape: &[usize],
-) -> std::result::Result<(), String> {
+pub fn check_channel_ranges(range: Range, channel_ranges: &[Range], shape: &[usize]) -> std::result::Result<(), String> {
     if channel_ranges.is_empty() {
         return Ok(());
     }

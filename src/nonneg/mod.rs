@@ -9,9 +9,7 @@
 
 mod transform;
 
-pub use transform::{
-    inverse, transform, ActivationRange, ShiftPolicy, TransformOptions, SHIFT_MARGIN,
-};
+pub use transform::{inverse, transform, ActivationRange, ShiftPolicy, TransformOptions, SHIFT_MARGIN};
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -177,14 +175,9 @@ impl NonnegElman {
     ///
     /// # Shapes
     /// `v`: `[batch, channels, steps, width]` -> `[batch, hidden]`.
-    pub fn forward(
-        &self,
-        v: &Tensor,
-        observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, v: &Tensor, observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<Tensor> {
         let batch = v.dims()[0];
-        let mut state = Tensor::full(self.initial_state, (batch, self.hidden()), v.device())?
-            .to_dtype(v.dtype())?;
+        let mut state = Tensor::full(self.initial_state, (batch, self.hidden()), v.device())?.to_dtype(v.dtype())?;
         for step in crate::model::sequence(v)? {
             let u = Tensor::cat(&[&step, &state], 1)?;
             let z = self.affine.forward(&u, observe)?;
@@ -244,11 +237,7 @@ impl NonnegAffine {
     /// # Shapes
     /// `u`: `[batch, in]` or `[batch, c, h, w]` -> `[batch, out]` or
     /// `[batch, out, h', w']`.
-    pub fn forward(
-        &self,
-        u: &Tensor,
-        observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, u: &Tensor, observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<Tensor> {
         let alpha = self.channel_tensor(&self.alpha, u)?;
         let complement = complement_port(&alpha, u)?;
         let z = match self.op {
@@ -359,19 +348,13 @@ impl NonnegAffine {
     /// Returns the physical padding values of the signal and of the
     /// complement, one or one per input channel.
     pub(crate) fn pad_values(&self) -> (Vec<f64>, Vec<f64>) {
-        let pad = if self.pad.is_empty() {
-            &[0.0][..]
-        } else {
-            &self.pad[..]
-        };
+        let pad = if self.pad.is_empty() { &[0.0][..] } else { &self.pad[..] };
         let n = self.lo.len().max(self.alpha.len()).max(pad.len());
         let at = |v: &[f64], c: usize| v[c.min(v.len() - 1)];
         // A pad on a bound of the range rounds to about -1 ulp; the
         // transformation checks that every pad lies within the range, so
         // clamping at 0 changes only that rounding.
-        let signal = (0..n)
-            .map(|c| (at(pad, c) - at(&self.lo, c)).max(0.0))
-            .collect();
+        let signal = (0..n).map(|c| (at(pad, c) - at(&self.lo, c)).max(0.0)).collect();
         let complement = (0..n)
             .map(|c| (at(&self.lo, c) + at(&self.alpha, c) - at(pad, c)).max(0.0))
             .collect();
@@ -411,9 +394,7 @@ impl NonnegActivation {
     /// Computes [`forward`](Self::forward) with candle's generic ops, on any
     /// device: its fallback and its reference.
     pub fn forward_generic(&self, v: &Tensor) -> Result<Tensor> {
-        let mut y = self
-            .activation
-            .forward_generic(&v.affine(1.0, self.input_offset)?)?;
+        let mut y = self.activation.forward_generic(&v.affine(1.0, self.input_offset)?)?;
         if let Some((lo, hi)) = self.activation.output_bounds() {
             y = y.clamp(lo, hi)?;
         }
@@ -465,9 +446,7 @@ impl NonnegNetwork {
         let lo: Vec<f64> = self.channel_ranges.iter().map(|r| r.lo).collect();
         let mut view = vec![1usize; x.rank()];
         view[1] = lo.len();
-        let lo = Tensor::new(lo.as_slice(), x.device())?
-            .to_dtype(x.dtype())?
-            .reshape(view)?;
+        let lo = Tensor::new(lo.as_slice(), x.device())?.to_dtype(x.dtype())?.reshape(view)?;
         Ok(x.broadcast_sub(&lo)?)
     }
 
@@ -636,21 +615,13 @@ impl NonnegNetwork {
 /// Counts entries that are `< 0` or not finite.
 pub fn count_negative(t: &Tensor) -> Result<usize> {
     let values: Vec<f64> = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
-    Ok(values
-        .iter()
-        .filter(|v| !(**v >= 0.0) || !v.is_finite())
-        .count())
+    Ok(values.iter().filter(|v| !(**v >= 0.0) || !v.is_finite()).count())
 }
 
 impl NonnegLayer {
     /// Applies the layer to a physical signal, passing the signals it
     /// produces to `observe` under names that start with `prefix`.
-    pub fn forward(
-        &self,
-        v: &Tensor,
-        prefix: &str,
-        observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, v: &Tensor, prefix: &str, observe: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<Tensor> {
         let mut named = |name: &str, t: &Tensor| observe(&format!("{prefix}{name}"), t);
         Ok(match self {
             NonnegLayer::Affine(a) => a.forward(v, &mut named)?,
@@ -672,8 +643,7 @@ impl NonnegLayer {
             }
             NonnegLayer::Residual(r) => {
                 let main = forward_branch(&r.main, v, &format!("{prefix}main."), observe)?;
-                let shortcut =
-                    forward_branch(&r.shortcut, v, &format!("{prefix}shortcut."), observe)?;
+                let shortcut = forward_branch(&r.shortcut, v, &format!("{prefix}shortcut."), observe)?;
                 let sum = main.add(&shortcut)?;
                 observe(&format!("{prefix}sum"), &sum)?;
                 sum
@@ -700,12 +670,7 @@ fn forward_branch(
     Ok(h)
 }
 
-fn collect_affines<'a>(
-    layer: &'a NonnegLayer,
-    top: usize,
-    prefix: &str,
-    out: &mut Vec<(usize, String, &'a NonnegAffine)>,
-) {
+fn collect_affines<'a>(layer: &'a NonnegLayer, top: usize, prefix: &str, out: &mut Vec<(usize, String, &'a NonnegAffine)>) {
     match layer {
         NonnegLayer::Affine(a) => out.push((top, prefix.to_string(), a)),
         NonnegLayer::Elman(e) => out.push((top, prefix.to_string(), &e.affine)),
@@ -733,11 +698,7 @@ fn collect_affines_mut<'a>(layer: &'a mut NonnegLayer, out: &mut Vec<&'a mut Non
     }
 }
 
-fn collect_paths<'a>(
-    layer: &'a NonnegLayer,
-    path: &str,
-    out: &mut Vec<(String, &'a NonnegAffine)>,
-) {
+fn collect_paths<'a>(layer: &'a NonnegLayer, path: &str, out: &mut Vec<(String, &'a NonnegAffine)>) {
     match layer {
         NonnegLayer::Affine(a) => out.push((path.to_string(), a)),
         NonnegLayer::Elman(e) => out.push((format!("{path}.affine"), &e.affine)),

@@ -4,10 +4,7 @@
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{
-    AffineOp, NonnegActivation, NonnegAffine, NonnegElman, NonnegLayer, NonnegNetwork,
-    NonnegResidual,
-};
+use super::{AffineOp, NonnegActivation, NonnegAffine, NonnegElman, NonnegLayer, NonnegNetwork, NonnegResidual};
 use crate::activation::Activation;
 use crate::error::{Error, Result};
 use crate::model::{Conv1d, Conv2d, Elman, Layer, Linear, Network, Range, Residual};
@@ -40,11 +37,7 @@ impl ShiftPolicy {
             ShiftPolicy::Minimal => {
                 let smallest = c.iter().fold(f64::INFINITY, |m, &v| m.min(v));
                 let exact = (-smallest).max(0.0);
-                let margin = if largest > 0.0 {
-                    SHIFT_MARGIN * largest
-                } else {
-                    SHIFT_MARGIN
-                };
+                let margin = if largest > 0.0 { SHIFT_MARGIN * largest } else { SHIFT_MARGIN };
                 exact + margin
             }
             ShiftPolicy::Published => largest,
@@ -105,12 +98,7 @@ pub fn transform(network: &Network, options: &TransformOptions) -> Result<Nonneg
         options,
         path: "layers".into(),
     };
-    let (layers, output) = transform_chain(
-        &folded.layers,
-        &folded.input_shape,
-        input.clone(),
-        &mut context,
-    )?;
+    let (layers, output) = transform_chain(&folded.layers, &folded.input_shape, input.clone(), &mut context)?;
     let output_offset = output.scalar_lo().ok_or_else(|| Error::Transform {
         layer: folded.layers.len().saturating_sub(1),
         message: "the last layer's output has a different offset per unit; end the network with a \
@@ -123,12 +111,7 @@ pub fn transform(network: &Network, options: &TransformOptions) -> Result<Nonneg
     };
     let channel_ranges = match input.len() {
         1 => Vec::new(),
-        _ => input
-            .lo
-            .iter()
-            .zip(&input.hi)
-            .map(|(&lo, &hi)| Range { lo, hi })
-            .collect(),
+        _ => input.lo.iter().zip(&input.hi).map(|(&lo, &hi)| Range { lo, hi }).collect(),
     };
     Ok(NonnegNetwork {
         input_shape: folded.input_shape.clone(),
@@ -150,10 +133,7 @@ struct Edge {
 
 impl Edge {
     fn scalar(lo: f64, hi: f64) -> Self {
-        Edge {
-            lo: vec![lo],
-            hi: vec![hi],
-        }
+        Edge { lo: vec![lo], hi: vec![hi] }
     }
 
     fn len(&self) -> usize {
@@ -196,11 +176,7 @@ impl Edge {
         if self.len() == 1 {
             return self.clone();
         }
-        let spread = |v: &[f64]| {
-            v.iter()
-                .flat_map(|&x| std::iter::repeat_n(x, repeat))
-                .collect()
-        };
+        let spread = |v: &[f64]| v.iter().flat_map(|&x| std::iter::repeat_n(x, repeat)).collect();
         Edge {
             lo: spread(&self.lo),
             hi: spread(&self.hi),
@@ -224,12 +200,8 @@ impl Edge {
     fn plus(&self, other: &Edge) -> Self {
         let n = self.len().max(other.len());
         Edge {
-            lo: (0..n)
-                .map(|c| Edge::at(&self.lo, c) + Edge::at(&other.lo, c))
-                .collect(),
-            hi: (0..n)
-                .map(|c| Edge::at(&self.hi, c) + Edge::at(&other.hi, c))
-                .collect(),
+            lo: (0..n).map(|c| Edge::at(&self.lo, c) + Edge::at(&other.lo, c)).collect(),
+            hi: (0..n).map(|c| Edge::at(&self.hi, c) + Edge::at(&other.hi, c)).collect(),
         }
         .collapsed()
     }
@@ -256,17 +228,10 @@ impl Context<'_> {
 fn pad_values(layers: &[Layer], start: usize) -> Option<Vec<f64>> {
     for layer in layers.iter().skip(start) {
         match layer {
-            Layer::Conv2d(Conv2d {
-                padding, pad_value, ..
-            })
-            | Layer::Conv1d(Conv1d {
-                padding, pad_value, ..
-            }) if *padding > 0 => {
-                return Some(if pad_value.is_empty() {
-                    vec![0.0]
-                } else {
-                    pad_value.clone()
-                })
+            Layer::Conv2d(Conv2d { padding, pad_value, .. }) | Layer::Conv1d(Conv1d { padding, pad_value, .. })
+                if *padding > 0 =>
+            {
+                return Some(if pad_value.is_empty() { vec![0.0] } else { pad_value.clone() })
             }
             Layer::AvgPool2d(p) if p.padding > 0 => return Some(vec![0.0]),
             Layer::AvgPool2d(_)
@@ -302,8 +267,7 @@ fn transform_chain(
     for (i, layer) in layers.iter().enumerate() {
         let next = match layer {
             Layer::Linear(l) => {
-                let (affine, output) =
-                    transform_affine(&l.weight, &l.bias, AffineOp::Linear, &edge, options)?;
+                let (affine, output) = transform_affine(&l.weight, &l.bias, AffineOp::Linear, &edge, options)?;
                 tracing::debug!(layer = %format!("{}.{i}", context.path), shift = affine.shift, "transformed linear layer");
                 edge = output;
                 NonnegLayer::Affine(affine)
@@ -315,15 +279,7 @@ fn transform_chain(
                     dilation: c.dilation,
                     groups: c.groups,
                 };
-                NonnegLayer::Affine(transform_conv(
-                    &c.weight,
-                    &c.bias,
-                    op,
-                    &c.pad_value,
-                    &mut edge,
-                    context,
-                    i,
-                )?)
+                NonnegLayer::Affine(transform_conv(&c.weight, &c.bias, op, &c.pad_value, &mut edge, context, i)?)
             }
             Layer::Conv1d(c) => {
                 let op = AffineOp::Conv1d {
@@ -332,15 +288,7 @@ fn transform_chain(
                     dilation: c.dilation,
                     groups: c.groups,
                 };
-                NonnegLayer::Affine(transform_conv(
-                    &c.weight,
-                    &c.bias,
-                    op,
-                    &c.pad_value,
-                    &mut edge,
-                    context,
-                    i,
-                )?)
+                NonnegLayer::Affine(transform_conv(&c.weight, &c.bias, op, &c.pad_value, &mut edge, context, i)?)
             }
             Layer::Activation(act) => {
                 let input_offset = edge.scalar_lo().ok_or_else(|| {
@@ -385,28 +333,21 @@ fn transform_chain(
                 context.path = format!("{outer}.{i}.main");
                 let (main, main_edge) = transform_chain(&r.main, &shape, edge.clone(), context)?;
                 context.path = format!("{outer}.{i}.shortcut");
-                let (shortcut, shortcut_edge) =
-                    transform_chain(&r.shortcut, &shape, edge.clone(), context)?;
+                let (shortcut, shortcut_edge) = transform_chain(&r.shortcut, &shape, edge.clone(), context)?;
                 context.path = outer;
                 edge = main_edge.plus(&shortcut_edge);
                 NonnegLayer::Residual(NonnegResidual { main, shortcut })
             }
             Layer::Elman(e) => {
-                let elman =
-                    transform_elman(e, &shape, &edge, options).map_err(|m| context.error(i, m))?;
+                let elman = transform_elman(e, &shape, &edge, options).map_err(|m| context.error(i, m))?;
                 edge = Edge::scalar(-elman.initial_state, elman.activation_hi());
                 NonnegLayer::Elman(elman)
             }
             Layer::BatchNorm(_) => {
-                return Err(context.error(
-                    i,
-                    "batch normalisation was not folded; this is a bug".into(),
-                ))
+                return Err(context.error(i, "batch normalisation was not folded; this is a bug".into()))
             }
         };
-        shape = layer
-            .output_shape(&shape)
-            .map_err(|m| context.error(i, m))?;
+        shape = layer.output_shape(&shape).map_err(|m| context.error(i, m))?;
         out.push(next);
     }
     Ok((out, edge))
@@ -428,11 +369,7 @@ fn transform_conv(
         AffineOp::Conv2d { padding, .. } | AffineOp::Conv1d { padding, .. } => padding,
         AffineOp::Linear => 0,
     };
-    let pad = if padding > 0 {
-        pad_value.to_vec()
-    } else {
-        Vec::new()
-    };
+    let pad = if padding > 0 { pad_value.to_vec() } else { Vec::new() };
     if padding > 0 {
         *edge = padded_edge(edge, &pad).map_err(|m| context.error(i, m))?;
     }
@@ -444,10 +381,7 @@ fn transform_conv(
 }
 
 /// Returns the range given to an activation's output.
-fn activation_range(
-    act: &Activation,
-    options: &TransformOptions,
-) -> std::result::Result<(f64, f64), String> {
+fn activation_range(act: &Activation, options: &TransformOptions) -> std::result::Result<(f64, f64), String> {
     let Some((f_lo, f_hi)) = act.output_bounds() else {
         return Err(format!(
             "activation {act} is unbounded, so the next layer has no input range; \
@@ -504,10 +438,9 @@ fn transform_elman(
         lo: input.lo.iter().chain(&state.lo).copied().collect(),
         hi: input.hi.iter().chain(&state.hi).copied().collect(),
     };
-    let weight =
-        Tensor::cat(&[&cell.input_weight, &cell.recurrent_weight], 1).map_err(|e| e.to_string())?;
-    let (affine, _) = transform_affine(&weight, &cell.bias, AffineOp::Linear, &combined, options)
-        .map_err(|e| e.to_string())?;
+    let weight = Tensor::cat(&[&cell.input_weight, &cell.recurrent_weight], 1).map_err(|e| e.to_string())?;
+    let (affine, _) =
+        transform_affine(&weight, &cell.bias, AffineOp::Linear, &combined, options).map_err(|e| e.to_string())?;
     let activation = NonnegActivation {
         activation: cell.activation.clone(),
         input_offset: -affine.shift,
@@ -523,25 +456,14 @@ fn transform_elman(
 impl NonnegElman {
     /// Returns the upper bound of the state's true value.
     fn activation_hi(&self) -> f64 {
-        let hi = self
-            .activation
-            .activation
-            .output_bounds()
-            .map_or(0.0, |(_, hi)| hi);
+        let hi = self.activation.activation.output_bounds().map_or(0.0, |(_, hi)| hi);
         hi.max(0.0)
     }
 }
 
 /// Returns the input channel (or feature) that entry `j` of row `i` of a
 /// flattened weight reads.
-fn channel_of(
-    op: AffineOp,
-    out_units: usize,
-    group_inputs: usize,
-    receptive: usize,
-    i: usize,
-    j: usize,
-) -> usize {
+fn channel_of(op: AffineOp, out_units: usize, group_inputs: usize, receptive: usize, i: usize, j: usize) -> usize {
     let group = i / (out_units / op.groups()).max(1);
     group * group_inputs + j / receptive
 }
@@ -573,11 +495,7 @@ fn transform_affine(
         .zip(&b)
         .enumerate()
         .map(|(i, (row, bi))| {
-            let offset: f64 = row
-                .iter()
-                .enumerate()
-                .map(|(j, w)| w * Edge::at(&edge.lo, channel(i, j)))
-                .sum();
+            let offset: f64 = row.iter().enumerate().map(|(j, w)| w * Edge::at(&edge.lo, channel(i, j))).sum();
             let negative: f64 = row
                 .iter()
                 .enumerate()
@@ -595,11 +513,7 @@ fn transform_affine(
         .zip(&shifted)
         .enumerate()
         .map(|(i, (row, bias))| {
-            let swing: f64 = row
-                .iter()
-                .enumerate()
-                .map(|(j, w)| w.abs() * Edge::at(&alpha, channel(i, j)))
-                .sum();
+            let swing: f64 = row.iter().enumerate().map(|(j, w)| w.abs() * Edge::at(&alpha, channel(i, j))).sum();
             swing + bias
         })
         .collect();
@@ -715,26 +629,15 @@ fn inverse_bias(a: &NonnegAffine, weight: &Tensor) -> Result<Tensor> {
     let dims = weight.dims();
     let (out_units, group_inputs) = (dims[0], dims[1]);
     let receptive: usize = dims[2..].iter().product();
-    let w: Vec<Vec<f64>> = weight
-        .reshape((out_units, ()))?
-        .to_dtype(DType::F64)?
-        .to_vec2()?;
-    let n: Vec<Vec<f64>> = a
-        .negative
-        .reshape((out_units, ()))?
-        .to_dtype(DType::F64)?
-        .to_vec2()?;
+    let w: Vec<Vec<f64>> = weight.reshape((out_units, ()))?.to_dtype(DType::F64)?.to_vec2()?;
+    let n: Vec<Vec<f64>> = a.negative.reshape((out_units, ()))?.to_dtype(DType::F64)?.to_vec2()?;
     let stored: Vec<f64> = a.bias.to_dtype(DType::F64)?.to_vec1()?;
     let b: Vec<f64> = (0..out_units)
         .map(|i| {
             let channel = |j: usize| channel_of(a.op, out_units, group_inputs, receptive, i, j);
             let len = w[i].len();
-            let complement: f64 = (0..len)
-                .map(|j| n[i][j] * Edge::at(&a.alpha, channel(j)))
-                .sum();
-            let offset: f64 = (0..len)
-                .map(|j| w[i][j] * Edge::at(&a.lo, channel(j)))
-                .sum();
+            let complement: f64 = (0..len).map(|j| n[i][j] * Edge::at(&a.alpha, channel(j))).sum();
+            let offset: f64 = (0..len).map(|j| w[i][j] * Edge::at(&a.lo, channel(j))).sum();
             stored[i] - a.shift + complement - offset
         })
         .collect();

@@ -16,13 +16,7 @@ use crate::error::{Error, Result};
 /// `x`: `[batch, channels, height, width]`, `kernel`:
 /// `[out, channels / groups, k]` -> `[batch, out, height, width']` with
 /// `width' = (width - dilation (k - 1) - 1) / stride + 1`.
-pub fn conv1d_rows(
-    x: &Tensor,
-    kernel: &Tensor,
-    stride: usize,
-    dilation: usize,
-    groups: usize,
-) -> Result<Tensor> {
+pub fn conv1d_rows(x: &Tensor, kernel: &Tensor, stride: usize, dilation: usize, groups: usize) -> Result<Tensor> {
     let &[batch, channels, height, width] = x.dims() else {
         return Err(Error::Shape(format!(
             "conv1d input must have shape [batch, channels, height, width], got {:?}",
@@ -40,13 +34,8 @@ pub fn conv1d_rows(
         return super::conv2d(x, &kernel, 0, stride, dilation, groups);
     }
     // [batch, c, h, w] -> [batch * h, c, 1, w]: one 1-D signal per row.
-    let rows = x
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((batch * height, channels, 1, width))?;
+    let rows = x.transpose(1, 2)?.contiguous()?.reshape((batch * height, channels, 1, width))?;
     let y = super::conv2d(&rows, &kernel, 0, stride, dilation, groups)?; // [batch * h, out, 1, w']
     let out_width = y.dims()[3];
-    Ok(y.reshape((batch, height, out, out_width))?
-        .transpose(1, 2)?
-        .contiguous()?)
+    Ok(y.reshape((batch, height, out, out_width))?.transpose(1, 2)?.contiguous()?)
 }

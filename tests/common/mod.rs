@@ -75,9 +75,7 @@ pub fn random_mlp(seed: u64, dtype: DType, range: Range) -> Network {
         layers.push(Layer::Linear(Linear::zeros(width, h).unwrap()));
         width = h;
     }
-    layers.push(Layer::Linear(
-        Linear::zeros(width, rng.gen_range(2..6)).unwrap(),
-    ));
+    layers.push(Layer::Linear(Linear::zeros(width, rng.gen_range(2..6)).unwrap()));
     let mut network = Network {
         channel_ranges: Vec::new(),
         input_shape: vec![1, side, side],
@@ -116,21 +114,13 @@ pub fn random_cnn(seed: u64, dtype: DType, range: Range) -> Network {
         if side >= 2 && rng.gen_bool(0.3) {
             // Pooling straight after the convolution, before the activation.
             let pool = Pool::new(2, rng.gen_range(1..3));
-            layers.push(if rng.gen_bool(0.5) {
-                Layer::MaxPool2d(pool)
-            } else {
-                Layer::AvgPool2d(pool)
-            });
+            layers.push(if rng.gen_bool(0.5) { Layer::MaxPool2d(pool) } else { Layer::AvgPool2d(pool) });
             side = (side - 2) / pool.stride + 1;
         }
         layers.push(Layer::Activation(act.clone()));
         if side >= 2 && rng.gen_bool(0.3) {
             let pool = Pool::new(2, 2);
-            layers.push(if rng.gen_bool(0.5) {
-                Layer::MaxPool2d(pool)
-            } else {
-                Layer::AvgPool2d(pool)
-            });
+            layers.push(if rng.gen_bool(0.5) { Layer::MaxPool2d(pool) } else { Layer::AvgPool2d(pool) });
             side = (side - 2) / 2 + 1;
         }
     }
@@ -146,9 +136,7 @@ pub fn random_cnn(seed: u64, dtype: DType, range: Range) -> Network {
         input_range: range,
         layers,
     };
-    network
-        .output_shape()
-        .expect("the generator keeps shapes consistent");
+    network.output_shape().expect("the generator keeps shapes consistent");
     randomise(&mut network, &mut rng, dtype);
     network
 }
@@ -213,15 +201,7 @@ pub fn isonn() -> assert_cmd::Command {
 /// Trains a one-epoch 784-32-16-10 MLP on the embedded subset into `dir`.
 pub fn train_small(dir: &Path, activation: &str) {
     isonn()
-        .args([
-            "train",
-            "--dataset",
-            "fashion-mnist-subset",
-            "--epochs",
-            "1",
-            "--lr",
-            "0.16",
-        ])
+        .args(["train", "--dataset", "fashion-mnist-subset", "--epochs", "1", "--lr", "0.16"])
         .args(["--activation", activation, "--hidden", "32,16", "--out"])
         .arg(dir)
         .assert()
@@ -276,8 +256,5 @@ pub fn channel_inputs(network: &Network, seed: u64, batch: usize, dtype: DType) 
         .collect();
     let mut shape = vec![batch];
     shape.extend(&network.input_shape);
-    Tensor::from_vec(values, shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
 }

@@ -49,13 +49,7 @@ pub fn run(model: &Path, inputs: &Tensor) -> Tensor {
     let stem = model.file_stem().unwrap().to_string_lossy();
     let inputs_path = dir.join(format!("{stem}.inputs.npy"));
     let outputs_path = dir.join(format!("{stem}.outputs.npy"));
-    let values: Vec<f32> = inputs
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let values: Vec<f32> = inputs.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     npy::write_npy_f32(&inputs_path, inputs.dims(), &values).unwrap();
     let output = Command::new(python())
         .arg(script())
