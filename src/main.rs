@@ -74,6 +74,53 @@ impl DataArgs {
     }
 }
 
+/// Inputs and labels from `.npy` files, in place of a data set.
+#[derive(clap::Args, Clone)]
+struct NpyArgs {
+    /// Read the inputs from this file in place of a data set's test
+    /// images: float32 or float64 [n, channels, height, width] with the
+    /// model's sample shape.
+    #[arg(long, value_name = "FILE.npy", conflicts_with_all = ["dataset", "data"])]
+    inputs: Option<PathBuf>,
+    /// Class labels of --inputs: a 1-D array of n class indices, any
+    /// integer type (int64, int32, uint8, ...).
+    #[arg(long, value_name = "FILE.npy", requires = "inputs")]
+    labels: Option<PathBuf>,
+}
+
+impl NpyArgs {
+    /// Reads --inputs for a model of `input_shape` and `classes` outputs,
+    /// with --labels when given and else the predictions of `labeller`.
+    /// Returns `None` without --inputs.
+    fn load(
+        &self,
+        input_shape: &[usize],
+        classes: usize,
+        labeller: Option<&Network>,
+    ) -> Result<Option<isonn::interop::user_data::UserData>> {
+        let Some(inputs) = &self.inputs else {
+            return Ok(None);
+        };
+        let mut data = isonn::interop::user_data::UserData::read_inputs(inputs, input_shape)?;
+        match (&self.labels, labeller) {
+            (Some(labels), _) => data.read_labels(labels, classes)?,
+            (None, Some(network)) => {
+                tracing::info!(
+                    "no --labels: each input is labelled with the regular model's prediction, so the \
+                     accuracies are agreements with it"
+                );
+                data.label_with(network)?;
+            }
+            (None, None) => bail!(
+                "--inputs {} without --labels: accuracy needs the class of each input, so pass \
+                 --labels FILE.npy (a 1-D integer array), or write the logits with `isonn predict`",
+                inputs.display()
+            ),
+        }
+        Ok(Some(data))
+    }
+}
+
 /// A file format `isonn export` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum ExportFormat {
@@ -157,6 +204,10 @@ enum Command {
         /// binary version.
         #[arg(long, value_name = "DIR")]
         data: Option<PathBuf>,
+        /// Verify on --inputs instead; without --labels the regular model's
+        /// predictions are the labels.
+        #[command(flatten)]
+        npy: NpyArgs,
         /// Shift policy: minimal (smallest exact shift plus a 1% margin) or
         /// published (max |c_i|).
         #[arg(long, value_enum, default_value_t = ShiftPolicy::Minimal)]
@@ -190,6 +241,10 @@ enum Command {
         nonneg: PathBuf,
         #[command(flatten)]
         data: DataArgs,
+        /// --inputs compares the models on each input; without --labels the
+        /// regular model's predictions are the labels.
+        #[command(flatten)]
+        npy: NpyArgs,
         /// Precision of the comparison: model (the models' own) or f64.
         #[arg(long, value_enum, default_value_t = Precision::Model)]
         precision: Precision,
@@ -295,12 +350,15 @@ enum Command {
         #[arg(long, value_name = "FILE.npy")]
         out: PathBuf,
     },
-    /// Print the test accuracy of a model of either kind.
+    /// Print the test accuracy of a model of either kind, on a data set's
+    /// test images or on --inputs with --labels.
     Eval {
         /// The model directory.
         model: PathBuf,
         #[command(flatten)]
         data: DataArgs,
+        #[command(flatten)]
+        npy: NpyArgs,
     },
     /// Train a non-negative model directory with a sign-keeping optimizer.
     TrainNonneg {
@@ -595,7 +653,13 @@ struct BoundArgs {
     per: Option<Granularity>,
     #[command(flatten)]
     data: DataArgs,
-    /// Calibration images: the first K of the training split (all when fewer).
+    /// Calibrate on the first K of --inputs and measure clip rates and
+    /// accuracies on all of them; without --labels the unbounded model's
+    /// predictions are the labels.
+    #[command(flatten)]
+    npy: NpyArgs,
+    /// Calibration images: the first K of the training split, or of
+    /// --inputs (all when fewer).
     #[arg(long, value_name = "K", default_value_t = 10_000)]
     calibration_samples: usize,
     /// Write into a non-empty output directory, replacing the files isonn
@@ -853,6 +917,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             out,
             dataset,
             data,
+            npy,
             shift,
             activation_range,
             precision,
@@ -871,21 +936,21 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 shift,
                 activation_range,
             };
-            // Read the data before writing anything, so a bad --dataset
-            // leaves no output behind.
-            let dataset = match dataset {
-                Some(name) => Some(DataArgs { dataset: name, data }.load()?),
-                None => {
-                    if data.is_some() {
-                        bail!("--data without --dataset: name the data set to verify on, e.g. --dataset fashion-mnist");
-                    }
-                    None
+            // Read the data before writing anything, so a bad --dataset or
+            // --inputs leaves no output behind.
+            let test = if dataset.is_some() || npy.inputs.is_some() {
+                let args = DataArgs { dataset: dataset.unwrap_or_default(), data };
+                Some(test_data(&args, &npy, &Model::Regular(network.clone()), Some(&network))?)
+            } else {
+                if data.is_some() {
+                    bail!("--data without --dataset: name the data set to verify on, e.g. --dataset fashion-mnist");
                 }
+                None
             };
-            if let Some(d) = &dataset {
-                verify::check_images(&network.input_shape, &d.test)?;
+            if let Some((images, _)) = &test {
+                verify::check_images(&network.input_shape, images)?;
             }
-            let data_record = dataset.as_ref().map(DataRecord::of);
+            let data_record = test.as_ref().map(|(_, record)| record.clone());
             if let Some(record) = &data_record {
                 warn_data_mismatch(&model, &source_provenance, record);
             }
@@ -905,9 +970,10 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             );
             store::save(&out, &Model::Nonneg(nonneg.clone()), &provenance)?;
             println!("non-negative model written to {}", out.display());
-            if let Some(dataset) = dataset {
-                let mut report = verify::verify(&network, &nonneg, &dataset.test, 1000, precision, progress)?;
+            if let Some((images, record)) = test {
+                let mut report = verify::verify(&network, &nonneg, &images, 1000, precision, progress)?;
                 report.reference = reference;
+                report.data = Some(record);
                 isonn::fsio::write_json_atomic(&out.join("equivalence.json"), &report)?;
                 println!("{}", report.summary());
                 print_layer_table(&report);
@@ -918,6 +984,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             regular,
             nonneg,
             data,
+            npy,
             precision,
             report,
         } => {
@@ -932,12 +999,12 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                     store::load(&nonneg).map(|m| m.0.kind()).unwrap_or("?")
                 );
             };
-            let dataset = data.load()?;
-            let record = DataRecord::of(&dataset);
+            let (images, record) = test_data(&data, &npy, &Model::Regular(a.clone()), Some(&a))?;
             warn_data_mismatch(&regular, &provenance_a, &record);
             warn_data_mismatch(&nonneg, &provenance_b, &record);
-            let mut result = verify::verify(&a, &b, &dataset.test, 1000, precision, progress)?;
+            let mut result = verify::verify(&a, &b, &images, 1000, precision, progress)?;
             result.reference = bound_reference(&regular)?;
+            result.data = Some(record);
             let path = report.unwrap_or_else(|| nonneg.join("equivalence.json"));
             isonn::fsio::write_json_atomic(&path, &result)?;
             println!("{}", result.summary());
@@ -1066,20 +1133,15 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             }
             println!("wrote {} model {} as {}", loaded.kind(), model.display(), out.display());
         }
-        Command::Eval { model, data } => {
+        Command::Eval { model, data, npy } => {
             let (loaded, model_provenance) = load_model(&model)?;
-            let dataset = data.load()?;
-            warn_data_mismatch(&model, &model_provenance, &DataRecord::of(&dataset));
+            let (images, record) = test_data(&data, &npy, &loaded, None)?;
+            warn_data_mismatch(&model, &model_provenance, &record);
             let forward = |x: &candle_core::Tensor| loaded.forward(x);
-            let accuracy = verify::accuracy(
-                &forward,
-                loaded.input_shape(),
-                &dataset.test,
-                1000,
-                loaded.dtype(),
-                progress,
-            )?;
-            println!("{} model, {} test images: accuracy {accuracy:.4}", loaded.kind(), dataset.test.len());
+            let accuracy =
+                verify::accuracy(&forward, loaded.input_shape(), &images, 1000, loaded.dtype(), progress)?;
+            let what = if npy.inputs.is_some() { "inputs" } else { "test images" };
+            println!("{} model, {} {what} from {}: accuracy {accuracy:.4}", loaded.kind(), images.len(), record.dataset);
         }
         Command::TrainNonneg {
             model,
@@ -1454,6 +1516,35 @@ fn run_bench(
     Ok(())
 }
 
+/// Returns the number of classes `model` outputs.
+fn classes_of(model: &Model) -> Result<usize> {
+    let shape = match model {
+        Model::Regular(network) => network.output_shape()?,
+        Model::Nonneg(network) => isonn::nonneg::inverse(network)?.output_shape()?,
+    };
+    Ok(shape.iter().product())
+}
+
+/// Reads the test images of a command: --inputs (labelled by --labels or
+/// by the predictions of `labeller`) or else the data set's test split.
+/// Returns them with the record of the files read.
+fn test_data(
+    data: &DataArgs,
+    npy: &NpyArgs,
+    model: &Model,
+    labeller: Option<&Network>,
+) -> Result<(data::Images, DataRecord)> {
+    if npy.inputs.is_some() {
+        let inputs = npy
+            .load(model.input_shape(), classes_of(model)?, labeller)?
+            .expect("--inputs is given");
+        return Ok((inputs.images, inputs.record));
+    }
+    let dataset = data.load()?;
+    let record = DataRecord::of(&dataset);
+    Ok((dataset.test, record))
+}
+
 /// Returns the network a bounded regular model implements, from the
 /// `bound.json` in its directory, or `None` for a model as trained.
 fn bound_reference(regular: &Path) -> Result<Option<String>> {
@@ -1503,19 +1594,26 @@ fn run_bound(args: BoundArgs, progress: &Progress) -> Result<()> {
         bound::check_per_channel(&network)?;
     }
     check_output(&args.out, args.force, false)?;
-    let dataset = args.data.load()?;
-    let data_record = DataRecord::of(&dataset);
+    let classes = network.output_shape()?[0];
+    let (train, test, data_record) = match args.npy.load(&network.input_shape, classes, Some(&network))? {
+        Some(inputs) => (inputs.images.clone(), inputs.images, inputs.record),
+        None => {
+            let dataset = args.data.load()?;
+            let record = DataRecord::of(&dataset);
+            (dataset.train, dataset.test, record)
+        }
+    };
     warn_data_mismatch(&args.model, &source_provenance, &data_record);
-    if args.calibration_samples > dataset.train.len() {
+    if args.calibration_samples > train.len() {
         tracing::info!(
-            "--calibration-samples {} is more than the {} training images; calibrating on all of them",
+            "--calibration-samples {} is more than the {} calibration images; calibrating on all of them",
             args.calibration_samples,
-            dataset.train.len()
+            train.len()
         );
     }
-    let calibration = dataset.train.take(args.calibration_samples);
+    let calibration = train.take(args.calibration_samples);
     tracing::info!("bounding {}: {}", args.model.display(), mode.reference());
-    let bounded = bound::bound_network(&network, &mode, &calibration, &dataset.test, progress)?;
+    let bounded = bound::bound_network(&network, &mode, &calibration, &test, progress)?;
     let record = &bounded.record;
     let provenance = provenance::record(
         &command_line(),

@@ -17,6 +17,7 @@ pub mod manifest;
 pub mod npy;
 pub mod samples;
 pub mod tensor;
+pub mod user_data;
 
 /// The ONNX message types, generated from `proto/onnx.proto`.
 #[allow(clippy::all, missing_docs, rustdoc::all)]
