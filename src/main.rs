@@ -291,18 +291,25 @@ enum Command {
         #[command(flatten)]
         device: DeviceArgs,
     },
-    /// Import an ONNX model (as torch.onnx.export writes it) into a
-    /// regular model directory that transform, eval and verify read.
+    /// Import an ONNX model (as torch.onnx.export writes it), or a
+    /// PyTorch state dict saved as safetensors with its architecture in
+    /// --model, into a regular model directory that transform, eval and
+    /// verify read.
     Import {
-        /// The ONNX file.
+        /// The ONNX file, or the state dict (.safetensors).
         model: PathBuf,
         /// The model directory to write.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// The architecture of a state dict: an isonn model.json whose layers
+        /// may name their PyTorch module with "torch_name" (docs/INTEROP.md).
+        #[arg(long = "model", value_name = "FILE.json")]
+        architecture: Option<PathBuf>,
         /// Range LO,HI of every input value, e.g. 0,1 for pixels in [0, 1].
         /// Repeat it once per input channel for per-channel ranges
-        /// (standardised colour images).
-        #[arg(long, value_name = "LO,HI", required = true, value_parser = parse_range, allow_hyphen_values = true)]
+        /// (standardised colour images). Required for ONNX; for a state
+        /// dict it replaces the architecture's input range.
+        #[arg(long, value_name = "LO,HI", value_parser = parse_range, allow_hyphen_values = true)]
         input_range: Vec<isonn::model::Range>,
         /// Bound every ReLU of the imported model by the largest
         /// pre-activation on these inputs, per layer, as `isonn bound
@@ -1023,11 +1030,11 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
         Command::Import {
             model,
             out,
+            architecture,
             input_range,
             calibrate,
         } => {
-            let onnx = isonn::interop::read_model(&model)?;
-            let mut imported = isonn::interop::import_model(&onnx, &model, &input_range)?;
+            let mut imported = import_any(&model, architecture.as_deref(), &input_range)?;
             let mut bound_record = None;
             if let Some(source) = &calibrate {
                 if bound::relu_layers(&imported.network).is_empty() {
@@ -1057,6 +1064,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 None,
                 serde_json::json!({
                     "imported_from": model,
+                    "architecture": architecture,
                     "output_function": imported.output_function,
                     "calibrated_on": calibrate,
                 }),
@@ -1514,6 +1522,44 @@ fn run_bench(
         println!("report written to {}", path.display());
     }
     Ok(())
+}
+
+/// Imports the ONNX model or, when it starts as a safetensors file does,
+/// the PyTorch state dict in `path`, with its `architecture`.
+fn import_any(
+    path: &Path,
+    architecture: Option<&Path>,
+    input_ranges: &[isonn::model::Range],
+) -> Result<isonn::interop::Imported> {
+    let mut head = [0u8; 9];
+    let read = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let is_state_dict = isonn::interop::state_dict::is_safetensors(&head[..read])
+        || path.extension().is_some_and(|e| e == "safetensors");
+    match (is_state_dict, architecture) {
+        (true, Some(architecture)) => {
+            let network = isonn::interop::state_dict::import_state_dict(path, architecture, input_ranges)?;
+            Ok(isonn::interop::Imported { network, output_function: None })
+        }
+        (true, None) => bail!(
+            "{} is a safetensors state dict, which holds no architecture; pass it with --model \
+             FILE.json, an isonn model.json describing the layers (docs/INTEROP.md)",
+            path.display()
+        ),
+        (false, Some(_)) => bail!(
+            "--model describes the architecture of a safetensors state dict, but {} is not \
+             one; an ONNX file carries its own architecture, so leave --model out",
+            path.display()
+        ),
+        (false, None) if input_ranges.is_empty() => {
+            bail!("--input-range LO,HI is required for an ONNX model: give the range of every input value, e.g. 0,1")
+        }
+        (false, None) => {
+            let onnx = isonn::interop::read_model(path)?;
+            Ok(isonn::interop::import_model(&onnx, path, input_ranges)?)
+        }
+    }
 }
 
 /// Returns the number of classes `model` outputs.

@@ -16,6 +16,7 @@ pub mod import;
 pub mod manifest;
 pub mod npy;
 pub mod samples;
+pub mod state_dict;
 pub mod tensor;
 pub mod user_data;
 
