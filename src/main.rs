@@ -1543,7 +1543,7 @@ fn import_any(
             Ok(isonn::interop::Imported { network, output_function: None })
         }
         (true, None) => bail!(
-            "{} is a safetensors state dict, which holds no architecture; pass it with --model \
+            "{} is a safetensors state dict, which contains no architecture; pass it with --model \
              FILE.json, an isonn model.json describing the layers (docs/INTEROP.md)",
             path.display()
         ),
