@@ -77,13 +77,14 @@ impl DataArgs {
 /// Inputs and labels from `.npy` files, in place of a data set.
 #[derive(clap::Args, Clone)]
 struct NpyArgs {
-    /// Read the inputs from this file in place of a data set's test
-    /// images: float32 or float64 [n, channels, height, width] with the
-    /// model's sample shape.
+    /// Read the inputs from this file in place of a data set: float32 or
+    /// float64 [n, channels, height, width] with the model's sample shape.
     #[arg(long, value_name = "FILE.npy", conflicts_with_all = ["dataset", "data"])]
     inputs: Option<PathBuf>,
     /// Class labels of --inputs: a 1-D array of n class indices, any
-    /// integer type (int64, int32, uint8, ...).
+    /// integer type (int64, int32, uint8, ...). eval requires it. Without
+    /// it, verify, transform and bound label each input with the regular
+    /// model's prediction, so their accuracies are agreements.
     #[arg(long, value_name = "FILE.npy", requires = "inputs")]
     labels: Option<PathBuf>,
 }
@@ -204,8 +205,7 @@ enum Command {
         /// binary version.
         #[arg(long, value_name = "DIR")]
         data: Option<PathBuf>,
-        /// Verify on --inputs instead; without --labels the regular model's
-        /// predictions are the labels.
+        // Without --labels, the regular model's predictions are the labels.
         #[command(flatten)]
         npy: NpyArgs,
         /// Shift policy: minimal (smallest exact shift plus a 1% margin) or
@@ -241,8 +241,7 @@ enum Command {
         nonneg: PathBuf,
         #[command(flatten)]
         data: DataArgs,
-        /// --inputs compares the models on each input; without --labels the
-        /// regular model's predictions are the labels.
+        // Without --labels, the regular model's predictions are the labels.
         #[command(flatten)]
         npy: NpyArgs,
         /// Precision of the comparison: model (the models' own) or f64.
@@ -660,9 +659,9 @@ struct BoundArgs {
     per: Option<Granularity>,
     #[command(flatten)]
     data: DataArgs,
-    /// Calibrate on the first K of --inputs and measure clip rates and
-    /// accuracies on all of them; without --labels the unbounded model's
-    /// predictions are the labels.
+    // --inputs gives both the calibration images and the test images of
+    // the clip rates. Without --labels, the unbounded model's predictions
+    // are the labels.
     #[command(flatten)]
     npy: NpyArgs,
     /// Calibration images: the first K of the training split, or of
@@ -947,7 +946,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             // --inputs leaves no output behind.
             let test = if dataset.is_some() || npy.inputs.is_some() {
                 let args = DataArgs { dataset: dataset.unwrap_or_default(), data };
-                Some(test_data(&args, &npy, &Model::Regular(network.clone()), Some(&network))?)
+                Some(regular_test_data(&args, &npy, &network)?)
             } else {
                 if data.is_some() {
                     bail!("--data without --dataset: name the data set to verify on, e.g. --dataset fashion-mnist");
@@ -1006,7 +1005,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                     store::load(&nonneg).map(|m| m.0.kind()).unwrap_or("?")
                 );
             };
-            let (images, record) = test_data(&data, &npy, &Model::Regular(a.clone()), Some(&a))?;
+            let (images, record) = regular_test_data(&data, &npy, &a)?;
             warn_data_mismatch(&regular, &provenance_a, &record);
             warn_data_mismatch(&nonneg, &provenance_b, &record);
             let mut result = verify::verify(&a, &b, &images, 1000, precision, progress)?;
@@ -1143,13 +1142,18 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
         }
         Command::Eval { model, data, npy } => {
             let (loaded, model_provenance) = load_model(&model)?;
-            let (images, record) = test_data(&data, &npy, &loaded, None)?;
+            let (images, record) = test_data(&data, &npy, loaded.input_shape(), classes_of(&loaded)?, None)?;
             warn_data_mismatch(&model, &model_provenance, &record);
             let forward = |x: &candle_core::Tensor| loaded.forward(x);
             let accuracy =
                 verify::accuracy(&forward, loaded.input_shape(), &images, 1000, loaded.dtype(), progress)?;
-            let what = if npy.inputs.is_some() { "inputs" } else { "test images" };
-            println!("{} model, {} {what} from {}: accuracy {accuracy:.4}", loaded.kind(), images.len(), record.dataset);
+            let sample_noun = if npy.inputs.is_some() { "inputs" } else { "test images" };
+            println!(
+                "{} model, {} {sample_noun} from {}: accuracy {accuracy:.4}",
+                loaded.kind(),
+                images.len(),
+                record.dataset
+            );
         }
         Command::TrainNonneg {
             model,
@@ -1571,24 +1575,30 @@ fn classes_of(model: &Model) -> Result<usize> {
     Ok(shape.iter().product())
 }
 
-/// Reads the test images of a command: --inputs (labelled by --labels or
-/// by the predictions of `labeller`) or else the data set's test split.
+/// Reads the test images of a command: --inputs, labelled by --labels or
+/// by the predictions of `labeller`, or else the data set's test split.
 /// Returns them with the record of the files read.
 fn test_data(
     data: &DataArgs,
     npy: &NpyArgs,
-    model: &Model,
+    input_shape: &[usize],
+    classes: usize,
     labeller: Option<&Network>,
 ) -> Result<(data::Images, DataRecord)> {
-    if npy.inputs.is_some() {
-        let inputs = npy
-            .load(model.input_shape(), classes_of(model)?, labeller)?
-            .expect("--inputs is given");
+    if let Some(inputs) = npy.load(input_shape, classes, labeller)? {
         return Ok((inputs.images, inputs.record));
     }
     let dataset = data.load()?;
     let record = DataRecord::of(&dataset);
     Ok((dataset.test, record))
+}
+
+/// Reads the images on which to compare the regular `network` with a
+/// non-negative one; without --labels the network's predictions label
+/// the inputs.
+fn regular_test_data(data: &DataArgs, npy: &NpyArgs, network: &Network) -> Result<(data::Images, DataRecord)> {
+    let classes = network.output_shape()?.iter().product();
+    test_data(data, npy, &network.input_shape, classes, Some(network))
 }
 
 /// Returns the network a bounded regular model implements, from the
@@ -1640,7 +1650,7 @@ fn run_bound(args: BoundArgs, progress: &Progress) -> Result<()> {
         bound::check_per_channel(&network)?;
     }
     check_output(&args.out, args.force, false)?;
-    let classes = network.output_shape()?[0];
+    let classes = network.output_shape()?.iter().product();
     let (train, test, data_record) = match args.npy.load(&network.input_shape, classes, Some(&network))? {
         Some(inputs) => (inputs.images.clone(), inputs.images, inputs.record),
         None => {

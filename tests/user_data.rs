@@ -72,6 +72,14 @@ fn eval_npy_matches_dataset() {
     let from_npy = eval_accuracy(&model, &["--inputs".as_ref(), inputs.as_os_str(), "--labels".as_ref(), labels.as_os_str()]);
     assert_eq!(from_npy, expected);
 
+    // A non-negative model reads the same files.
+    let nonneg = tmp.path().join("nonneg");
+    isonn().arg("transform").arg(&model).arg("--out").arg(&nonneg).assert().success();
+    let nonneg_expected = eval_accuracy(&nonneg, &["--dataset".as_ref(), "fashion-mnist-subset".as_ref()]);
+    let nonneg_from_npy =
+        eval_accuracy(&nonneg, &["--inputs".as_ref(), inputs.as_os_str(), "--labels".as_ref(), labels.as_os_str()]);
+    assert_eq!(nonneg_from_npy, nonneg_expected);
+
     // Every integer type and byte order gives the same labels.
     let test = subset().test;
     for descr in [">i8", "<i4", ">i4", "<u2", "|u1", "|i1"] {
@@ -125,6 +133,36 @@ fn verify_and_transform_on_inputs_alone() {
     assert_eq!(report["accuracy_original"].as_f64(), Some(1.0));
     assert_eq!(report["accuracy_isomorphic"].as_f64(), Some(1.0));
     assert_eq!(report["data"]["files"].as_array().unwrap().len(), 1);
+
+    // With --labels, the accuracies are those on the data set.
+    let (_, labels) = write_test_split(tmp.path());
+    let with_labels = tmp.path().join("with-labels.json");
+    let from_dataset = tmp.path().join("from-dataset.json");
+    isonn()
+        .arg("verify")
+        .arg(&regular)
+        .arg(&nonneg)
+        .arg("--inputs")
+        .arg(&inputs)
+        .arg("--labels")
+        .arg(&labels)
+        .arg("--report")
+        .arg(&with_labels)
+        .assert()
+        .success();
+    isonn()
+        .arg("verify")
+        .arg(&regular)
+        .arg(&nonneg)
+        .args(["--dataset", "fashion-mnist-subset", "--report"])
+        .arg(&from_dataset)
+        .assert()
+        .success();
+    let (a, b) = (read_json(&with_labels), read_json(&from_dataset));
+    assert_eq!(a["accuracy_original"], b["accuracy_original"]);
+    assert_eq!(a["accuracy_isomorphic"], b["accuracy_isomorphic"]);
+    assert_eq!(a["data"]["files"].as_array().unwrap().len(), 2);
+    assert_eq!(b["data"]["dataset"].as_str(), Some("fashion-mnist-subset"));
 }
 
 #[test]
