@@ -1535,11 +1535,15 @@ fn import_any(
     architecture: Option<&Path>,
     input_ranges: &[isonn::model::Range],
 ) -> Result<isonn::interop::Imported> {
-    let mut head = [0u8; 9];
-    let read = std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+    let mut head = Vec::with_capacity(9);
+    let file_len = std::fs::File::open(path)
+        .and_then(|file| {
+            let len = file.metadata()?.len();
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, 9), &mut head)?;
+            Ok(len)
+        })
         .with_context(|| format!("cannot read {}", path.display()))?;
-    let is_state_dict = isonn::interop::state_dict::is_safetensors(&head[..read])
+    let is_state_dict = isonn::interop::state_dict::is_safetensors(&head, file_len)
         || path.extension().is_some_and(|e| e == "safetensors");
     match (is_state_dict, architecture) {
         (true, Some(architecture)) => {

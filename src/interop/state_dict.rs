@@ -26,10 +26,15 @@ use crate::store::{self, Model};
 /// prefix in the state dict.
 pub const TORCH_NAME: &str = "torch_name";
 
-/// Returns `true` when `bytes` start as a safetensors file does: an 8-byte
-/// little-endian header length, then the JSON header's `{`.
-pub fn is_safetensors(bytes: &[u8]) -> bool {
-    bytes.len() > 8 && bytes[8] == b'{'
+/// Returns `true` when `head`, the first bytes of a file of `file_len`
+/// bytes, starts as a safetensors file does: an 8-byte little-endian header
+/// length that fits in the file, then the JSON header's `{`.
+pub fn is_safetensors(head: &[u8], file_len: u64) -> bool {
+    let Some((length, rest)) = head.split_first_chunk::<8>() else {
+        return false;
+    };
+    let header_len = u64::from_le_bytes(*length);
+    rest.first() == Some(&b'{') && header_len >= 2 && header_len <= file_len.saturating_sub(8)
 }
 
 /// A layer of the architecture that takes tensors from the state dict.
@@ -305,6 +310,8 @@ fn assign(slots: &[Slot], tensors: &mut BTreeMap<String, Tensor>) -> std::result
         for (suffix, shape) in &slot.tensors {
             let name = if module.is_empty() { suffix.to_string() } else { format!("{module}.{suffix}") };
             let target = format!("{}.{suffix}", slot.path);
+            // The weight comes first and has been checked against a tensor
+            // of the file, so the zero bias's size is bounded by the file.
             if *suffix == "bias" && !slot.has_bias {
                 let zeros = Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu).map_err(|e| e.to_string())?;
                 renamed.push((target, zeros));
@@ -346,7 +353,10 @@ mod tests {
 
     #[test]
     fn safetensors_magic_needs_a_json_header() {
-        assert!(is_safetensors(b"\x10\0\0\0\0\0\0\0{\"a\":1}"));
-        assert!(!is_safetensors(b"\x08\x01\x12\x00"));
+        let file = b"\x07\0\0\0\0\0\0\0{\"a\":1}";
+        assert!(is_safetensors(file, file.len() as u64));
+        assert!(!is_safetensors(file, 10), "a header longer than the file");
+        assert!(!is_safetensors(b"\x08\x01\x12\x00", 4));
+        assert!(!is_safetensors(b"\x08\x01\x12\x00\0\0\0\0{", 100), "an ONNX-like header length");
     }
 }
