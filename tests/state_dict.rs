@@ -28,7 +28,9 @@ const PYTORCH_TOLERANCE: f64 = 1e-5;
 const EQUIVALENCE_TOLERANCE: f64 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/state_dict").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/state_dict")
+        .join(name)
 }
 
 fn load_npy(path: &Path) -> Tensor {
@@ -39,10 +41,17 @@ fn load_npy(path: &Path) -> Tensor {
 /// Imports `weights` with the architecture of fixture `name` and returns
 /// the largest relative difference from PyTorch's logits.
 fn pytorch_difference(name: &str, weights: &str) -> (Network, f64) {
-    let network = import_state_dict(&fixture(weights), &fixture(&format!("{name}.model.json")), &[]).unwrap();
+    let network = import_state_dict(
+        &fixture(weights),
+        &fixture(&format!("{name}.model.json")),
+        &[],
+    )
+    .unwrap();
     let inputs = load_npy(&fixture(&format!("{name}.inputs.npy")));
     let expected = load_npy(&fixture(&format!("{name}.outputs.npy")));
-    let logits = network.forward(&inputs.to_dtype(network.dtype()).unwrap()).unwrap();
+    let logits = network
+        .forward(&inputs.to_dtype(network.dtype()).unwrap())
+        .unwrap();
     let logits = logits.to_dtype(DType::F64).unwrap();
     let difference = max_abs(&logits.sub(&expected).unwrap()) / max_abs(&expected).max(1.0);
     (network, difference)
@@ -53,9 +62,21 @@ fn pytorch_difference(name: &str, weights: &str) -> (Network, f64) {
 fn check_equivalence(name: &str, network: &Network) {
     let nonneg = transform(network, &TransformOptions::default()).unwrap();
     let images = images_from_npy(&fixture(&format!("{name}.inputs.npy")), network).unwrap();
-    let report = verify::verify(network, &nonneg, &images, 1000, Precision::Model, &Progress::hidden()).unwrap();
+    let report = verify::verify(
+        network,
+        &nonneg,
+        &images,
+        1000,
+        Precision::Model,
+        &Progress::hidden(),
+    )
+    .unwrap();
     assert_eq!(report.argmax_agreement, 1.0, "{name}: {}", report.summary());
-    assert!(report.max_rel_diff < EQUIVALENCE_TOLERANCE, "{name}: {}", report.summary());
+    assert!(
+        report.max_rel_diff < EQUIVALENCE_TOLERANCE,
+        "{name}: {}",
+        report.summary()
+    );
     assert_eq!(report.negative_weights, 0);
     assert_eq!(report.negative_biases, 0);
 }
@@ -63,7 +84,10 @@ fn check_equivalence(name: &str, network: &Network) {
 #[test]
 fn mlp_matches_pytorch() {
     let (network, difference) = pytorch_difference("mlp", "mlp.safetensors");
-    assert!(difference < PYTORCH_TOLERANCE, "relative difference {difference:e}");
+    assert!(
+        difference < PYTORCH_TOLERANCE,
+        "relative difference {difference:e}"
+    );
     assert_eq!(network.dtype(), DType::F32);
     check_equivalence("mlp", &network);
 }
@@ -71,7 +95,10 @@ fn mlp_matches_pytorch() {
 #[test]
 fn cnn_with_batch_norm_matches_pytorch() {
     let (network, difference) = pytorch_difference("cnn", "cnn.safetensors");
-    assert!(difference < PYTORCH_TOLERANCE, "relative difference {difference:e}");
+    assert!(
+        difference < PYTORCH_TOLERANCE,
+        "relative difference {difference:e}"
+    );
     let kinds: Vec<&str> = network.layers.iter().map(|l| l.kind()).collect();
     assert_eq!(kinds[..2], ["conv2d", "batch-norm"]);
     check_equivalence("cnn", &network);
@@ -85,7 +112,10 @@ fn half_and_double_precision_convert() {
         ("mlp.bf16.safetensors", DType::F32),
     ] {
         let (network, difference) = pytorch_difference("mlp", weights);
-        assert!(difference < PYTORCH_TOLERANCE, "{weights}: relative difference {difference:e}");
+        assert!(
+            difference < PYTORCH_TOLERANCE,
+            "{weights}: relative difference {difference:e}"
+        );
         assert_eq!(network.dtype(), dtype, "{weights}");
     }
 }
@@ -104,7 +134,9 @@ fn import_command_then_transform() {
         .arg(&regular)
         .assert()
         .success()
-        .stdout(predicate::str::contains("conv2d, batch-norm, activation, avg-pool2d, flatten, linear"));
+        .stdout(predicate::str::contains(
+            "conv2d, batch-norm, activation, avg-pool2d, flatten, linear",
+        ));
     isonn()
         .arg("transform")
         .arg(&regular)
@@ -115,10 +147,17 @@ fn import_command_then_transform() {
         .assert()
         .success()
         .stdout(predicate::str::contains("verification passed"));
-    let model: serde_json::Value = serde_json::from_slice(&std::fs::read(regular.join("model.json")).unwrap()).unwrap();
+    let model: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(regular.join("model.json")).unwrap()).unwrap();
     let provenance = &model["provenance"];
-    assert!(provenance["imported_from"].as_str().unwrap().ends_with("cnn.safetensors"));
-    assert!(provenance["architecture"].as_str().unwrap().ends_with("cnn.model.json"));
+    assert!(provenance["imported_from"]
+        .as_str()
+        .unwrap()
+        .ends_with("cnn.safetensors"));
+    assert!(provenance["architecture"]
+        .as_str()
+        .unwrap()
+        .ends_with("cnn.model.json"));
 
     // --input-range replaces the architecture's range.
     let widened = tmp.path().join("widened");
@@ -131,8 +170,12 @@ fn import_command_then_transform() {
         .arg(&widened)
         .assert()
         .success();
-    let model: serde_json::Value = serde_json::from_slice(&std::fs::read(widened.join("model.json")).unwrap()).unwrap();
-    assert_eq!(model["input"]["range"], serde_json::json!({ "lo": -1.0, "hi": 2.0 }));
+    let model: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(widened.join("model.json")).unwrap()).unwrap();
+    assert_eq!(
+        model["input"]["range"],
+        serde_json::json!({ "lo": -1.0, "hi": 2.0 })
+    );
 }
 
 /// Reads the tensors of a fixture's state dict.
@@ -147,7 +190,9 @@ fn import_error(dir: &Path, tensors: &HashMap<String, Tensor>, architecture: &st
     let json = dir.join("model.json");
     candle_core::safetensors::save(tensors, &weights).unwrap();
     std::fs::write(&json, architecture).unwrap();
-    import_state_dict(&weights, &json, &[]).unwrap_err().to_string()
+    import_state_dict(&weights, &json, &[])
+        .unwrap_err()
+        .to_string()
 }
 
 /// Removes the torch_name of the top-level layers `indices` from the
@@ -155,7 +200,10 @@ fn import_error(dir: &Path, tensors: &HashMap<String, Tensor>, architecture: &st
 fn without_torch_names(json: &str, indices: &[usize]) -> String {
     let mut value: serde_json::Value = serde_json::from_str(json).unwrap();
     for &i in indices {
-        value["layers"][i].as_object_mut().unwrap().remove("torch_name");
+        value["layers"][i]
+            .as_object_mut()
+            .unwrap()
+            .remove("torch_name");
     }
     value.to_string()
 }
@@ -169,15 +217,27 @@ fn bad_state_dicts_name_the_tensor() {
     let mut missing = tensors("mlp.safetensors");
     missing.remove("3.bias");
     let message = import_error(tmp.path(), &missing, &mlp_json);
-    assert!(message.contains("missing tensor 3.bias for layer layers.3 (linear)"), "{message}");
+    assert!(
+        message.contains("missing tensor 3.bias for layer layers.3 (linear)"),
+        "{message}"
+    );
 
     let mut extra = tensors("mlp.safetensors");
-    extra.insert("9.weight".into(), Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap());
+    extra.insert(
+        "9.weight".into(),
+        Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
     let message = import_error(tmp.path(), &extra, &mlp_json);
-    assert!(message.contains("the state dict has 4 modules with parameters (1, 3, 5, 9)"), "{message}");
+    assert!(
+        message.contains("the state dict has 4 modules with parameters (1, 3, 5, 9)"),
+        "{message}"
+    );
 
     let mut stray = tensors("cnn.safetensors");
-    stray.insert("fc.scale".into(), Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap());
+    stray.insert(
+        "fc.scale".into(),
+        Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap(),
+    );
     let message = import_error(tmp.path(), &stray, &cnn_json);
     assert!(message.contains("unused tensor fc.scale"), "{message}");
 
@@ -185,10 +245,18 @@ fn bad_state_dicts_name_the_tensor() {
     let weight = wrong_shape["1.weight"].t().unwrap().contiguous().unwrap();
     wrong_shape.insert("1.weight".into(), weight);
     let message = import_error(tmp.path(), &wrong_shape, &mlp_json);
-    assert!(message.contains("tensor 1.weight has shape [16, 12], but layer layers.1 (linear) expects [12, 16]"), "{message}");
+    assert!(
+        message.contains(
+            "tensor 1.weight has shape [16, 12], but layer layers.1 (linear) expects [12, 16]"
+        ),
+        "{message}"
+    );
 
     let mut integers = tensors("mlp.safetensors");
-    integers.insert("1.bias".into(), Tensor::zeros(12, DType::I64, &Device::Cpu).unwrap());
+    integers.insert(
+        "1.bias".into(),
+        Tensor::zeros(12, DType::I64, &Device::Cpu).unwrap(),
+    );
     let message = import_error(tmp.path(), &integers, &mlp_json);
     assert!(message.contains("tensor 1.bias has type I64"), "{message}");
 
@@ -198,16 +266,25 @@ fn bad_state_dicts_name_the_tensor() {
 
     let misnamed = cnn_json.replace("\"torch_name\": \"bn\"", "\"torch_name\": \"norm\"");
     let message = import_error(tmp.path(), &tensors("cnn.safetensors"), &misnamed);
-    assert!(message.contains("missing tensor norm.weight for layer layers.1 (batch-norm)"), "{message}");
+    assert!(
+        message.contains("missing tensor norm.weight for layer layers.1 (batch-norm)"),
+        "{message}"
+    );
 
     let partly_named = without_torch_names(&cnn_json, &[1]);
     let message = import_error(tmp.path(), &tensors("cnn.safetensors"), &partly_named);
-    assert!(message.contains("only some layers name their module with torch_name"), "{message}");
+    assert!(
+        message.contains("only some layers name their module with torch_name"),
+        "{message}"
+    );
 
     // Without torch_name, sorted keys put bn before conv.
     let unnamed = without_torch_names(&cnn_json, &[0, 1, 5]);
     let message = import_error(tmp.path(), &tensors("cnn.safetensors"), &unnamed);
-    assert!(message.contains("natural order are bn, conv, fc"), "{message}");
+    assert!(
+        message.contains("natural order are bn, conv, fc"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -235,9 +312,17 @@ fn truncated_state_dict_is_an_error() {
     let weights = tmp.path().join("cut.safetensors");
     for cut in [0, 4, 8, 20, bytes.len() / 2, bytes.len() - 1] {
         std::fs::write(&weights, &bytes[..cut]).unwrap();
-        let message = import_state_dict(&weights, &fixture("mlp.model.json"), &[]).unwrap_err().to_string();
-        assert!(message.contains("cut.safetensors"), "cut at {cut}: {message}");
-        assert!(message.contains("truncated or not safetensors"), "cut at {cut}: {message}");
+        let message = import_state_dict(&weights, &fixture("mlp.model.json"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("cut.safetensors"),
+            "cut at {cut}: {message}"
+        );
+        assert!(
+            message.contains("truncated or not safetensors"),
+            "cut at {cut}: {message}"
+        );
     }
 }
 
@@ -246,11 +331,16 @@ fn import_command_rejects_bad_pairs() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let cases: [(&str, Vec<PathBuf>, &str); 3] = [
-        ("state dict without architecture", vec![fixture("mlp.safetensors")], "pass it with --model FILE.json"),
+        (
+            "state dict without architecture",
+            vec![fixture("mlp.safetensors")],
+            "pass it with --model FILE.json",
+        ),
         (
             "architecture with an ONNX file",
             vec![
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/mlp_photonic_sigmoid.onnx"),
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/onnx/mlp_photonic_sigmoid.onnx"),
                 "--model".into(),
                 fixture("mlp.model.json"),
                 "--input-range=0,1".into(),
@@ -259,7 +349,11 @@ fn import_command_rejects_bad_pairs() {
         ),
         (
             "architecture of another network",
-            vec![fixture("mlp.safetensors"), "--model".into(), fixture("cnn.model.json")],
+            vec![
+                fixture("mlp.safetensors"),
+                "--model".into(),
+                fixture("cnn.model.json"),
+            ],
             "missing tensor conv.weight for layer layers.0 (conv2d)",
         ),
     ];

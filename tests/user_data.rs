@@ -22,7 +22,11 @@ fn subset() -> data::Dataset {
 /// Writes the pixels of `images` as float32 `[n, c, h, w]` to `path`.
 fn write_inputs(path: &Path, images: &Images) {
     let [c, h, w] = images.sample_shape();
-    std::fs::write(path, encode_npy_f32(&[images.len(), c, h, w], &images.pixels)).unwrap();
+    std::fs::write(
+        path,
+        encode_npy_f32(&[images.len(), c, h, w], &images.pixels),
+    )
+    .unwrap();
 }
 
 /// Writes `labels` to `path` as NumPy integers of type `descr` (`<i8`,
@@ -48,8 +52,17 @@ fn labels_of(images: &Images) -> Vec<i64> {
 fn eval_accuracy(model: &Path, args: &[&std::ffi::OsStr]) -> String {
     let output = isonn().arg("eval").arg(model).args(args).output().unwrap();
     let stdout = String::from_utf8(output.stdout).unwrap();
-    assert!(output.status.success(), "eval failed: {}", String::from_utf8_lossy(&output.stderr));
-    stdout.split("accuracy ").nth(1).expect("an accuracy line").trim().to_string()
+    assert!(
+        output.status.success(),
+        "eval failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .split("accuracy ")
+        .nth(1)
+        .expect("an accuracy line")
+        .trim()
+        .to_string()
 }
 
 /// Writes the subset's test images and labels to `dir`, returning the paths.
@@ -68,16 +81,43 @@ fn eval_npy_matches_dataset() {
     train_small(&model, "photonic-sigmoid");
     let (inputs, labels) = write_test_split(tmp.path());
 
-    let expected = eval_accuracy(&model, &["--dataset".as_ref(), "fashion-mnist-subset".as_ref()]);
-    let from_npy = eval_accuracy(&model, &["--inputs".as_ref(), inputs.as_os_str(), "--labels".as_ref(), labels.as_os_str()]);
+    let expected = eval_accuracy(
+        &model,
+        &["--dataset".as_ref(), "fashion-mnist-subset".as_ref()],
+    );
+    let from_npy = eval_accuracy(
+        &model,
+        &[
+            "--inputs".as_ref(),
+            inputs.as_os_str(),
+            "--labels".as_ref(),
+            labels.as_os_str(),
+        ],
+    );
     assert_eq!(from_npy, expected);
 
     // A non-negative model reads the same files.
     let nonneg = tmp.path().join("nonneg");
-    isonn().arg("transform").arg(&model).arg("--out").arg(&nonneg).assert().success();
-    let nonneg_expected = eval_accuracy(&nonneg, &["--dataset".as_ref(), "fashion-mnist-subset".as_ref()]);
-    let nonneg_from_npy =
-        eval_accuracy(&nonneg, &["--inputs".as_ref(), inputs.as_os_str(), "--labels".as_ref(), labels.as_os_str()]);
+    isonn()
+        .arg("transform")
+        .arg(&model)
+        .arg("--out")
+        .arg(&nonneg)
+        .assert()
+        .success();
+    let nonneg_expected = eval_accuracy(
+        &nonneg,
+        &["--dataset".as_ref(), "fashion-mnist-subset".as_ref()],
+    );
+    let nonneg_from_npy = eval_accuracy(
+        &nonneg,
+        &[
+            "--inputs".as_ref(),
+            inputs.as_os_str(),
+            "--labels".as_ref(),
+            labels.as_os_str(),
+        ],
+    );
     assert_eq!(nonneg_from_npy, nonneg_expected);
 
     // Every integer type and byte order gives the same labels.
@@ -85,7 +125,15 @@ fn eval_npy_matches_dataset() {
     for descr in [">i8", "<i4", ">i4", "<u2", "|u1", "|i1"] {
         let path = tmp.path().join(format!("labels{}.npy", &descr[1..]));
         write_labels(&path, descr, &labels_of(&test));
-        let accuracy = eval_accuracy(&model, &["--inputs".as_ref(), inputs.as_os_str(), "--labels".as_ref(), path.as_os_str()]);
+        let accuracy = eval_accuracy(
+            &model,
+            &[
+                "--inputs".as_ref(),
+                inputs.as_os_str(),
+                "--labels".as_ref(),
+                path.as_os_str(),
+            ],
+        );
         assert_eq!(accuracy, expected, "labels of type {descr}");
     }
 }
@@ -111,9 +159,15 @@ fn verify_and_transform_on_inputs_alone() {
     let report = read_json(&nonneg.join("equivalence.json"));
     assert_eq!(report["argmax_agreement"].as_f64(), Some(1.0));
     assert_eq!(report["samples"].as_u64(), Some(2000));
-    assert_eq!(report["data"]["dataset"].as_str(), Some(inputs.to_str().unwrap()));
+    assert_eq!(
+        report["data"]["dataset"].as_str(),
+        Some(inputs.to_str().unwrap())
+    );
     let provenance = read_json(&nonneg.join("model.json"))["provenance"].clone();
-    assert_eq!(provenance["data"]["dataset"].as_str(), Some(inputs.to_str().unwrap()));
+    assert_eq!(
+        provenance["data"]["dataset"].as_str(),
+        Some(inputs.to_str().unwrap())
+    );
 
     let path = tmp.path().join("equivalence.json");
     isonn()
@@ -176,7 +230,14 @@ fn bound_npy_matches_dataset() {
     write_inputs(&calibration, &dataset.train.take(1000));
     write_labels(&labels, "<i8", &labels_of(&dataset.train.take(1000)));
 
-    let mode = ["--calibrate", "max", "--per", "channel", "--calibration-samples", "1000"];
+    let mode = [
+        "--calibrate",
+        "max",
+        "--per",
+        "channel",
+        "--calibration-samples",
+        "1000",
+    ];
     let from_dataset = tmp.path().join("from-dataset");
     isonn()
         .arg("bound")
@@ -201,15 +262,24 @@ fn bound_npy_matches_dataset() {
         .assert()
         .success();
 
-    let (a, b) = (read_json(&from_dataset.join("bound.json")), read_json(&from_npy.join("bound.json")));
+    let (a, b) = (
+        read_json(&from_dataset.join("bound.json")),
+        read_json(&from_npy.join("bound.json")),
+    );
     let layers = a["layers"].as_array().unwrap();
     assert_eq!(layers.len(), 2);
     for (i, layer) in layers.iter().enumerate() {
-        assert_eq!(layer["bounds"], b["layers"][i]["bounds"], "bounds of layer {i}");
+        assert_eq!(
+            layer["bounds"], b["layers"][i]["bounds"],
+            "bounds of layer {i}"
+        );
     }
     assert_eq!(b["calibration_samples"].as_u64(), Some(1000));
     let provenance = read_json(&from_npy.join("model.json"))["provenance"].clone();
-    assert_eq!(provenance["data"]["dataset"].as_str(), Some(calibration.to_str().unwrap()));
+    assert_eq!(
+        provenance["data"]["dataset"].as_str(),
+        Some(calibration.to_str().unwrap())
+    );
     assert_eq!(provenance["data"]["files"].as_array().unwrap().len(), 2);
 }
 
@@ -232,7 +302,11 @@ fn bad_npy_files_are_usage_errors() {
     let labels = labels_of(&test);
 
     let path = |name: &str| dir.join(name).to_str().unwrap().to_string();
-    std::fs::write(dir.join("flat.npy"), encode_npy_f32(&[20, 784], &test.pixels)).unwrap();
+    std::fs::write(
+        dir.join("flat.npy"),
+        encode_npy_f32(&[20, 784], &test.pixels),
+    )
+    .unwrap();
     let mut truncated = std::fs::read(&inputs).unwrap();
     truncated.truncate(truncated.len() - 3);
     std::fs::write(dir.join("truncated.npy"), truncated).unwrap();
@@ -245,7 +319,11 @@ fn bad_npy_files_are_usage_errors() {
     write_labels(&dir.join("short.npy"), "<i8", &labels[..19]);
     let two_d: Vec<u8> = labels.iter().flat_map(|l| l.to_le_bytes()).collect();
     std::fs::write(dir.join("two-d.npy"), encode_npy("<i8", &[20, 1], &two_d)).unwrap();
-    std::fs::write(dir.join("float-labels.npy"), encode_npy_f32(&[20], &[0.0; 20])).unwrap();
+    std::fs::write(
+        dir.join("float-labels.npy"),
+        encode_npy_f32(&[20], &[0.0; 20]),
+    )
+    .unwrap();
     write_labels(&dir.join("labels.npy"), "<i8", &labels);
 
     let with = |extra: &[&str]| -> Vec<String> {
@@ -323,7 +401,12 @@ fn bad_npy_files_are_usage_errors() {
             .assert()
             .code(2)
             .stderr(predicate::str::contains(case.message).name(case.name));
-        assert!(!out.exists(), "transform wrote {} on {}", out.display(), case.name);
+        assert!(
+            !out.exists(),
+            "transform wrote {} on {}",
+            out.display(),
+            case.name
+        );
     }
 
     isonn()
@@ -333,5 +416,7 @@ fn bad_npy_files_are_usage_errors() {
         .arg(&inputs)
         .assert()
         .code(2)
-        .stderr(predicate::str::contains("without --labels: accuracy needs the class of each input"));
+        .stderr(predicate::str::contains(
+            "without --labels: accuracy needs the class of each input",
+        ));
 }

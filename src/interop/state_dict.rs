@@ -56,16 +56,29 @@ struct Slot {
 /// Reads the network that the state dict in `weights` and the architecture
 /// in `architecture` describe. `input_ranges`, when not empty, replaces the
 /// architecture's input range: one range, or one per input channel.
-pub fn import_state_dict(weights: &Path, architecture: &Path, input_ranges: &[Range]) -> Result<Network> {
+pub fn import_state_dict(
+    weights: &Path,
+    architecture: &Path,
+    input_ranges: &[Range],
+) -> Result<Network> {
     let text = crate::fsio::read_capped(architecture, store::MAX_MODEL_JSON_BYTES, "architecture")?;
-    let mut description: Value = serde_json::from_slice(&text)
-        .map_err(|e| model_error(architecture, format!("invalid JSON ({e}); write the architecture as model.json")))?;
+    let mut description: Value = serde_json::from_slice(&text).map_err(|e| {
+        model_error(
+            architecture,
+            format!("invalid JSON ({e}); write the architecture as model.json"),
+        )
+    })?;
     complete_header(&mut description, architecture, input_ranges)?;
     let mut slots = Vec::new();
     let layers = description
         .get_mut("layers")
         .and_then(Value::as_array_mut)
-        .ok_or_else(|| model_error(architecture, "no \"layers\" list; describe the layers as in model.json".into()))?;
+        .ok_or_else(|| {
+            model_error(
+                architecture,
+                "no \"layers\" list; describe the layers as in model.json".into(),
+            )
+        })?;
     collect_slots(layers, "layers", &mut slots).map_err(|m| model_error(architecture, m))?;
 
     let bytes = crate::fsio::read_capped(weights, store::MAX_TENSOR_BYTES, "state dict")?;
@@ -82,7 +95,11 @@ pub fn import_state_dict(weights: &Path, architecture: &Path, input_ranges: &[Ra
         ));
     }
 
-    let dtype = if renamed.iter().all(|(_, t)| t.dtype() == DType::F64) { DType::F64 } else { DType::F32 };
+    let dtype = if renamed.iter().all(|(_, t)| t.dtype() == DType::F64) {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let renamed = renamed
         .into_iter()
         .map(|(name, t)| Ok((name, t.to_dtype(dtype)?)))
@@ -96,17 +113,25 @@ pub fn import_state_dict(weights: &Path, architecture: &Path, input_ranges: &[Ra
 }
 
 fn model_error(path: &Path, message: String) -> Error {
-    Error::Model { path: path.to_path_buf(), message }
+    Error::Model {
+        path: path.to_path_buf(),
+        message,
+    }
 }
 
 /// Fills in `format`, `schema_version` and `kind` where the architecture
 /// leaves them out, and sets the input range from `input_ranges`.
 fn complete_header(description: &mut Value, path: &Path, input_ranges: &[Range]) -> Result<()> {
-    let object = description
-        .as_object_mut()
-        .ok_or_else(|| model_error(path, "the architecture is not a JSON object; write it as model.json".into()))?;
+    let object = description.as_object_mut().ok_or_else(|| {
+        model_error(
+            path,
+            "the architecture is not a JSON object; write it as model.json".into(),
+        )
+    })?;
     object.entry("format").or_insert(store::FORMAT.into());
-    object.entry("schema_version").or_insert(store::SCHEMA_VERSION.into());
+    object
+        .entry("schema_version")
+        .or_insert(store::SCHEMA_VERSION.into());
     let kind = object.entry("kind").or_insert("regular".into());
     if *kind != "regular" {
         return Err(model_error(
@@ -120,13 +145,27 @@ fn complete_header(description: &mut Value, path: &Path, input_ranges: &[Range])
     let input = object
         .get_mut("input")
         .and_then(Value::as_object_mut)
-        .ok_or_else(|| model_error(path, "no \"input\" object; give the input's \"shape\" [c, h, w]".into()))?;
-    let lo = input_ranges.iter().map(|r| r.lo).fold(f64::INFINITY, f64::min);
-    let hi = input_ranges.iter().map(|r| r.hi).fold(f64::NEG_INFINITY, f64::max);
+        .ok_or_else(|| {
+            model_error(
+                path,
+                "no \"input\" object; give the input's \"shape\" [c, h, w]".into(),
+            )
+        })?;
+    let lo = input_ranges
+        .iter()
+        .map(|r| r.lo)
+        .fold(f64::INFINITY, f64::min);
+    let hi = input_ranges
+        .iter()
+        .map(|r| r.hi)
+        .fold(f64::NEG_INFINITY, f64::max);
     input.insert("range".into(), serde_json::json!({ "lo": lo, "hi": hi }));
     input.remove("channel_ranges");
     if input_ranges.len() > 1 {
-        input.insert("channel_ranges".into(), serde_json::to_value(input_ranges).expect("ranges serialise"));
+        input.insert(
+            "channel_ranges".into(),
+            serde_json::to_value(input_ranges).expect("ranges serialise"),
+        );
     }
     Ok(())
 }
@@ -143,24 +182,45 @@ fn size(layer: &Map<String, Value>, field: &str, path: &str) -> std::result::Res
 /// Walks the layer descriptions (residual branches too, main before
 /// shortcut), removing `torch_name` and `bias` and recording every layer
 /// with parameters in `slots`.
-fn collect_slots(layers: &mut [Value], prefix: &str, slots: &mut Vec<Slot>) -> std::result::Result<(), String> {
+fn collect_slots(
+    layers: &mut [Value],
+    prefix: &str,
+    slots: &mut Vec<Slot>,
+) -> std::result::Result<(), String> {
     for (i, layer) in layers.iter_mut().enumerate() {
         let path = format!("{prefix}.{i}");
-        let object = layer.as_object_mut().ok_or_else(|| format!("layer {path} is not a JSON object"))?;
-        let kind = object.get("type").and_then(Value::as_str).unwrap_or_default().to_string();
+        let object = layer
+            .as_object_mut()
+            .ok_or_else(|| format!("layer {path} is not a JSON object"))?;
+        let kind = object
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         let torch_name = match object.remove(TORCH_NAME) {
             None => None,
             Some(Value::String(name)) => Some(name),
-            Some(other) => return Err(format!("layer {path}: {TORCH_NAME} {other} is not a string")),
+            Some(other) => {
+                return Err(format!(
+                    "layer {path}: {TORCH_NAME} {other} is not a string"
+                ))
+            }
         };
         let has_bias = match object.remove("bias") {
             None | Some(Value::Bool(true)) => true,
             Some(Value::Bool(false)) => false,
-            Some(other) => return Err(format!("layer {path}: \"bias\" {other} is not true or false")),
+            Some(other) => {
+                return Err(format!(
+                    "layer {path}: \"bias\" {other} is not true or false"
+                ))
+            }
         };
         let tensors = match kind.as_str() {
             "linear" => {
-                let (inputs, outputs) = (size(object, "in_features", &path)?, size(object, "out_features", &path)?);
+                let (inputs, outputs) = (
+                    size(object, "in_features", &path)?,
+                    size(object, "out_features", &path)?,
+                );
                 vec![("weight", vec![outputs, inputs]), ("bias", vec![outputs])]
             }
             "conv2d" | "conv1d" => {
@@ -168,15 +228,23 @@ fn collect_slots(layers: &mut [Value], prefix: &str, slots: &mut Vec<Slot>) -> s
                 let groups = size(object, "groups", &path)?.max(1);
                 let mut weight = vec![outputs, size(object, "in_channels", &path)? / groups];
                 match object.get("kernel") {
-                    Some(Value::Array(k)) if kind == "conv2d" => weight.extend(k.iter().filter_map(Value::as_u64).map(|v| v as usize)),
+                    Some(Value::Array(k)) if kind == "conv2d" => {
+                        weight.extend(k.iter().filter_map(Value::as_u64).map(|v| v as usize))
+                    }
                     Some(k) if kind == "conv1d" => weight.extend(k.as_u64().map(|v| v as usize)),
-                    _ => return Err(format!("layer {path} ({kind}): missing or invalid \"kernel\"")),
+                    _ => {
+                        return Err(format!(
+                            "layer {path} ({kind}): missing or invalid \"kernel\""
+                        ))
+                    }
                 }
                 vec![("weight", weight), ("bias", vec![outputs])]
             }
             "batch-norm" => {
                 let channels = size(object, "channels", &path)?;
-                ["weight", "bias", "running_mean", "running_var"].map(|n| (n, vec![channels])).to_vec()
+                ["weight", "bias", "running_mean", "running_var"]
+                    .map(|n| (n, vec![channels]))
+                    .to_vec()
             }
             "residual" => {
                 for branch in ["main", "shortcut"] {
@@ -200,7 +268,13 @@ fn collect_slots(layers: &mut [Value], prefix: &str, slots: &mut Vec<Slot>) -> s
             }
             continue;
         }
-        slots.push(Slot { path, kind, torch_name, tensors, has_bias });
+        slots.push(Slot {
+            path,
+            kind,
+            torch_name,
+            tensors,
+            has_bias,
+        });
     }
     Ok(())
 }
@@ -232,7 +306,11 @@ fn read_state_dict(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, Tensor>
             }
         };
         let tensor = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
-        let tensor = if matches!(dtype, DType::F16 | DType::BF16) { tensor.to_dtype(DType::F32)? } else { tensor };
+        let tensor = if matches!(dtype, DType::F16 | DType::BF16) {
+            tensor.to_dtype(DType::F32)?
+        } else {
+            tensor
+        };
         tensors.insert(name, tensor);
     }
     Ok(tensors)
@@ -251,7 +329,10 @@ fn natural_order(a: &str, b: &str) -> Ordering {
 }
 
 fn parts(prefix: &str) -> Vec<Part<'_>> {
-    prefix.split('.').map(|p| p.parse().map_or(Part::Text(p), Part::Number)).collect()
+    prefix
+        .split('.')
+        .map(|p| p.parse().map_or(Part::Text(p), Part::Number))
+        .collect()
 }
 
 /// Returns the module prefix of a tensor name: `features.0` for
@@ -262,7 +343,10 @@ fn prefix_of(name: &str) -> &str {
 
 /// Takes each slot's tensors out of `tensors`, checking their shapes, and
 /// returns them under their isonn names.
-fn assign(slots: &[Slot], tensors: &mut BTreeMap<String, Tensor>) -> std::result::Result<Vec<(String, Tensor)>, String> {
+fn assign(
+    slots: &[Slot],
+    tensors: &mut BTreeMap<String, Tensor>,
+) -> std::result::Result<Vec<(String, Tensor)>, String> {
     let mut prefixes: Vec<String> = Vec::new();
     for name in tensors.keys() {
         let prefix = prefix_of(name);
@@ -271,11 +355,20 @@ fn assign(slots: &[Slot], tensors: &mut BTreeMap<String, Tensor>) -> std::result
         }
     }
     prefixes.sort_by(|a, b| natural_order(a, b));
-    let describe = |slots: &[Slot]| slots.iter().map(|s| format!("{} ({})", s.path, s.kind)).collect::<Vec<_>>().join(", ");
+    let describe = |slots: &[Slot]| {
+        slots
+            .iter()
+            .map(|s| format!("{} ({})", s.path, s.kind))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
 
     let named = slots.iter().filter(|s| s.torch_name.is_some()).count();
     let modules: Vec<String> = if named == slots.len() {
-        slots.iter().map(|s| s.torch_name.clone().expect("all named")).collect()
+        slots
+            .iter()
+            .map(|s| s.torch_name.clone().expect("all named"))
+            .collect()
     } else if named == 0 {
         if prefixes.len() != slots.len() {
             return Err(format!(
@@ -293,7 +386,11 @@ fn assign(slots: &[Slot], tensors: &mut BTreeMap<String, Tensor>) -> std::result
         return Err(format!(
             "only some layers name their module with {TORCH_NAME}; give it to every layer with \
              parameters or to none (missing on {})",
-            unnamed.iter().map(|s| s.path.as_str()).collect::<Vec<_>>().join(", ")
+            unnamed
+                .iter()
+                .map(|s| s.path.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     };
 
@@ -308,17 +405,25 @@ fn assign(slots: &[Slot], tensors: &mut BTreeMap<String, Tensor>) -> std::result
     let mut renamed = Vec::new();
     for (slot, module) in slots.iter().zip(&modules) {
         for (suffix, shape) in &slot.tensors {
-            let name = if module.is_empty() { suffix.to_string() } else { format!("{module}.{suffix}") };
+            let name = if module.is_empty() {
+                suffix.to_string()
+            } else {
+                format!("{module}.{suffix}")
+            };
             let target = format!("{}.{suffix}", slot.path);
             // The weight comes first and has been checked against a tensor
             // of the file, so the zero bias's size is bounded by the file.
             if *suffix == "bias" && !slot.has_bias {
-                let zeros = Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu).map_err(|e| e.to_string())?;
+                let zeros = Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu)
+                    .map_err(|e| e.to_string())?;
                 renamed.push((target, zeros));
                 continue;
             }
             let Some(tensor) = tensors.remove(&name) else {
-                return Err(format!("missing tensor {name} for layer {} ({}); {hint}", slot.path, slot.kind));
+                return Err(format!(
+                    "missing tensor {name} for layer {} ({}); {hint}",
+                    slot.path, slot.kind
+                ));
             };
             if tensor.dims() != shape.as_slice() {
                 return Err(format!(
@@ -340,9 +445,26 @@ mod tests {
 
     #[test]
     fn natural_order_compares_numbers() {
-        let mut names = vec!["features.10", "classifier", "features.2", "features.1.0", "0", "fc"];
+        let mut names = vec![
+            "features.10",
+            "classifier",
+            "features.2",
+            "features.1.0",
+            "0",
+            "fc",
+        ];
         names.sort_by(|a, b| natural_order(a, b));
-        assert_eq!(names, ["0", "classifier", "fc", "features.1.0", "features.2", "features.10"]);
+        assert_eq!(
+            names,
+            [
+                "0",
+                "classifier",
+                "fc",
+                "features.1.0",
+                "features.2",
+                "features.10"
+            ]
+        );
     }
 
     #[test]
@@ -357,6 +479,9 @@ mod tests {
         assert!(is_safetensors(file, file.len() as u64));
         assert!(!is_safetensors(file, 10), "a header longer than the file");
         assert!(!is_safetensors(b"\x08\x01\x12\x00", 4));
-        assert!(!is_safetensors(b"\x08\x01\x12\x00\0\0\0\0{", 100), "an ONNX-like header length");
+        assert!(
+            !is_safetensors(b"\x08\x01\x12\x00\0\0\0\0{", 100),
+            "an ONNX-like header length"
+        );
     }
 }

@@ -34,13 +34,21 @@ impl UserData {
     pub fn read_inputs(path: &Path, input_shape: &[usize]) -> Result<UserData> {
         let bytes = crate::fsio::read_capped(path, MAX_NPY_BYTES, ".npy inputs")?;
         let data = npy::parse_npy(&bytes).map_err(|m| {
-            Error::data(path, format!("{m}; save the inputs with numpy.save as float32 or float64"))
+            Error::data(
+                path,
+                format!("{m}; save the inputs with numpy.save as float32 or float64"),
+            )
         })?;
         let [n, sample @ ..] = data.dims.as_slice() else {
-            return Err(Error::data(path, "the array is a scalar; save the inputs as [n, channels, height, width]"));
+            return Err(Error::data(
+                path,
+                "the array is a scalar; save the inputs as [n, channels, height, width]",
+            ));
         };
         let [channels, rows, cols] = *input_shape else {
-            return Err(Error::Shape(format!("expected a [c, h, w] model input shape, got {input_shape:?}")));
+            return Err(Error::Shape(format!(
+                "expected a [c, h, w] model input shape, got {input_shape:?}"
+            )));
         };
         if sample != input_shape {
             return Err(Error::data(
@@ -53,7 +61,10 @@ impl UserData {
             ));
         }
         if *n == 0 {
-            return Err(Error::data(path, "the array holds no samples; save at least one input"));
+            return Err(Error::data(
+                path,
+                "the array holds no samples; save at least one input",
+            ));
         }
         let display = path.display().to_string();
         let images = Images {
@@ -78,9 +89,13 @@ impl UserData {
     pub fn read_labels(&mut self, path: &Path, classes: usize) -> Result<()> {
         let bytes = crate::fsio::read_capped(path, MAX_NPY_BYTES, ".npy labels")?;
         let data = npy::parse_npy_integers(&bytes).map_err(|m| {
-            Error::data(path, format!("{m}; save the labels with numpy.save as an integer array such as int64"))
+            Error::data(
+                path,
+                format!("{m}; save the labels with numpy.save as an integer array such as int64"),
+            )
         })?;
-        self.images.labels = check_labels(&data, self.images.n, classes).map_err(|m| Error::data(path, m))?;
+        self.images.labels =
+            check_labels(&data, self.images.n, classes).map_err(|m| Error::data(path, m))?;
         let display = path.display().to_string();
         self.record.files.push(FileDigest::of(&display, &bytes));
         Ok(())
@@ -88,14 +103,19 @@ impl UserData {
 
     /// Labels every input with the class `network` predicts for it.
     pub fn label_with(&mut self, network: &Network) -> Result<()> {
-        self.images.labels = super::samples::predictions(network, &self.images.pixels, self.images.n)?;
+        self.images.labels =
+            super::samples::predictions(network, &self.images.pixels, self.images.n)?;
         Ok(())
     }
 }
 
 /// Checks labels read from a file against the number of inputs `n` and the
 /// model's `classes`, returning them as isonn's 8-bit labels.
-fn check_labels(data: &npy::IntegerData, n: usize, classes: usize) -> std::result::Result<Vec<u8>, String> {
+fn check_labels(
+    data: &npy::IntegerData,
+    n: usize,
+    classes: usize,
+) -> std::result::Result<Vec<u8>, String> {
     let [count] = data.dims[..] else {
         return Err(format!(
             "the labels have shape {:?}; save a 1-D array of {n} class indices, e.g. labels.reshape(-1)",
@@ -121,8 +141,9 @@ fn check_labels(data: &npy::IntegerData, n: usize, classes: usize) -> std::resul
                 classes - 1
             ));
         }
-        let label = u8::try_from(label)
-            .map_err(|_| format!("label {i} is {label}, but isonn supports at most 256 classes (labels 0..=255)"))?;
+        let label = u8::try_from(label).map_err(|_| {
+            format!("label {i} is {label}, but isonn supports at most 256 classes (labels 0..=255)")
+        })?;
         labels.push(label);
     }
     Ok(labels)
@@ -141,7 +162,10 @@ mod tests {
 
     #[test]
     fn labels_within_classes_pass() {
-        assert_eq!(check_labels(&labels(&[0, 9, 3]), 3, 10).unwrap(), vec![0, 9, 3]);
+        assert_eq!(
+            check_labels(&labels(&[0, 9, 3]), 3, 10).unwrap(),
+            vec![0, 9, 3]
+        );
     }
 
     #[test]
