@@ -369,3 +369,25 @@ fn import_command_rejects_bad_pairs() {
         assert!(!out.exists(), "{name}: wrote {}", out.display());
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Damaged state dicts give an error or a network, never a panic.
+    #[test]
+    fn damaged_state_dict_never_panics(
+        flips in proptest::collection::vec((0usize..1740, proptest::num::u8::ANY), 1..8),
+    ) {
+        let mut bytes = std::fs::read(fixture("mlp.safetensors")).unwrap();
+        for (offset, value) in flips {
+            let index = offset % bytes.len();
+            bytes[index] = value;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let weights = tmp.path().join("damaged.safetensors");
+        std::fs::write(&weights, &bytes).unwrap();
+        if let Err(e) = import_state_dict(&weights, &fixture("mlp.model.json"), &[]) {
+            proptest::prop_assert!(e.to_string().contains("damaged.safetensors"), "{}", e);
+        }
+    }
+}
