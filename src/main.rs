@@ -74,6 +74,54 @@ impl DataArgs {
     }
 }
 
+/// Inputs and labels from `.npy` files, in place of a data set.
+#[derive(clap::Args, Clone)]
+struct NpyArgs {
+    /// Read the inputs from this file in place of a data set: float32 or
+    /// float64 [n, channels, height, width] with the model's sample shape.
+    #[arg(long, value_name = "FILE.npy", conflicts_with_all = ["dataset", "data"])]
+    inputs: Option<PathBuf>,
+    /// Class labels of --inputs: a 1-D array of n class indices, any
+    /// integer type (int64, int32, uint8, ...). eval requires it. Without
+    /// it, verify, transform and bound label each input with the regular
+    /// model's prediction, so their accuracies are agreements.
+    #[arg(long, value_name = "FILE.npy", requires = "inputs")]
+    labels: Option<PathBuf>,
+}
+
+impl NpyArgs {
+    /// Reads --inputs for a model of `input_shape` and `classes` outputs,
+    /// with --labels when given and else the predictions of `labeller`.
+    /// Returns `None` without --inputs.
+    fn load(
+        &self,
+        input_shape: &[usize],
+        classes: usize,
+        labeller: Option<&Network>,
+    ) -> Result<Option<isonn::interop::user_data::UserData>> {
+        let Some(inputs) = &self.inputs else {
+            return Ok(None);
+        };
+        let mut data = isonn::interop::user_data::UserData::read_inputs(inputs, input_shape)?;
+        match (&self.labels, labeller) {
+            (Some(labels), _) => data.read_labels(labels, classes)?,
+            (None, Some(network)) => {
+                tracing::info!(
+                    "no --labels: each input is labelled with the regular model's prediction, so the \
+                     accuracies are agreements with it"
+                );
+                data.label_with(network)?;
+            }
+            (None, None) => bail!(
+                "--inputs {} without --labels: accuracy needs the class of each input, so pass \
+                 --labels FILE.npy (a 1-D integer array), or write the logits with `isonn predict`",
+                inputs.display()
+            ),
+        }
+        Ok(Some(data))
+    }
+}
+
 /// A file format `isonn export` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum ExportFormat {
@@ -157,6 +205,9 @@ enum Command {
         /// binary version.
         #[arg(long, value_name = "DIR")]
         data: Option<PathBuf>,
+        // Without --labels, the regular model's predictions are the labels.
+        #[command(flatten)]
+        npy: NpyArgs,
         /// Shift policy: minimal (smallest exact shift plus a 1% margin) or
         /// published (max |c_i|).
         #[arg(long, value_enum, default_value_t = ShiftPolicy::Minimal)]
@@ -190,6 +241,9 @@ enum Command {
         nonneg: PathBuf,
         #[command(flatten)]
         data: DataArgs,
+        // Without --labels, the regular model's predictions are the labels.
+        #[command(flatten)]
+        npy: NpyArgs,
         /// Precision of the comparison: model (the models' own) or f64.
         #[arg(long, value_enum, default_value_t = Precision::Model)]
         precision: Precision,
@@ -236,18 +290,25 @@ enum Command {
         #[command(flatten)]
         device: DeviceArgs,
     },
-    /// Import an ONNX model (as torch.onnx.export writes it) into a
-    /// regular model directory that transform, eval and verify read.
+    /// Import an ONNX model (as torch.onnx.export writes it), or a
+    /// PyTorch state dict saved as safetensors with its architecture in
+    /// --model, into a regular model directory that transform, eval and
+    /// verify read.
     Import {
-        /// The ONNX file.
+        /// The ONNX file, or the state dict (.safetensors).
         model: PathBuf,
         /// The model directory to write.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// The architecture of a state dict: an isonn model.json whose layers
+        /// may name their PyTorch module with "torch_name" (docs/INTEROP.md).
+        #[arg(long = "model", value_name = "FILE.json")]
+        architecture: Option<PathBuf>,
         /// Range LO,HI of every input value, e.g. 0,1 for pixels in [0, 1].
         /// Repeat it once per input channel for per-channel ranges
-        /// (standardised colour images).
-        #[arg(long, value_name = "LO,HI", required = true, value_parser = parse_range, allow_hyphen_values = true)]
+        /// (standardised colour images). Required for ONNX; for a state
+        /// dict it replaces the architecture's input range.
+        #[arg(long, value_name = "LO,HI", value_parser = parse_range, allow_hyphen_values = true)]
         input_range: Vec<isonn::model::Range>,
         /// Bound every ReLU of the imported model by the largest
         /// pre-activation on these inputs, per layer, as `isonn bound
@@ -295,12 +356,15 @@ enum Command {
         #[arg(long, value_name = "FILE.npy")]
         out: PathBuf,
     },
-    /// Print the test accuracy of a model of either kind.
+    /// Print the test accuracy of a model of either kind, on a data set's
+    /// test images or on --inputs with --labels.
     Eval {
         /// The model directory.
         model: PathBuf,
         #[command(flatten)]
         data: DataArgs,
+        #[command(flatten)]
+        npy: NpyArgs,
     },
     /// Train a non-negative model directory with a sign-keeping optimizer.
     TrainNonneg {
@@ -595,7 +659,13 @@ struct BoundArgs {
     per: Option<Granularity>,
     #[command(flatten)]
     data: DataArgs,
-    /// Calibration images: the first K of the training split (all when fewer).
+    // --inputs gives both the calibration images and the test images of
+    // the clip rates. Without --labels, the unbounded model's predictions
+    // are the labels.
+    #[command(flatten)]
+    npy: NpyArgs,
+    /// Calibration images: the first K of the training split, or of
+    /// --inputs (all when fewer).
     #[arg(long, value_name = "K", default_value_t = 10_000)]
     calibration_samples: usize,
     /// Write into a non-empty output directory, replacing the files isonn
@@ -854,6 +924,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             out,
             dataset,
             data,
+            npy,
             shift,
             activation_range,
             precision,
@@ -872,21 +943,21 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 shift,
                 activation_range,
             };
-            // Read the data before writing anything, so a bad --dataset
-            // leaves no output behind.
-            let dataset = match dataset {
-                Some(name) => Some(DataArgs { dataset: name, data }.load()?),
-                None => {
-                    if data.is_some() {
-                        bail!("--data without --dataset: name the data set to verify on, e.g. --dataset fashion-mnist");
-                    }
-                    None
+            // Read the data before writing anything, so a bad --dataset or
+            // --inputs leaves no output behind.
+            let test = if dataset.is_some() || npy.inputs.is_some() {
+                let args = DataArgs { dataset: dataset.unwrap_or_default(), data };
+                Some(regular_test_data(&args, &npy, &network)?)
+            } else {
+                if data.is_some() {
+                    bail!("--data without --dataset: name the data set to verify on, e.g. --dataset fashion-mnist");
                 }
+                None
             };
-            if let Some(d) = &dataset {
-                verify::check_images(&network.input_shape, &d.test)?;
+            if let Some((images, _)) = &test {
+                verify::check_images(&network.input_shape, images)?;
             }
-            let data_record = dataset.as_ref().map(DataRecord::of);
+            let data_record = test.as_ref().map(|(_, record)| record.clone());
             if let Some(record) = &data_record {
                 warn_data_mismatch(&model, &source_provenance, record);
             }
@@ -906,9 +977,10 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             );
             store::save(&out, &Model::Nonneg(nonneg.clone()), &provenance)?;
             println!("non-negative model written to {}", out.display());
-            if let Some(dataset) = dataset {
-                let mut report = verify::verify(&network, &nonneg, &dataset.test, 1000, precision, progress)?;
+            if let Some((images, record)) = test {
+                let mut report = verify::verify(&network, &nonneg, &images, 1000, precision, progress)?;
                 report.reference = reference;
+                report.data = Some(record);
                 isonn::fsio::write_json_atomic(&out.join("equivalence.json"), &report)?;
                 println!("{}", report.summary());
                 print_layer_table(&report);
@@ -919,6 +991,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             regular,
             nonneg,
             data,
+            npy,
             precision,
             report,
         } => {
@@ -933,12 +1006,12 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                     store::load(&nonneg).map(|m| m.0.kind()).unwrap_or("?")
                 );
             };
-            let dataset = data.load()?;
-            let record = DataRecord::of(&dataset);
+            let (images, record) = regular_test_data(&data, &npy, &a)?;
             warn_data_mismatch(&regular, &provenance_a, &record);
             warn_data_mismatch(&nonneg, &provenance_b, &record);
-            let mut result = verify::verify(&a, &b, &dataset.test, 1000, precision, progress)?;
+            let mut result = verify::verify(&a, &b, &images, 1000, precision, progress)?;
             result.reference = bound_reference(&regular)?;
+            result.data = Some(record);
             let path = report.unwrap_or_else(|| nonneg.join("equivalence.json"));
             isonn::fsio::write_json_atomic(&path, &result)?;
             println!("{}", result.summary());
@@ -957,11 +1030,11 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
         Command::Import {
             model,
             out,
+            architecture,
             input_range,
             calibrate,
         } => {
-            let onnx = isonn::interop::read_model(&model)?;
-            let mut imported = isonn::interop::import_model(&onnx, &model, &input_range)?;
+            let mut imported = import_any(&model, architecture.as_deref(), &input_range)?;
             let mut bound_record = None;
             if let Some(source) = &calibrate {
                 if bound::relu_layers(&imported.network).is_empty() {
@@ -991,6 +1064,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                 None,
                 serde_json::json!({
                     "imported_from": model,
+                    "architecture": architecture,
                     "output_function": imported.output_function,
                     "calibrated_on": calibrate,
                 }),
@@ -1067,20 +1141,20 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             }
             println!("wrote {} model {} as {}", loaded.kind(), model.display(), out.display());
         }
-        Command::Eval { model, data } => {
+        Command::Eval { model, data, npy } => {
             let (loaded, model_provenance) = load_model(&model)?;
-            let dataset = data.load()?;
-            warn_data_mismatch(&model, &model_provenance, &DataRecord::of(&dataset));
+            let (images, record) = test_data(&data, &npy, loaded.input_shape(), classes_of(&loaded)?, None)?;
+            warn_data_mismatch(&model, &model_provenance, &record);
             let forward = |x: &candle_core::Tensor| loaded.forward(x);
-            let accuracy = verify::accuracy(
-                &forward,
-                loaded.input_shape(),
-                &dataset.test,
-                1000,
-                loaded.dtype(),
-                progress,
-            )?;
-            println!("{} model, {} test images: accuracy {accuracy:.4}", loaded.kind(), dataset.test.len());
+            let accuracy =
+                verify::accuracy(&forward, loaded.input_shape(), &images, 1000, loaded.dtype(), progress)?;
+            let sample_noun = if npy.inputs.is_some() { "inputs" } else { "test images" };
+            println!(
+                "{} model, {} {sample_noun} from {}: accuracy {accuracy:.4}",
+                loaded.kind(),
+                images.len(),
+                record.dataset
+            );
         }
         Command::TrainNonneg {
             model,
@@ -1456,6 +1530,83 @@ fn run_bench(
     Ok(())
 }
 
+/// Imports the ONNX model or, when it starts as a safetensors file does,
+/// the PyTorch state dict in `path`, with its `architecture`.
+fn import_any(
+    path: &Path,
+    architecture: Option<&Path>,
+    input_ranges: &[isonn::model::Range],
+) -> Result<isonn::interop::Imported> {
+    let mut head = Vec::with_capacity(9);
+    let file_len = std::fs::File::open(path)
+        .and_then(|file| {
+            let len = file.metadata()?.len();
+            std::io::Read::read_to_end(&mut std::io::Read::take(file, 9), &mut head)?;
+            Ok(len)
+        })
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let is_state_dict = isonn::interop::state_dict::is_safetensors(&head, file_len)
+        || path.extension().is_some_and(|e| e == "safetensors");
+    match (is_state_dict, architecture) {
+        (true, Some(architecture)) => {
+            let network = isonn::interop::state_dict::import_state_dict(path, architecture, input_ranges)?;
+            Ok(isonn::interop::Imported { network, output_function: None })
+        }
+        (true, None) => bail!(
+            "{} is a safetensors state dict, which contains no architecture; pass it with --model \
+             FILE.json, an isonn model.json describing the layers (docs/INTEROP.md)",
+            path.display()
+        ),
+        (false, Some(_)) => bail!(
+            "--model describes the architecture of a safetensors state dict, but {} is not \
+             one; an ONNX file carries its own architecture, so leave --model out",
+            path.display()
+        ),
+        (false, None) if input_ranges.is_empty() => {
+            bail!("--input-range LO,HI is required for an ONNX model: give the range of every input value, e.g. 0,1")
+        }
+        (false, None) => {
+            let onnx = isonn::interop::read_model(path)?;
+            Ok(isonn::interop::import_model(&onnx, path, input_ranges)?)
+        }
+    }
+}
+
+/// Returns the number of classes `model` outputs.
+fn classes_of(model: &Model) -> Result<usize> {
+    let shape = match model {
+        Model::Regular(network) => network.output_shape()?,
+        Model::Nonneg(network) => isonn::nonneg::inverse(network)?.output_shape()?,
+    };
+    Ok(shape.iter().product())
+}
+
+/// Reads the test images of a command: --inputs, labelled by --labels or
+/// by the predictions of `labeller`, or else the data set's test split.
+/// Returns them with the record of the files read.
+fn test_data(
+    data: &DataArgs,
+    npy: &NpyArgs,
+    input_shape: &[usize],
+    classes: usize,
+    labeller: Option<&Network>,
+) -> Result<(data::Images, DataRecord)> {
+    if let Some(inputs) = npy.load(input_shape, classes, labeller)? {
+        return Ok((inputs.images, inputs.record));
+    }
+    let dataset = data.load()?;
+    let record = DataRecord::of(&dataset);
+    Ok((dataset.test, record))
+}
+
+/// Reads the images on which to compare the regular `network` with a
+/// non-negative one; without --labels the network's predictions label
+/// the inputs.
+fn regular_test_data(data: &DataArgs, npy: &NpyArgs, network: &Network) -> Result<(data::Images, DataRecord)> {
+    let classes = network.output_shape()?.iter().product();
+    test_data(data, npy, &network.input_shape, classes, Some(network))
+}
+
 /// Returns the network a bounded regular model implements, from the
 /// `bound.json` in its directory, or `None` for a model as trained.
 fn bound_reference(regular: &Path) -> Result<Option<String>> {
@@ -1505,19 +1656,26 @@ fn run_bound(args: BoundArgs, progress: &Progress) -> Result<()> {
         bound::check_per_channel(&network)?;
     }
     check_output(&args.out, args.force, false)?;
-    let dataset = args.data.load()?;
-    let data_record = DataRecord::of(&dataset);
+    let classes = network.output_shape()?.iter().product();
+    let (train, test, data_record) = match args.npy.load(&network.input_shape, classes, Some(&network))? {
+        Some(inputs) => (inputs.images.clone(), inputs.images, inputs.record),
+        None => {
+            let dataset = args.data.load()?;
+            let record = DataRecord::of(&dataset);
+            (dataset.train, dataset.test, record)
+        }
+    };
     warn_data_mismatch(&args.model, &source_provenance, &data_record);
-    if args.calibration_samples > dataset.train.len() {
+    if args.calibration_samples > train.len() {
         tracing::info!(
-            "--calibration-samples {} is more than the {} training images; calibrating on all of them",
+            "--calibration-samples {} is more than the {} calibration images; calibrating on all of them",
             args.calibration_samples,
-            dataset.train.len()
+            train.len()
         );
     }
-    let calibration = dataset.train.take(args.calibration_samples);
+    let calibration = train.take(args.calibration_samples);
     tracing::info!("bounding {}: {}", args.model.display(), mode.reference());
-    let bounded = bound::bound_network(&network, &mode, &calibration, &dataset.test, progress)?;
+    let bounded = bound::bound_network(&network, &mode, &calibration, &test, progress)?;
     let record = &bounded.record;
     let provenance = provenance::record(
         &command_line(),

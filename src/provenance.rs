@@ -19,12 +19,15 @@ pub const GIT_COMMIT: &str = match option_env!("ISONN_GIT_COMMIT") {
 /// the checksum of every file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataRecord {
-    /// Data set name (`fashion-mnist`, `fashion-mnist-subset`, `mnist`).
+    /// Data set name (`fashion-mnist`, `fashion-mnist-subset`, `mnist`), or
+    /// the path of the `.npy` inputs given with `--inputs`.
     pub dataset: String,
     /// Origin of the files, in isonn's description (`--data`, the
-    /// environment variable, the system package or the embedded subset).
+    /// environment variable, the system package, the embedded subset or
+    /// the user's `.npy` files).
     pub source: String,
-    /// The four IDX files and their SHA-256 checksums.
+    /// The files read (a data set's IDX or CIFAR-10 files, or the `.npy`
+    /// inputs and labels) and their SHA-256 checksums.
     pub files: Vec<FileDigest>,
 }
 

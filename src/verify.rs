@@ -114,6 +114,11 @@ pub struct EquivalenceReport {
     /// comparison is with that network. `None` for a model as trained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
+    /// The data compared on: a data set's name and files, or the `.npy`
+    /// inputs (and labels) by path, with their checksums. `None` when the
+    /// caller does not record it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<crate::provenance::DataRecord>,
     /// The per-layer report of the non-negative network on the same
     /// samples: routing, shift, bias, full scale and swing ratio of every
     /// affine layer. `None` in reports written before it was added.
@@ -298,6 +303,7 @@ pub fn verify(
         precision: format!("{dtype:?}").to_lowercase(),
         layers: signals,
         reference: None,
+        data: None,
         inspection: Some(inspect::report(&nonneg, Some(&stats))?),
     })
 }
@@ -361,6 +367,7 @@ mod tests {
             range_violations: vec![],
             layers: vec![LayerSignals { layer: Some(1), name: "signal".into(), min: -0.5, max: f64::INFINITY }],
             reference: None,
+            data: None,
             inspection: None,
         };
         let text = serde_json::to_string(&report).unwrap();

@@ -16,7 +16,9 @@ pub mod import;
 pub mod manifest;
 pub mod npy;
 pub mod samples;
+pub mod state_dict;
 pub mod tensor;
+pub mod user_data;
 
 /// The ONNX message types, generated from `proto/onnx.proto`.
 #[allow(clippy::all, missing_docs, rustdoc::all)]

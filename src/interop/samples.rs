@@ -16,23 +16,9 @@ use crate::store::Model;
 /// Reads float inputs `[n, channels, height, width]` for `network` from a
 /// `.npy` file, labelled with the network's predictions.
 pub fn images_from_npy(path: &Path, network: &Network) -> Result<Images> {
-    let data = super::npy::read_npy(path)?;
-    let [n, sample @ ..] = data.dims.as_slice() else {
-        return Err(Error::data(path, "the array is a scalar; save inputs as [n, channels, height, width]"));
-    };
-    if sample != network.input_shape.as_slice() || *n == 0 {
-        return Err(Error::data(
-            path,
-            format!(
-                "the array has shape {:?} but the model reads [n, {}] with n >= 1; save the inputs \
-                 in that layout",
-                data.dims,
-                join(&network.input_shape)
-            ),
-        ));
-    }
-    let pixels = data.values.iter().map(|&v| v as f32).collect();
-    labelled(network, *n, pixels)
+    let mut data = super::user_data::UserData::read_inputs(path, &network.input_shape)?;
+    data.label_with(network)?;
+    Ok(data.images)
 }
 
 /// Computes the logits of `model` on the inputs in `data`, read from
@@ -94,6 +80,24 @@ fn labelled(network: &Network, n: usize, pixels: Vec<f32>) -> Result<Images> {
     let [channels, rows, cols] = network.input_shape[..] else {
         return Err(Error::Shape(format!("expected a [c, h, w] input shape, got {:?}", network.input_shape)));
     };
+    let labels = predictions(network, &pixels, n)?;
+    Ok(Images {
+        n,
+        channels,
+        rows,
+        cols,
+        pixels,
+        labels,
+        normalisation: None,
+    })
+}
+
+/// Returns the class `network` predicts for each of the `n` samples in
+/// `pixels` (`[n, c, h, w]`, row-major), in batches of 256.
+pub fn predictions(network: &Network, pixels: &[f32], n: usize) -> Result<Vec<u8>> {
+    let [channels, rows, cols] = network.input_shape[..] else {
+        return Err(Error::Shape(format!("expected a [c, h, w] input shape, got {:?}", network.input_shape)));
+    };
     let mut labels = Vec::with_capacity(n);
     let per_sample = channels * rows * cols;
     for start in (0..n).step_by(256) {
@@ -105,13 +109,5 @@ fn labelled(network: &Network, n: usize, pixels: Vec<f32>) -> Result<Images> {
             labels.push(u8::try_from(p).map_err(|_| Error::Shape(format!("class {p} does not fit isonn's 8-bit labels")))?);
         }
     }
-    Ok(Images {
-        n,
-        channels,
-        rows,
-        cols,
-        pixels,
-        labels,
-        normalisation: None,
-    })
+    Ok(labels)
 }
