@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
-use crate::data::{augment, Dataset};
+use crate::data::{augment, Dataset, Images};
 use crate::error::{Error, Result};
 use crate::model::Mode;
 pub use crate::optim::{Optimizer, Sgd};
@@ -117,6 +117,73 @@ pub fn fit(
     fit_checkpointed(forward, input_shape, vars, optimizer, data, config, progress, after_step, &checkpointing)
 }
 
+/// Batches that the loader thread prepares ahead of training.
+const PREFETCH_BATCHES: usize = 2;
+
+/// One training batch, as [`with_batches`] delivers it.
+struct Batch {
+    /// Position of the batch within the epoch.
+    index: usize,
+    /// Images in the batch.
+    len: usize,
+    /// Images, converted to the training dtype.
+    x: Tensor,
+    /// Labels.
+    y: Tensor,
+}
+
+/// Runs `train` on the batches of one epoch (those after the first `skip`),
+/// which a second thread gathers, augments and converts up to
+/// [`PREFETCH_BATCHES`] ahead, so that training does not wait for them.
+///
+/// Each batch depends only on the order, the seed, the epoch and its
+/// position, so the batches are the same as gathered in line. When `train`
+/// returns early, the loader stops at its next batch.
+#[allow(clippy::too_many_arguments)]
+fn with_batches<R>(
+    images: &Images,
+    order: &[usize],
+    config: &TrainConfig,
+    epoch: usize,
+    skip: usize,
+    dtype: candle_core::DType,
+    train: impl FnOnce(&mut dyn Iterator<Item = Result<Batch>>) -> Result<R>,
+) -> Result<R> {
+    std::thread::scope(|scope| {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(PREFETCH_BATCHES);
+        scope.spawn(move || {
+            for (index, chunk) in order.chunks(config.batch_size).enumerate().skip(skip) {
+                let batch = gather_batch(images, chunk, config, epoch, index, dtype)
+                    .map(|(x, y)| Batch { index, len: chunk.len(), x, y });
+                // A closed channel means training stopped early.
+                if sender.send(batch).is_err() {
+                    return;
+                }
+            }
+        });
+        train(&mut receiver.into_iter())
+    })
+}
+
+/// Gathers the images at `chunk` (the batch at `index` of `epoch`),
+/// augmented when `config.augment` is on, as a batch of `dtype`.
+fn gather_batch(
+    images: &Images,
+    chunk: &[usize],
+    config: &TrainConfig,
+    epoch: usize,
+    index: usize,
+    dtype: candle_core::DType,
+) -> Result<(Tensor, Tensor)> {
+    let (x, y) = if config.augment {
+        let augmentations = augment::for_batch(config.seed, epoch, index, chunk.len());
+        images.augmented_batch(chunk, &augmentations, &Device::Cpu)?
+    } else {
+        images.batch(chunk, &Device::Cpu)?
+    };
+    Ok((x.to_dtype(dtype)?, y))
+}
+
 /// Shuffles the sample order of one epoch. Resuming replays it once per
 /// finished epoch to rebuild the order without storing the RNG state.
 fn shuffle_epoch(order: &mut [usize], rng: &mut rand::rngs::StdRng, shuffle: bool) {
@@ -203,54 +270,52 @@ pub fn fit_checkpointed(
         let (mut loss_sum, mut batches, mut correct) = (partial.loss_sum, skip_batches, partial.correct);
         let batch_bar = progress.bar(order.len() as u64, "batches");
         batch_bar.inc((skip_batches * config.batch_size).min(order.len()) as u64);
-        for (b, chunk) in order.chunks(config.batch_size).enumerate().skip(std::mem::take(&mut skip_batches)) {
-            let (x, y) = if config.augment {
-                let augmentations = augment::for_batch(config.seed, epoch, b, chunk.len());
-                data.train.augmented_batch(chunk, &augmentations, &Device::Cpu)?
-            } else {
-                data.train.batch(chunk, &Device::Cpu)?
-            };
-            let x = x.to_dtype(dtype)?;
-            let t0 = Instant::now();
-            let logits = forward(&x, Mode::Train)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-            let t1 = Instant::now();
-            let grads = loss.backward()?;
-            let t2 = Instant::now();
-            let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            if !loss_value.is_finite() {
-                return Err(diverged(epoch, b + 1, format!("the loss is {loss_value}"), &last_good));
+        let skip = std::mem::take(&mut skip_batches);
+        with_batches(&data.train, &order, config, epoch, skip, dtype, |prepared| -> Result<()> {
+            for batch in prepared {
+                let Batch { index: b, len: batch_len, x, y } = batch?;
+                let t0 = Instant::now();
+                let logits = forward(&x, Mode::Train)?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+                let t1 = Instant::now();
+                let grads = loss.backward()?;
+                let t2 = Instant::now();
+                let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                if !loss_value.is_finite() {
+                    return Err(diverged(epoch, b + 1, format!("the loss is {loss_value}"), &last_good));
+                }
+                optimizer.step(vars, &grads)?;
+                after_step()?;
+                let t3 = Instant::now();
+                forward_s += (t1 - t0).as_secs_f64();
+                backward_s += (t2 - t1).as_secs_f64();
+                update_s += (t3 - t2).as_secs_f64();
+                loss_sum += loss_value;
+                batches += 1;
+                let predicted: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+                let labels: Vec<u32> = y.to_vec1()?;
+                correct += predicted.iter().zip(&labels).filter(|(p, l)| p == l).count();
+                batch_bar.inc(batch_len as u64);
+                let last_batch = (b + 1) * config.batch_size >= order.len();
+                if !last_batch && checkpointing.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+                    batch_bar.finish_and_clear();
+                    let seconds = partial.seconds + start.elapsed().as_secs_f64();
+                    let sums = checkpoint::PartialEpoch {
+                        loss_sum,
+                        correct,
+                        seconds,
+                    };
+                    check_parameters(vars, epoch, b + 1, &last_good)?;
+                    save(&epochs, b + 1, sums, optimizer)?;
+                    return Err(Error::Interrupted {
+                        checkpoint: checkpoint_path.clone(),
+                        epoch,
+                        batch: b + 1,
+                    });
+                }
             }
-            optimizer.step(vars, &grads)?;
-            after_step()?;
-            let t3 = Instant::now();
-            forward_s += (t1 - t0).as_secs_f64();
-            backward_s += (t2 - t1).as_secs_f64();
-            update_s += (t3 - t2).as_secs_f64();
-            loss_sum += loss_value;
-            batches += 1;
-            let predicted: Vec<u32> = logits.argmax(1)?.to_vec1()?;
-            let labels: Vec<u32> = y.to_vec1()?;
-            correct += predicted.iter().zip(&labels).filter(|(p, l)| p == l).count();
-            batch_bar.inc(chunk.len() as u64);
-            let last_batch = (b + 1) * config.batch_size >= order.len();
-            if !last_batch && checkpointing.stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
-                batch_bar.finish_and_clear();
-                let seconds = partial.seconds + start.elapsed().as_secs_f64();
-                let sums = checkpoint::PartialEpoch {
-                    loss_sum,
-                    correct,
-                    seconds,
-                };
-                check_parameters(vars, epoch, b + 1, &last_good)?;
-                save(&epochs, b + 1, sums, optimizer)?;
-                return Err(Error::Interrupted {
-                    checkpoint: checkpoint_path.clone(),
-                    epoch,
-                    batch: b + 1,
-                });
-            }
-        }
+            Ok(())
+        })?;
         batch_bar.finish_and_clear();
         let seconds = partial.seconds + start.elapsed().as_secs_f64();
         let last = batches;
@@ -419,5 +484,58 @@ fn diverged(epoch: usize, batch: usize, detail: String, last_good: &Option<(Path
             Some((path, epoch)) => format!("the last good checkpoint is {} (after epoch {epoch})", path.display()),
             None => "no checkpoint of this run was written before it".into(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(batch_size: usize, augment: bool) -> TrainConfig {
+        TrainConfig {
+            epochs: 3,
+            batch_size,
+            seed: 5,
+            eval_every_epoch: false,
+            shuffle: true,
+            augment,
+        }
+    }
+
+    fn values(t: &Tensor) -> Vec<f64> {
+        t.flatten_all().unwrap().to_dtype(candle_core::DType::F64).unwrap().to_vec1().unwrap()
+    }
+
+    /// The loader thread delivers the batches that in-line gathering makes,
+    /// augmented or not, from any starting batch, and stops when training
+    /// does.
+    #[test]
+    fn prefetched_batches_match_in_line() {
+        let images = crate::data::load_embedded().unwrap().train.take(700);
+        let mut order: Vec<usize> = (0..images.len()).collect();
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(3));
+        for augment in [false, true] {
+            let config = config(64, augment);
+            let dtype = candle_core::DType::F64;
+            let delivered = with_batches(&images, &order, &config, 2, 3, dtype, |prepared| {
+                prepared.collect::<Result<Vec<Batch>>>()
+            })
+            .unwrap();
+            let expected: Vec<(usize, &[usize])> = order.chunks(64).enumerate().skip(3).collect();
+            assert_eq!(delivered.len(), expected.len(), "batch count, augment {augment}");
+            for (batch, (index, chunk)) in delivered.iter().zip(expected) {
+                let (x, y) = gather_batch(&images, chunk, &config, 2, index, dtype).unwrap();
+                assert_eq!(batch.index, index, "batch index");
+                assert_eq!(batch.len, chunk.len(), "batch {index} length");
+                assert_eq!(values(&batch.x), values(&x), "batch {index} images, augment {augment}");
+                assert_eq!(values(&batch.y), values(&y), "batch {index} labels");
+            }
+        }
+        let config = config(10, false);
+        let taken = with_batches(&images, &order, &config, 1, 0, candle_core::DType::F32, |prepared| {
+            Ok(prepared.take(2).count())
+        })
+        .unwrap();
+        assert_eq!(taken, 2, "training stopped after two of 70 batches");
     }
 }
