@@ -434,8 +434,25 @@ fn lowest(dtype: DType) -> f64 {
 /// Applies `layers` in order.
 pub fn forward_chain(layers: &[Layer], x: &Tensor, mode: Mode) -> Result<Tensor> {
     let mut h = x.clone();
-    for layer in layers {
-        h = layer.forward_mode(&h, mode)?;
+    let mut i = 0;
+    while i < layers.len() {
+        // A convolution's bias and the photonic activation after it run as
+        // one node (see crate::ops::bias_activation), with the same values.
+        if let (Layer::Conv2d(c), Some(Layer::Activation(a))) = (&layers[i], layers.get(i + 1)) {
+            if crate::ops::bias_activation_fuses(&h, a) {
+                let op = crate::ops::ShiftedActivation {
+                    activation: a.clone(),
+                    input_offset: 0.0,
+                    output_offset: 0.0,
+                    clamp: false,
+                };
+                h = crate::ops::bias_activation(&c.convolve(&h, &c.weight, c.padding)?, &c.bias, op)?;
+                i += 2;
+                continue;
+            }
+        }
+        h = layers[i].forward_mode(&h, mode)?;
+        i += 1;
     }
     Ok(h)
 }

@@ -275,9 +275,9 @@ impl NonnegAffine {
     /// the rounding of `alpha - u` below 0, which the physical form clips
     /// without changing the gradient.
     pub fn forward_training(&self, u: &Tensor) -> Result<Tensor> {
-        let weight = self.positive.sub(&self.negative)?;
         match self.op {
             AffineOp::Linear => {
+                let weight = self.positive.sub(&self.negative)?;
                 let inputs = self.negative.dims()[1];
                 let alpha = Tensor::new(self.alpha.as_slice(), u.device())?.to_dtype(u.dtype())?;
                 let alpha = match self.alpha.len() {
@@ -287,31 +287,42 @@ impl NonnegAffine {
                 let bias = self.negative.matmul(&alpha)?.squeeze(1)?.add(&self.bias)?;
                 crate::ops::linear(u, &weight, &bias)
             }
-            AffineOp::Conv2d { dilation, .. } | AffineOp::Conv1d { dilation, .. } => {
-                // Padding with the physical value q - lo keeps alpha - u equal
-                // to the complement's pad value lo + alpha - q.
-                let (signal_pad, _) = self.pad_values();
-                let u = self.pad_input(u, &signal_pad)?;
-                // N alpha is the convolution of N with an image of alpha,
-                // exactly one kernel extent in size (one row for conv1d).
-                let dims = self.negative.dims();
-                let extent = |k: usize| dilation * (k - 1) + 1;
-                let (height, width) = match dims[2..] {
-                    [kernel_h, kernel_w] => (extent(kernel_h), extent(kernel_w)),
-                    _ => (1, extent(dims[2])),
-                };
-                let alpha_image = self
-                    .channel_tensor(&self.alpha, &u)?
-                    .broadcast_as((1, u.dims()[1], height, width))?
-                    .contiguous()?;
-                let bias = self
-                    .convolve(&alpha_image, &self.negative)?
-                    .reshape(dims[0])?
-                    .add(&self.bias)?;
-                let z = self.convolve(&u, &weight)?;
+            AffineOp::Conv2d { .. } | AffineOp::Conv1d { .. } => {
+                let (z, bias) = self.convolution_training_parts(u)?;
                 crate::ops::add_channel_bias(&z, &bias)
             }
         }
+    }
+
+    /// Returns the training form of a convolution layer in two parts: the
+    /// convolution of the padded `u` with `P - N`, and the per-channel bias
+    /// `N alpha + bias` to add to it. For a linear layer it returns an error.
+    fn convolution_training_parts(&self, u: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (AffineOp::Conv2d { dilation, .. } | AffineOp::Conv1d { dilation, .. }) = self.op else {
+            return Err(crate::Error::Shape("a linear layer has no convolution parts".into()));
+        };
+        let weight = self.positive.sub(&self.negative)?;
+        // Padding with the physical value q - lo keeps alpha - u equal
+        // to the complement's pad value lo + alpha - q.
+        let (signal_pad, _) = self.pad_values();
+        let u = self.pad_input(u, &signal_pad)?;
+        // N alpha is the convolution of N with an image of alpha,
+        // exactly one kernel extent in size (one row for conv1d).
+        let dims = self.negative.dims();
+        let extent = |k: usize| dilation * (k - 1) + 1;
+        let (height, width) = match dims[2..] {
+            [kernel_h, kernel_w] => (extent(kernel_h), extent(kernel_w)),
+            _ => (1, extent(dims[2])),
+        };
+        let alpha_image = self
+            .channel_tensor(&self.alpha, &u)?
+            .broadcast_as((1, u.dims()[1], height, width))?
+            .contiguous()?;
+        let bias = self
+            .convolve(&alpha_image, &self.negative)?
+            .reshape(dims[0])?
+            .add(&self.bias)?;
+        Ok((self.convolve(&u, &weight)?, bias))
     }
 
     /// Pads a convolution's input `x` with `values` (one or one per
@@ -379,16 +390,20 @@ impl NonnegActivation {
     /// the identity in exact arithmetic and removes rounding above `max f`
     /// (f32 evaluates the photonic sigmoid's plateau 1.005 a little high).
     pub fn forward(&self, v: &Tensor) -> Result<Tensor> {
-        let op = crate::ops::ShiftedActivation {
+        if let Some(y) = crate::ops::shifted_activation(v, self.fused_op())? {
+            return Ok(y);
+        }
+        self.forward_generic(v)
+    }
+
+    /// Returns the fused op that computes [`forward`](Self::forward).
+    fn fused_op(&self) -> crate::ops::ShiftedActivation {
+        crate::ops::ShiftedActivation {
             activation: self.activation.clone(),
             input_offset: self.input_offset,
             output_offset: self.output_offset,
             clamp: true,
-        };
-        if let Some(y) = crate::ops::shifted_activation(v, op)? {
-            return Ok(y);
         }
-        self.forward_generic(v)
     }
 
     /// Computes [`forward`](Self::forward) with candle's generic ops, on any
@@ -459,11 +474,23 @@ impl NonnegNetwork {
     /// `x`: `[batch, channels, height, width]` -> `[batch, classes]`.
     pub fn forward_training(&self, x: &Tensor) -> Result<Tensor> {
         let mut v = self.modulate(x)?;
-        for layer in &self.layers {
-            v = match layer {
-                NonnegLayer::Affine(a) => a.forward_training(&v)?,
-                other => other.forward(&v, "", &mut |_, _| Ok(()))?,
+        let mut i = 0;
+        while i < self.layers.len() {
+            let next = self.layers.get(i + 1);
+            v = match (&self.layers[i], next) {
+                // A convolution's bias and the photonic activation after it
+                // run as one node (see crate::ops::bias_activation).
+                (NonnegLayer::Affine(a), Some(NonnegLayer::Activation(f)))
+                    if a.op != AffineOp::Linear && crate::ops::bias_activation_fuses(&v, &f.activation) =>
+                {
+                    let (z, bias) = a.convolution_training_parts(&v)?;
+                    i += 1;
+                    crate::ops::bias_activation(&z, &bias, f.fused_op())?
+                }
+                (NonnegLayer::Affine(a), _) => a.forward_training(&v)?,
+                (other, _) => other.forward(&v, "", &mut |_, _| Ok(()))?,
             };
+            i += 1;
         }
         Ok(v.affine(1.0, self.output_offset)?)
     }

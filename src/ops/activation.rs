@@ -145,8 +145,9 @@ impl<'a, T: Float> Response<'a, T> {
         })
     }
 
-    /// Applies `f(x + input_offset) - output_offset` (with `values`) or
-    /// `g f'(x + input_offset)` (with `gradients`) to each value of `x`.
+    /// Applies `f(x + bias + input_offset) - output_offset` (without
+    /// `gradients`) or `g f'(x + bias + input_offset)` (with them) to each
+    /// value of `x`.
     ///
     /// The derivative is 0 where the fitted model clamps the input (above
     /// `X0 + CUTOFF` for the sigmoid, outside `[0, 1]` for the sinusoid), as
@@ -154,28 +155,32 @@ impl<'a, T: Float> Response<'a, T> {
     /// slope of the segment on the right of `x`. Clamping the output to the
     /// bounds changes only rounding, so it leaves the derivative as it is.
     #[inline(always)]
-    fn apply(&self, x: &[T], gradients: Option<&[T]>, out: &mut [T]) {
+    fn apply(&self, x: &[T], bias: T, gradients: Option<&[T]>, out: &mut [T]) {
         match self.form {
-            Form::Sigmoid(sigmoid) => self.each(|x| sigmoid.eval(x), x, gradients, out),
-            Form::Sinusoid => self.each(sinusoid, x, gradients, out),
-            Form::Curve(curve) => self.each(|x| curve.eval_with_slope(x), x, gradients, out),
+            Form::Sigmoid(sigmoid) => self.each(|x| sigmoid.eval(x), x, bias, gradients, out),
+            Form::Sinusoid => self.each(sinusoid, x, bias, gradients, out),
+            Form::Curve(curve) => self.each(|x| curve.eval_with_slope(x), x, bias, gradients, out),
         }
     }
 
     /// Runs [`apply`](Self::apply)'s loop for one response `f`, which
     /// returns the value and the derivative.
     #[inline(always)]
-    fn each(&self, f: impl Fn(T) -> (T, T), x: &[T], gradients: Option<&[T]>, out: &mut [T]) {
+    ///
+    /// `bias` is added to each value first, rounding as a separate bias
+    /// node before the activation would (0 adds nothing).
+    #[allow(clippy::too_many_arguments)]
+    fn each(&self, f: impl Fn(T) -> (T, T), x: &[T], bias: T, gradients: Option<&[T]>, out: &mut [T]) {
         match gradients {
             None => {
                 for (o, &x) in out.iter_mut().zip(x) {
-                    let y = f(x + self.input_offset).0;
+                    let y = f((x + bias) + self.input_offset).0;
                     *o = y.max(self.lo).min(self.hi) - self.output_offset;
                 }
             }
             Some(g) => {
                 for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
-                    *o = g * f(x + self.input_offset).1;
+                    *o = g * f((x + bias) + self.input_offset).1;
                 }
             }
         }
@@ -193,7 +198,32 @@ struct Chunk<'r, 'a, T> {
 impl<T: Float> SliceLoop for Chunk<'_, '_, T> {
     #[inline(always)]
     fn run(self) {
-        self.response.apply(self.x, self.gradients, self.out)
+        self.response.apply(self.x, T::zero(), self.gradients, self.out)
+    }
+}
+
+/// The planes `[H, W]` of a `[B, C, H, W]` tensor, from plane `first` on,
+/// each with its channel's bias, for [`vectorized`].
+struct Planes<'r, 'a, T> {
+    response: &'r Response<'a, T>,
+    x: &'r [T],
+    biases: &'r [T],
+    first: usize,
+    area: usize,
+    gradients: Option<&'r [T]>,
+    out: &'r mut [T],
+}
+
+impl<T: Float> SliceLoop for Planes<'_, '_, T> {
+    #[inline(always)]
+    fn run(self) {
+        let channels = self.biases.len();
+        for (i, (out, x)) in self.out.chunks_mut(self.area).zip(self.x.chunks(self.area)).enumerate() {
+            let offset = i * self.area;
+            let gradients = self.gradients.map(|g| &g[offset..offset + self.area]);
+            let bias = self.biases[(self.first + i) % channels];
+            self.response.apply(x, bias, gradients, out);
+        }
     }
 }
 
@@ -260,12 +290,174 @@ impl ShiftedActivation {
     }
 }
 
-/// The error for an op built around an activation it does not cover, which
+/// Returns the error for an op built around an activation it does not cover, which
 /// [`shifted_activation`] never does.
 fn not_fused(activation: &Activation) -> candle_core::Error {
     candle_core::Error::Msg(format!(
         "the fused activation op does not cover {activation}"
     ))
+}
+
+/// Returns whether [`bias_activation`] computes `activation` on `z` as one node:
+/// a photonic activation or a measured curve on an f32 or f64 CPU tensor.
+pub fn bias_activation_fuses(z: &Tensor, activation: &Activation) -> bool {
+    let is_photonic = matches!(
+        activation,
+        Activation::PhotonicSigmoid | Activation::PhotonicSinusoidal | Activation::Curve(_)
+    );
+    is_photonic && matches!(z.dtype(), DType::F32 | DType::F64) && z.device().is_cpu()
+}
+
+/// Returns `op` applied to `z + bias`, with `z` `[B, C, H, W]` (a
+/// convolution's output) and `bias` `[C]`, as one autograd node.
+///
+/// It computes what [`super::add_channel_bias`] followed by
+/// [`shifted_activation`] computes, with the same rounding, in one pass
+/// instead of two, and its backward pass gives the gradients of `z` and
+/// `bias` in one pass and a sum. Callers check [`bias_activation_fuses`]
+/// first; other cases are an error.
+///
+/// # Errors
+///
+/// Returns [`crate::Error::Shape`] when `z` is not 4-D or `bias` is not
+/// `[C]` of the same dtype, and an error when the op does not fuse.
+pub fn bias_activation(z: &Tensor, bias: &Tensor, op: ShiftedActivation) -> Result<Tensor> {
+    let (&[_, channels, _, _], &[bias_len]) = (z.dims(), bias.dims()) else {
+        return Err(crate::Error::Shape(format!(
+            "bias and activation expect input [batch, channels, height, width] and bias [channels], got {:?} and {:?}",
+            z.dims(),
+            bias.dims()
+        )));
+    };
+    if channels != bias_len || z.dtype() != bias.dtype() {
+        return Err(crate::Error::Shape(format!(
+            "bias {:?} ({:?}) does not fit input {:?} ({:?}): it needs one value per channel and the same dtype",
+            bias.dims(),
+            bias.dtype(),
+            z.dims(),
+            z.dtype()
+        )));
+    }
+    if !bias_activation_fuses(z, &op.activation) {
+        return Err(not_fused(&op.activation).into());
+    }
+    Ok(z.contiguous()?.apply_op2(&bias.contiguous()?, BiasActivation(op))?)
+}
+
+/// The node of [`bias_activation`]: `z` (first argument) and `bias`.
+struct BiasActivation(ShiftedActivation);
+
+impl BiasActivation {
+    /// Applies the activation to `z + bias`, or with `grad` its input
+    /// gradient `grad f'(z + bias)`, plane by plane.
+    fn planes<T: Float>(
+        &self,
+        z: (&CpuStorage, &Layout),
+        bias: (&CpuStorage, &Layout),
+        grad: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let values = contiguous_values::<T>(z.0, z.1, "activation input")?;
+        let biases = contiguous_values::<T>(bias.0, bias.1, "bias")?;
+        let gradients = match grad {
+            Some((storage, layout)) => {
+                if layout.shape() != z.1.shape() {
+                    candle_core::bail!(
+                        "activation gradient has shape {:?}, but the input has {:?}",
+                        layout.shape(),
+                        z.1.shape()
+                    );
+                }
+                Some(contiguous_values::<T>(storage, layout, "activation output gradient")?)
+            }
+            None => None,
+        };
+        let response = Response::<T>::new(&self.0).ok_or_else(|| not_fused(&self.0.activation))?;
+        let (_, _, height, width) = z.1.shape().dims4()?;
+        let area = height * width;
+        let mut out = vec![T::default(); values.len()];
+        if area > 0 {
+            let per_task = (PARALLEL_CHUNK / area).max(1) * area;
+            out.par_chunks_mut(per_task).enumerate().for_each(|(task, out)| {
+                let start = task * per_task;
+                vectorized(Planes {
+                    response: &response,
+                    x: &values[start..start + out.len()],
+                    biases,
+                    first: start / area,
+                    area,
+                    gradients: gradients.map(|g| &g[start..start + out.len()]),
+                    out,
+                })
+            });
+        }
+        Ok((T::into_storage(out), z.1.shape().clone()))
+    }
+}
+
+impl CustomOp2 for BiasActivation {
+    fn name(&self) -> &'static str {
+        "bias-photonic-activation"
+    }
+
+    fn cpu_fwd(
+        &self,
+        z: &CpuStorage,
+        z_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch_float!(
+            self.planes((z, z_layout), (bias, bias_layout), None),
+            z.dtype(),
+            "fused bias and photonic activation (supports f32 and f64)"
+        )
+    }
+
+    // NOTE: the gradients come from ops without a backward pass, so a
+    // second backward pass through this node treats them as constants.
+    fn bwd(
+        &self,
+        z: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad_res.contiguous()?;
+        let z_grad = z.apply_op3_no_bwd(bias, &grad, &BiasActivationGrad(self.0.clone()))?;
+        let bias_grad = if bias.track_op() {
+            Some(super::bias::channel_sum(&z_grad)?)
+        } else {
+            None
+        };
+        Ok((z.track_op().then_some(z_grad), bias_grad))
+    }
+}
+
+/// The input gradient of [`BiasActivation`] from `z`, `bias` and the
+/// output gradient.
+struct BiasActivationGrad(ShiftedActivation);
+
+impl candle_core::CustomOp3 for BiasActivationGrad {
+    fn name(&self) -> &'static str {
+        "bias-photonic-activation-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        z: &CpuStorage,
+        z_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = BiasActivation(self.0.clone());
+        dispatch_float!(
+            op.planes((z, z_layout), (bias, bias_layout), Some((grad, grad_layout))),
+            z.dtype(),
+            "fused bias and photonic activation (supports f32 and f64)"
+        )
+    }
 }
 
 impl CustomOp1 for ShiftedActivation {
@@ -402,6 +594,78 @@ mod tests {
             for dtype in [DType::F32, DType::F64] {
                 check_against_generic(len, PHOTONIC[which].clone(), (input_offset, output_offset), seed, dtype);
             }
+        }
+    }
+
+    /// Returns `y` and the gradients for `z` and `bias` of
+    /// `sum(f(z, bias) * weights)`.
+    fn run_with_bias(f: impl Fn(&Tensor, &Tensor) -> Tensor, z: &Tensor, bias: &Tensor, seed: u64) -> [Tensor; 3] {
+        let (z, bias) = (Var::from_tensor(z).unwrap(), Var::from_tensor(bias).unwrap());
+        let y = f(z.as_tensor(), bias.as_tensor());
+        let grads = weighted_sum(seed, &y).backward().unwrap();
+        let grad = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
+        [y.clone(), grad(&z), grad(&bias)]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// The fused bias and activation give the values and gradients of
+        /// the channel bias node followed by the activation node.
+        #[test]
+        fn bias_activation_matches_two_nodes(
+            dims in prop::array::uniform4(1usize..7),
+            which in 0usize..2,
+            offsets in (-0.5f64..0.5, 0.0f64..0.2),
+            seed in 0u64..1000,
+        ) {
+            for dtype in [DType::F32, DType::F64] {
+                let z = random_tensor(seed, &dims, -1.0, 2.0, dtype);
+                let bias = random_tensor(seed + 1, &[dims[1]], -0.5, 0.5, dtype);
+                let op = ShiftedActivation {
+                    activation: PHOTONIC[which].clone(),
+                    input_offset: offsets.0,
+                    output_offset: offsets.1,
+                    clamp: true,
+                };
+                let fused = run_with_bias(|z, b| bias_activation(z, b, op.clone()).unwrap(), &z, &bias, seed);
+                let two_nodes = run_with_bias(
+                    |z, b| shifted_activation(&crate::ops::add_channel_bias(z, b).unwrap(), op.clone()).unwrap().unwrap(),
+                    &z,
+                    &bias,
+                    seed,
+                );
+                // The same rounding in the same order: the values and the
+                // gradient of z agree exactly; the bias gradient sums in
+                // another order.
+                let limit = tolerance(dtype) * (dims[0] * dims[2] * dims[3]) as f64;
+                for (name, (a, b)) in ["output", "dz", "dbias"].iter().zip(fused.iter().zip(&two_nodes)) {
+                    let error = relative_error(a, b);
+                    let bound = if *name == "dbias" { limit } else { 0.0 };
+                    prop_assert!(error <= bound, "{} of {:?} in {:?}: relative error {:e}", name, dims, dtype, error);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bias_activation_rejects_bad_arguments() {
+        let z = random_tensor(1, &[2, 3, 2, 2], -1.0, 1.0, DType::F32);
+        let op = |activation: Activation| ShiftedActivation {
+            activation,
+            input_offset: 0.0,
+            output_offset: 0.0,
+            clamp: false,
+        };
+        let sigmoid = op(Activation::PhotonicSigmoid);
+        let cases = [
+            (bias_activation(&z, &random_tensor(2, &[4], -1.0, 1.0, DType::F32), sigmoid.clone()), "one value per channel"),
+            (bias_activation(&z.flatten_from(1).unwrap(), &random_tensor(2, &[3], -1.0, 1.0, DType::F32), sigmoid.clone()), "expect input [batch"),
+            (bias_activation(&z, &random_tensor(2, &[3], -1.0, 1.0, DType::F32), op(Activation::Relu)), "does not cover relu"),
+        ];
+        for (i, (result, expected)) in cases.into_iter().enumerate() {
+            let message = result.unwrap_err().to_string();
+            assert!(message.contains(expected), "case {i}: {message}");
         }
     }
 

@@ -107,6 +107,12 @@ impl CustomOp2 for ChannelBias {
     }
 }
 
+/// Returns the sum of a contiguous f32 or f64 CPU tensor `[B, C, H, W]`
+/// over all but the channels, `[C]`, without a backward pass.
+pub(crate) fn channel_sum(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.apply_op1_no_bwd(&ChannelSum)
+}
+
 /// The sum of a contiguous `[B, C, H, W]` tensor over all but the channels, `[C]`.
 struct ChannelSum;
 

@@ -24,7 +24,7 @@ pub mod update;
 #[cfg(test)]
 mod test_util;
 
-pub use activation::{shifted_activation, ShiftedActivation};
+pub use activation::{bias_activation, bias_activation_fuses, shifted_activation, ShiftedActivation};
 pub use bias::add_channel_bias;
 pub use conv::conv2d;
 pub use conv1d::conv1d_rows;
