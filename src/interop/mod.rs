@@ -8,6 +8,7 @@
 //! tensor's declared dimensions match the bytes it carries before anything
 //! is allocated for it.
 
+pub mod constant_ops;
 pub mod elementwise;
 pub mod export;
 pub mod file;
@@ -15,6 +16,7 @@ pub mod graph;
 pub mod import;
 pub mod manifest;
 pub mod npy;
+pub mod pad;
 pub mod samples;
 pub mod tensor;
 
