@@ -11,6 +11,7 @@
 pub mod constant_ops;
 pub mod elementwise;
 pub mod export;
+mod export_elman;
 pub mod file;
 pub mod graph;
 pub mod import;
