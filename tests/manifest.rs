@@ -361,10 +361,10 @@ fn assert_round_trip(label: &str, network: &isonn::model::Network, original: &No
 }
 
 /// A ResNet-style network (residual blocks, one with a projection
-/// shortcut, batch normalisation folded by the transformation) and Elman
-/// networks with several activations.
+/// shortcut, batch normalisation folded by the transformation), Elman
+/// networks with several activations and a conv1d network.
 #[test]
-fn residual_and_elman_round_trip() {
+fn residual_elman_conv1d_round_trip() {
     use isonn::activation::Activation;
     use isonn::model::{Init, Network};
 
@@ -379,6 +379,18 @@ fn residual_and_elman_round_trip() {
         let original = transform(&network, &TransformOptions::default()).unwrap();
         assert_round_trip(&format!("elman {seed}"), &network, &original, 2);
     }
+    // A padded, strided 1-D convolution over two rows.
+    let conv1d = isonn::model::Conv1d::zeros(2, 4, 3, 2, 1, 1, 2).unwrap();
+    let layers = vec![
+        isonn::model::Layer::Conv1d(conv1d),
+        isonn::model::Layer::Activation(Activation::PhotonicSigmoid),
+        isonn::model::Layer::Flatten,
+        isonn::model::Layer::Linear(isonn::model::Linear::zeros(4 * 2 * 4, 3).unwrap()),
+    ];
+    let mut network = Network::new(&[2, 2, 8], Range::new(-0.5, 1.0).unwrap(), layers);
+    Init::Xavier.apply(&mut network, 9).unwrap();
+    let original = transform(&network, &TransformOptions::default()).unwrap();
+    assert_round_trip("conv1d", &network, &original, 2);
     // A plain chain is still written as version 1, which older readers read.
     let (network, original) = nonneg(4, true);
     assert_round_trip("cnn", &network, &original, 1);
