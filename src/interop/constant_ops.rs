@@ -111,7 +111,7 @@ fn concat(inputs: &[Option<&TensorData>], axis: i64) -> Result<TensorData, Strin
         if !same_rest {
             return Err(format!("inputs of shapes {:?} and {:?} differ outside axis {axis}", first.dims, part.dims));
         }
-        dims[axis] += part.dims[axis];
+        dims[axis] = dims[axis].checked_add(part.dims[axis]).ok_or("the result has too many values")?;
     }
     element_count(&dims)?;
     // Each part contributes blocks of dims[axis..] per index of the
@@ -177,9 +177,14 @@ fn slice(x: &TensorData, inputs: &[Option<&TensorData>]) -> Result<TensorData, S
             let v = if v < 0 { v.saturating_add(d) } else { v };
             v.clamp(lo, hi)
         };
+        if d == 0 {
+            ranges[axis] = (0, step, 0);
+            continue;
+        }
         let (first, last) = if step > 0 { (clamp(start, 0, d), clamp(end, 0, d)) } else { (clamp(start, 0, d - 1), clamp(end, -1, d - 1)) };
         let span = if step > 0 { last - first } else { first - last };
-        let count = if span <= 0 { 0 } else { ((span + step.abs() - 1) / step.abs()) as usize };
+        // unsigned_abs: a step of i64::MIN has no positive i64 magnitude.
+        let count = if span <= 0 { 0 } else { ((span as u64 - 1) / step.unsigned_abs() + 1) as usize };
         ranges[axis] = (first, step, count);
     }
     let dims: Vec<usize> = ranges.iter().map(|r| r.2).collect();
@@ -248,6 +253,25 @@ mod tests {
         let flat = fold("Reshape", &[Some(&transposed), Some(&t(&[1], &[-1.0]))], &none).unwrap();
         // ONNX order: begins of n, c, h, w, then ends.
         assert_eq!(flat.values, vec![0.0, 0.0, 3.0, 1.0, 0.0, 0.0, 4.0, 2.0]);
+    }
+
+    /// Inputs a damaged file can give: an empty axis, extreme steps and
+    /// dimensions whose sum overflows. Each is a result, not a panic.
+    #[test]
+    fn extreme_inputs_do_not_panic() {
+        let none = FoldAttributes::default();
+        let empty = t(&[0], &[]);
+        let reversed = fold("Slice", &[Some(&empty), Some(&t(&[1], &[-1.0])), Some(&t(&[1], &[-1e19])), None, Some(&t(&[1], &[-1.0]))], &none);
+        assert_eq!(reversed.unwrap().dims, vec![0]);
+        let values = t(&[4], &[1.0, 2.0, 3.0, 4.0]);
+        let huge_step = fold("Slice", &[Some(&values), Some(&t(&[1], &[0.0])), Some(&t(&[1], &[4.0])), None, Some(&t(&[1], &[-1e19]))], &none);
+        assert_eq!(huge_step.unwrap().values, Vec::<f64>::new());
+        let forward = fold("Slice", &[Some(&values), Some(&t(&[1], &[0.0])), Some(&t(&[1], &[4.0])), None, Some(&t(&[1], &[1e19]))], &none);
+        assert_eq!(forward.unwrap().values, vec![1.0]);
+        let wide = t(&[0, usize::MAX / 2 + 1], &[]);
+        let axis1 = FoldAttributes { axis: 1, ..Default::default() };
+        let overflow = fold("Concat", &[Some(&wide), Some(&wide)], &axis1).unwrap_err();
+        assert!(overflow.contains("too many values"), "{overflow}");
     }
 
     #[test]

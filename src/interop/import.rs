@@ -521,6 +521,18 @@ impl Importer<'_> {
         fold(op, &inputs, &attributes).map(Some).map_err(|m| self.node_error(node, format!("on constants: {m}")))
     }
 
+    /// Returns a layer's own padding plus that of the `Pad` before it.
+    fn folded_padding(&self, node: &NodeProto, own: usize, pad: &PendingPad) -> Result<usize> {
+        const LIMIT: usize = 1 << 16;
+        match own.checked_add(pad.padding) {
+            Some(total) if total <= LIMIT => Ok(total),
+            _ => Err(self.node_error(
+                node,
+                format!("its padding {own} plus {} from Pad node {} is more than {LIMIT}", pad.padding, pad.node),
+            )),
+        }
+    }
+
     /// Reads a constant `Pad` of the spatial axes, which the convolution
     /// or pool reading it takes over.
     fn pad(&mut self, node: &NodeProto) -> Result<PendingPad> {
@@ -667,7 +679,7 @@ impl Importer<'_> {
                     ),
                 ));
             }
-            padding += pad.padding;
+            padding = self.folded_padding(node, padding, &pad)?;
             if pad.value != 0.0 {
                 pad_value = vec![pad.value];
             }
@@ -760,7 +772,7 @@ impl Importer<'_> {
         }
         let padding = match pad {
             None => padding,
-            Some(pad) if op == "AveragePool" && pad.value == 0.0 => padding + pad.padding,
+            Some(pad) if op == "AveragePool" && pad.value == 0.0 => self.folded_padding(node, padding, &pad)?,
             Some(pad) => {
                 let reason = if op == "MaxPool" {
                     "MaxPool pads with -infinity, so a constant Pad before it computes something else"
