@@ -250,6 +250,33 @@ proptest! {
     }
 }
 
+/// Conv1d networks export as 2-D `Conv` nodes with `[1, k]` kernels, padded
+/// along the width only; ONNX Runtime computes isonn's logits for the
+/// regular and the non-negative export.
+#[test]
+fn conv1d_networks_match_onnx_runtime() {
+    if !common::ort::available("conv1d_networks_match_onnx_runtime") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for seed in 0..16 {
+        let network = random_network(seed, DType::F32);
+        // An adaptive pool with windows of different sizes has no ONNX
+        // operator; the generator makes some.
+        if let Err(e) = isonn::interop::export_network(&network) {
+            assert!(e.to_string().contains("adaptive average pooling"), "conv1d {seed}: {e}");
+            continue;
+        }
+        checked += 1;
+        let x = inputs(&network, seed, 6, DType::F32);
+        let (regular, nonneg) = common::ort::check_both(dir.path(), &format!("conv1d{seed}"), &network, &x);
+        assert!(regular <= common::ort::TOLERANCE, "conv1d {seed}: regular export differs by {regular}");
+        assert!(nonneg <= common::ort::TOLERANCE, "conv1d {seed}: non-negative export differs by {nonneg}");
+    }
+    assert!(checked >= 8, "only {checked} of 16 random networks were exportable");
+}
+
 #[test]
 fn conv1d_pads_rows_only() {
     // One row of 3 samples, kernel [1, 1, 1], padding 1: sums of 2, 3, 2.

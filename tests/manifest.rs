@@ -345,3 +345,123 @@ fn export_command_writes_mapping() {
     let stderr = String::from_utf8_lossy(&onnx.get_output().stderr).to_string();
     assert!(stderr.contains("--format manifest"), "{stderr}");
 }
+
+/// Writes the manifest of `original`, checks its schema version, reads it
+/// back and checks that the network read computes the same outputs, bit
+/// for bit (the same float32 tensors and settings).
+fn assert_round_trip(label: &str, network: &isonn::model::Network, original: &NonnegNetwork, version: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    write_manifest(dir.path(), original, None).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join(MANIFEST_JSON)).unwrap()).unwrap();
+    assert_eq!(json["schema_version"], version, "{label}: schema_version");
+    let loaded = read_manifest(dir.path()).unwrap();
+    let x = random_inputs(11, network, 5, DType::F32);
+    let diff = max_abs(&original.forward(&x).unwrap().sub(&loaded.forward(&x).unwrap()).unwrap());
+    assert_eq!(diff, 0.0, "{label}: outputs differ by {diff}");
+}
+
+/// A ResNet-style network (residual blocks, one with a projection
+/// shortcut, batch normalisation folded by the transformation), Elman
+/// networks with several activations and a conv1d network.
+#[test]
+fn residual_elman_conv1d_round_trip() {
+    use isonn::activation::Activation;
+    use isonn::model::{Init, Network};
+
+    for (seed, activation) in [(1, Activation::ReluN { n: 2.0 }), (2, Activation::PhotonicSigmoid)] {
+        let network = Network::resnet(&[3, 8, 8], 4, 5, activation, Init::Xavier, seed).unwrap();
+        let original = transform(&network, &TransformOptions::default()).unwrap();
+        assert!(!original.is_chain(), "resnet {seed}: no residual block");
+        assert_round_trip(&format!("resnet {seed}"), &network, &original, 2);
+    }
+    for (seed, activation) in [(3, Activation::Tanh), (4, Activation::PhotonicSinusoidal), (5, Activation::GeluN { n: 1.5 })] {
+        let network = Network::elman(&[2, 4, 3], 5, 3, activation, Init::Xavier, seed).unwrap();
+        let original = transform(&network, &TransformOptions::default()).unwrap();
+        assert_round_trip(&format!("elman {seed}"), &network, &original, 2);
+    }
+    // A padded, strided 1-D convolution over two rows.
+    let conv1d = isonn::model::Conv1d::zeros(2, 4, 3, 2, 1, 1, 2).unwrap();
+    let layers = vec![
+        isonn::model::Layer::Conv1d(conv1d),
+        isonn::model::Layer::Activation(Activation::PhotonicSigmoid),
+        isonn::model::Layer::Flatten,
+        isonn::model::Layer::Linear(isonn::model::Linear::zeros(4 * 2 * 4, 3).unwrap()),
+    ];
+    let mut network = Network::new(&[2, 2, 8], Range::new(-0.5, 1.0).unwrap(), layers);
+    Init::Xavier.apply(&mut network, 9).unwrap();
+    let original = transform(&network, &TransformOptions::default()).unwrap();
+    assert_round_trip("conv1d", &network, &original, 2);
+    // A plain chain is still written as version 1, which older readers read.
+    let (network, original) = nonneg(4, true);
+    assert_round_trip("cnn", &network, &original, 1);
+}
+
+#[test]
+fn version_1_rejects_residual_and_elman() {
+    use isonn::activation::Activation;
+    use isonn::model::{Init, Network};
+
+    let network = Network::elman(&[1, 3, 4], 4, 2, Activation::Tanh, Init::Xavier, 6).unwrap();
+    let original = transform(&network, &TransformOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_edited(dir.path(), &original, |m| m.schema_version = 1, |_| {});
+    let message = read_manifest(dir.path()).unwrap_err().to_string();
+    assert!(message.contains("layers[0]"), "{message}");
+    assert!(message.contains("needs schema_version 2"), "{message}");
+}
+
+#[test]
+fn invalid_elman_manifests_are_rejected() {
+    use isonn::activation::Activation;
+    use isonn::interop::manifest::ManifestLayer;
+    use isonn::model::{Init, Network};
+
+    let network = Network::elman(&[1, 3, 4], 4, 2, Activation::Tanh, Init::Xavier, 7).unwrap();
+    let original = transform(&network, &TransformOptions::default()).unwrap();
+    let cases: Vec<(&str, Box<dyn Fn(&mut Manifest)>)> = vec![
+        ("do not fit 5 features", Box::new(|m| {
+            if let ManifestLayer::Elman { features, .. } = &mut m.layers[0] {
+                *features = 5;
+            }
+        })),
+        ("do not fit 4 features and 5 state values", Box::new(|m| {
+            if let ManifestLayer::Elman { hidden, .. } = &mut m.layers[0] {
+                *hidden = 5;
+            }
+        })),
+        ("gelu-n bound -1 must be a finite number > 0", Box::new(|m| {
+            if let ManifestLayer::Elman { state, .. } = &mut m.layers[0] {
+                state.activation = Activation::GeluN { n: -1.0 };
+            }
+        })),
+    ];
+    for (expected, edit) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        write_edited(dir.path(), &original, |m| edit(m), |_| {});
+        let message = read_manifest(dir.path()).unwrap_err().to_string();
+        assert!(message.contains(expected), "expected {expected:?} in: {message}");
+        assert!(message.contains("layers[0]"), "{message}");
+    }
+}
+
+#[test]
+fn residual_manifest_names_nested_tensors() {
+    use isonn::activation::Activation;
+    use isonn::model::{Init, Network};
+
+    let network = Network::resnet(&[3, 8, 8], 4, 5, Activation::ReluN { n: 2.0 }, Init::Xavier, 8).unwrap();
+    let original = transform(&network, &TransformOptions::default()).unwrap();
+    let (_, tensors) = build_manifest(&original, None).unwrap();
+    let nested = tensors.iter().filter(|(n, _)| n.contains(".main.") && n.ends_with(".positive")).count();
+    assert!(nested >= 2, "only {nested} affine layers inside residual blocks");
+    // Without one nested tensor, the error names the layer path and tensor.
+    let missing = tensors.iter().find(|(n, _)| n.contains(".main.") && n.ends_with(".bias")).unwrap().0.clone();
+    let dir = tempfile::tempdir().unwrap();
+    write_edited(dir.path(), &original, |_| {}, |t| t.retain(|(n, _)| *n != missing));
+    let message = read_manifest(dir.path()).unwrap_err().to_string();
+    assert!(message.contains(&format!("tensor {missing} is missing")), "{message}");
+    assert!(message.contains("main[0]"), "{message}");
+    // The mapping section covers chains only.
+    let settings = DeviceSettings { granularity: GainGranularity::PerLayer, effects: Effects::default() };
+    assert!(build_manifest(&original, Some(&settings)).is_err(), "a mapping of a residual network was built");
+}

@@ -3,72 +3,14 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, Tensor};
-use common::{max_abs, ort, random_cnn, random_inputs, random_mlp};
+use common::ort::{check_both, TOLERANCE};
+use common::{ort, random_cnn, random_inputs, random_mlp};
 use isonn::activation::Activation;
-use isonn::interop::{decode_tensor, export_network, export_nonneg, proto::ModelProto, write_model};
+use isonn::interop::{export_network, export_nonneg};
 use isonn::model::{BatchNorm, Init, Layer, Linear, Network, Pool, Range};
 use isonn::nonneg::{transform, TransformOptions};
 use rand::{Rng, SeedableRng};
-
-/// Largest difference between ONNX Runtime's and isonn's logits, relative
-/// to the largest isonn logit (at least 1). Both run in float32; the
-/// differences come from the order of summation and from ONNX Runtime's
-/// sigmoid and sine approximations. The largest measured was 1.5e-6 here
-/// and 4.1e-6 on the PyTorch fixtures (onnxruntime 1.31.1, x86-64).
-const TOLERANCE: f64 = 1e-5;
-
-fn relative_difference(isonn: &Tensor, runtime: &Tensor) -> f64 {
-    let isonn = isonn.to_dtype(DType::F64).unwrap();
-    let runtime = runtime.to_dtype(DType::F64).unwrap();
-    assert_eq!(isonn.dims(), runtime.dims(), "output shapes differ");
-    max_abs(&isonn.sub(&runtime).unwrap()) / max_abs(&isonn).max(1.0)
-}
-
-/// Exports `network` and its transformation, runs both with ONNX Runtime
-/// on `inputs` and returns the two relative differences.
-fn check_both(dir: &std::path::Path, label: &str, network: &Network, inputs: &Tensor) -> (f64, f64) {
-    let regular_path = dir.join(format!("{label}-regular.onnx"));
-    write_model(&regular_path, &export_network(network).unwrap()).unwrap();
-    let regular = relative_difference(&network.forward(inputs).unwrap(), &ort::run(&regular_path, inputs));
-
-    let nonneg = transform(network, &TransformOptions::default()).unwrap();
-    let onnx = export_nonneg(&nonneg).unwrap();
-    check_nonneg_layout(&onnx, label);
-    let nonneg_path = dir.join(format!("{label}-nonneg.onnx"));
-    write_model(&nonneg_path, &onnx).unwrap();
-    let physical = relative_difference(&nonneg.forward(inputs).unwrap(), &ort::run(&nonneg_path, inputs));
-    eprintln!("{label}: regular {regular:.2e}, non-negative {physical:.2e}");
-    (regular, physical)
-}
-
-/// Checks that every weight and bias initializer is >= 0 and that the
-/// modulator, complement and shift nodes are present.
-fn check_nonneg_layout(model: &ModelProto, label: &str) {
-    let graph = model.graph.as_ref().unwrap();
-    let mut parameters = 0;
-    for tensor in &graph.initializer {
-        let name = tensor.name.clone().unwrap();
-        if [".positive", ".negative", ".bias"].iter().any(|s| name.ends_with(s)) {
-            parameters += 1;
-            let values = decode_tensor(tensor).unwrap().values;
-            let min = values.iter().cloned().fold(f64::INFINITY, f64::min);
-            assert!(min >= 0.0, "{label}: initializer {name} has value {min} < 0");
-        }
-    }
-    assert!(parameters >= 3, "{label}: only {parameters} weight and bias initializers");
-    let names: Vec<&str> = graph.node.iter().map(|n| n.name.as_deref().unwrap()).collect();
-    assert!(names.contains(&"input/modulator"), "{label}: no input/modulator node");
-    assert!(names.iter().any(|n| n.ends_with("/complement")), "{label}: no complement node");
-    assert!(names.iter().any(|n| n.ends_with("/signal_weights")), "{label}: no signal_weights node");
-    let ops: HashMap<&str, usize> = graph.node.iter().fold(HashMap::new(), |mut m, n| {
-        *m.entry(n.op_type.as_deref().unwrap()).or_default() += 1;
-        m
-    });
-    assert!(!ops.contains_key("BatchNormalization"), "{label}: a signed BatchNormalization remains");
-}
 
 #[test]
 fn random_mlps_match_onnx_runtime() {
@@ -177,12 +119,38 @@ fn pools_dropout_and_tanh_match_onnx_runtime() {
     assert!(nonneg <= TOLERANCE, "non-negative export differs by {nonneg}");
 }
 
+/// Elman networks export unrolled over their steps, every step reading
+/// the same weight initializers.
 #[test]
-fn elman_export_names_the_layer() {
-    let network = Network::elman(&[1, 4, 4], 3, 2, Activation::PhotonicSigmoid, Init::Xavier, 1).unwrap();
-    let message = export_network(&network).unwrap_err().to_string();
-    assert!(message.contains("layers.0"), "{message}");
-    assert!(message.contains("Elman"), "{message}");
+fn elman_matches_onnx_runtime() {
+    let cases = [
+        (1, Activation::PhotonicSigmoid, [1, 4, 4]),
+        (2, Activation::Tanh, [2, 5, 3]),
+        (3, Activation::ReluN { n: 2.0 }, [1, 3, 6]),
+        (4, Activation::GeluN { n: 1.5 }, [1, 6, 2]),
+        (5, Activation::PhotonicSinusoidal, [3, 1, 2]),
+    ];
+    for (seed, activation, shape) in &cases {
+        let network = Network::elman(shape, 5, 3, activation.clone(), Init::Xavier, *seed).unwrap();
+        let nonneg = transform(&network, &TransformOptions::default()).unwrap();
+        let graph = export_nonneg(&nonneg).unwrap().graph.unwrap();
+        let positives = graph.initializer.iter().filter(|t| t.name.as_deref().unwrap().ends_with(".positive")).count();
+        // The cell and the classifier, whatever the number of steps.
+        assert_eq!(positives, 2, "elman {seed}: .positive initializers");
+        let steps = graph.node.iter().filter(|n| n.name.as_deref().unwrap().ends_with("/concat")).count();
+        assert_eq!(steps, shape[1], "elman {seed}: unrolled steps");
+    }
+    if !ort::available("elman_matches_onnx_runtime") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (seed, activation, shape) in cases {
+        let network = Network::elman(&shape, 5, 3, activation, Init::Xavier, seed).unwrap();
+        let inputs = random_inputs(seed, &network, 7, DType::F32);
+        let (regular, nonneg) = check_both(dir.path(), &format!("elman{seed}"), &network, &inputs);
+        assert!(regular <= TOLERANCE, "elman {seed}: regular export differs by {regular}");
+        assert!(nonneg <= TOLERANCE, "elman {seed}: non-negative export differs by {nonneg}");
+    }
 }
 
 #[test]
@@ -233,7 +201,7 @@ fn gelu_n_matches_onnx_runtime() {
 }
 
 #[test]
-fn conv1d_and_curve_exports_name_the_layer() {
+fn curve_export_names_the_layer() {
     let curve = Activation::Curve(
         isonn::curve::TransferCurve::from_csv(std::path::Path::new("tests/fixtures/transfer-curve.csv")).unwrap(),
     );
@@ -241,11 +209,4 @@ fn conv1d_and_curve_exports_name_the_layer() {
     let message = export_network(&network).unwrap_err().to_string();
     assert!(message.contains("layers.2"), "{message}");
     assert!(message.contains("transfer curve"), "{message}");
-
-    let conv1d = isonn::model::Conv1d::zeros(1, 2, 3, 1, 1, 1, 1).unwrap();
-    let layers = vec![Layer::Conv1d(conv1d), Layer::Flatten, Layer::Linear(Linear::zeros(8, 3).unwrap())];
-    let network = Network::new(&[1, 1, 4], Range::new(0.0, 1.0).unwrap(), layers);
-    let message = export_network(&network).unwrap_err().to_string();
-    assert!(message.contains("layers.0"), "{message}");
-    assert!(message.contains("conv1d"), "{message}");
 }

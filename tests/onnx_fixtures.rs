@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use common::{max_abs, ort};
 use isonn::interop::{export_network, export_nonneg, import_model, npy, read_model, write_model};
-use isonn::model::{Network, Range};
+use isonn::activation::Activation;
+use isonn::model::{Layer, Network, Range};
 use isonn::nonneg::{transform, TransformOptions};
 
 /// Largest difference between isonn's and PyTorch's logits, relative to
@@ -71,9 +72,17 @@ fn check_file(name: &str, extension: &str, ranges: Vec<Range>, output_function: 
     let logits = network.forward(&x).unwrap();
     let pytorch = relative(&expected, &logits);
     assert!(pytorch <= PYTORCH_TOLERANCE, "{name}: isonn and PyTorch logits differ by {pytorch}");
+    eprintln!("{name}: PyTorch {pytorch:.2e}");
+    check_conversion(name, &network, &x);
+    network
+}
 
-    let nonneg = transform(&network, &TransformOptions::default()).unwrap();
-    let physical = nonneg.forward(&x).unwrap();
+/// Transforms `network`, checks that the non-negative network agrees with
+/// it on `x` and that ONNX Runtime computes both exports.
+fn check_conversion(name: &str, network: &Network, x: &Tensor) {
+    let logits = network.forward(x).unwrap();
+    let nonneg = transform(network, &TransformOptions::default()).unwrap();
+    let physical = nonneg.forward(x).unwrap();
     let equivalence = relative(&logits, &physical);
     assert!(equivalence <= EQUIVALENCE_TOLERANCE, "{name}: non-negative logits differ by {equivalence}");
     assert_eq!(argmax(&logits), argmax(&physical), "{name}: argmax agreement below 1.0");
@@ -83,21 +92,20 @@ fn check_file(name: &str, extension: &str, ranges: Vec<Range>, output_function: 
         .map(|(_, t)| t.to_dtype(DType::F64).unwrap().min_all().unwrap().to_scalar::<f64>().unwrap())
         .fold(f64::INFINITY, f64::min);
     assert!(negative >= 0.0, "{name}: a non-negative parameter is {negative}");
-    eprintln!("{name}: PyTorch {pytorch:.2e}, non-negative {equivalence:.2e}");
+    eprintln!("{name}: non-negative {equivalence:.2e}");
 
     if ort::available(name) {
         let dir = tempfile::tempdir().unwrap();
         let regular_path = dir.path().join("regular.onnx");
-        write_model(&regular_path, &export_network(&network).unwrap()).unwrap();
-        let regular_runtime = relative(&logits, &ort::run(&regular_path, &x));
+        write_model(&regular_path, &export_network(network).unwrap()).unwrap();
+        let regular_runtime = relative(&logits, &ort::run(&regular_path, x));
         let nonneg_path = dir.path().join("nonneg.onnx");
         write_model(&nonneg_path, &export_nonneg(&nonneg).unwrap()).unwrap();
-        let nonneg_runtime = relative(&physical, &ort::run(&nonneg_path, &x));
+        let nonneg_runtime = relative(&physical, &ort::run(&nonneg_path, x));
         eprintln!("{name}: ONNX Runtime regular {regular_runtime:.2e}, non-negative {nonneg_runtime:.2e}");
         assert!(regular_runtime <= PYTORCH_TOLERANCE, "{name}: regular export differs by {regular_runtime}");
         assert!(nonneg_runtime <= PYTORCH_TOLERANCE, "{name}: non-negative export differs by {nonneg_runtime}");
     }
-    network
 }
 
 #[test]
@@ -127,6 +135,89 @@ fn resnet_with_batch_norm() {
 #[test]
 fn normalised_inputs_with_tanh() {
     check_fixture("normalised_inputs_tanh", standardised(), Some("LogSoftmax"));
+}
+
+fn activations(network: &Network) -> Vec<Activation> {
+    network
+        .layers
+        .iter()
+        .filter_map(|l| match l {
+            Layer::Activation(a) => Some(a.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// nn.GELU from the TorchScript exporter (an Erf chain) and the dynamo
+/// exporter (one Gelu node, opset 20), and GELU-N as torch.clamp after it.
+/// `import --calibrate` bounds the plain GELU at its largest output on the
+/// fixture inputs, so on them the bounded network still computes
+/// PyTorch's logits and then transforms.
+#[test]
+fn cnn_with_gelu_from_both_exporters() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = fixture("cnn_gelu.inputs.npy");
+    let x = load_npy(&inputs);
+    let expected = load_npy(&fixture("cnn_gelu.outputs.npy"));
+    for extension in EXPORTERS {
+        let name = format!("cnn_gelu.{extension}");
+        let path = fixture(&name);
+        let imported = import_model(&read_model(&path).unwrap(), &path, &[Range::new(0.0, 1.0).unwrap()]).unwrap();
+        let want = vec![Activation::Gelu, Activation::GeluN { n: 2.0 }];
+        assert_eq!(activations(&imported.network), want, "{name}: activations");
+        let pytorch = relative(&expected, &imported.network.forward(&x).unwrap());
+        assert!(pytorch <= PYTORCH_TOLERANCE, "{name}: isonn and PyTorch logits differ by {pytorch}");
+
+        let out = dir.path().join(extension);
+        common::isonn()
+            .args(["import", path.to_str().unwrap(), "--out", out.to_str().unwrap(), "--input-range", "0,1"])
+            .args(["--calibrate", inputs.to_str().unwrap()])
+            .assert()
+            .success();
+        let (model, _) = isonn::store::load(&out).unwrap();
+        let isonn::store::Model::Regular(bounded) = model else { panic!("import wrote a non-negative model") };
+        let bounded_activations = activations(&bounded);
+        assert!(
+            matches!(bounded_activations[..], [Activation::GeluN { .. }, Activation::GeluN { n }] if n == 2.0),
+            "{name}: bounded activations {bounded_activations:?}"
+        );
+        let calibrated = relative(&expected, &bounded.forward(&x).unwrap());
+        assert!(calibrated <= PYTORCH_TOLERANCE, "{name}: bounded logits differ from PyTorch's by {calibrated}");
+        eprintln!("{name}: PyTorch {pytorch:.2e}, after calibration {calibrated:.2e}");
+        check_conversion(&name, &bounded, &x);
+    }
+}
+
+fn conv_paddings(network: &Network) -> Vec<(usize, Vec<f64>)> {
+    network
+        .layers
+        .iter()
+        .filter_map(|l| match l {
+            Layer::Conv2d(c) => Some((c.padding, c.pad_value.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// nn.ConstantPad2d(1, 0.25) and nn.ZeroPad2d(1) before convolutions and
+/// an average pool. The TorchScript exporter computes the pads from
+/// constants (ConstantOfShape, Concat, Slice, Transpose); the dynamo
+/// exporter writes them as an initializer and folds the last one into the
+/// Conv itself.
+#[test]
+fn pad_nodes_fold_into_layers() {
+    for network in check_fixture("cnn_pad_nodes", vec![Range::new(0.0, 1.0).unwrap()], None) {
+        assert_eq!(conv_paddings(&network), vec![(1, vec![0.25]), (1, vec![])]);
+        let pools: Vec<usize> = network
+            .layers
+            .iter()
+            .filter_map(|l| match l {
+                Layer::AvgPool2d(p) => Some(p.padding),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pools, vec![1]);
+    }
 }
 
 #[test]

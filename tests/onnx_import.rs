@@ -264,3 +264,80 @@ fn import_calibrates_relu_on_npy_inputs() {
         .assert()
         .success();
 }
+
+/// The dynamo exporter's file of the padded fixture, edited: two Pad
+/// nodes (`node_pad` before a Conv, `node_pad_1` before an AveragePool)
+/// share the pads initializer `val_0`.
+fn edited_pad_fixture(edit: impl FnOnce(&mut ModelProto)) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/cnn_pad_nodes.dynamo.onnx");
+    let mut model = read_model(&path).unwrap();
+    edit(&mut model);
+    import_error(&model)
+}
+
+fn set_pads(model: &mut ModelProto, pads: &[i64]) {
+    let g = model.graph.as_mut().unwrap();
+    let tensor = g.initializer.iter_mut().find(|t| t.name.as_deref() == Some("val_0")).unwrap();
+    *tensor = isonn::interop::int64_tensor("val_0", pads);
+}
+
+#[test]
+fn asymmetric_pad_names_node_and_pads() {
+    let message = edited_pad_fixture(|m| set_pads(m, &[0, 0, 1, 0, 0, 0, 1, 0]));
+    assert!(message.contains("node_pad (Pad)"), "{message}");
+    assert!(message.contains("[0, 0, 1, 0, 0, 0, 1, 0]"), "{message}");
+    assert!(message.contains("differ between sides"), "{message}");
+    let channel = edited_pad_fixture(|m| set_pads(m, &[0, 1, 1, 1, 0, 0, 1, 1]));
+    assert!(channel.contains("channel axis"), "{channel}");
+}
+
+#[test]
+fn pad_before_max_pool_is_rejected() {
+    let message = edited_pad_fixture(|m| {
+        let g = m.graph.as_mut().unwrap();
+        let pool = g.node.iter_mut().find(|n| n.op_type.as_deref() == Some("AveragePool")).unwrap();
+        pool.op_type = Some("MaxPool".into());
+        pool.attribute.retain(|a| a.name.as_deref() != Some("count_include_pad"));
+    });
+    assert!(message.contains("node_avg_pool2d (MaxPool)"), "{message}");
+    assert!(message.contains("Pad node node_pad_1"), "{message}");
+    assert!(message.contains("-infinity"), "{message}");
+}
+
+#[test]
+fn reflect_pad_is_rejected() {
+    let message = edited_pad_fixture(|m| {
+        let g = m.graph.as_mut().unwrap();
+        let pad = g.node.iter_mut().find(|n| n.op_type.as_deref() == Some("Pad")).unwrap();
+        pad.attribute[0].s = Some(b"reflect".to_vec());
+    });
+    assert!(message.contains("node_pad (Pad)"), "{message}");
+    assert!(message.contains("mode reflect is not supported"), "{message}");
+}
+
+#[test]
+fn pad_read_by_activation_is_rejected() {
+    // The Conv after the first Pad becomes a Relu, which reads the padded
+    // image where only a convolution or pool can take the padding over.
+    let message = edited_pad_fixture(|m| {
+        let g = m.graph.as_mut().unwrap();
+        let conv = g.node.iter_mut().find(|n| n.name.as_deref() == Some("node_conv2d")).unwrap();
+        conv.op_type = Some("Relu".into());
+        conv.input.truncate(1);
+        conv.attribute.clear();
+    });
+    assert!(message.contains("node_conv2d (Relu)"), "{message}");
+    assert!(message.contains("reads the output of Pad node node_pad"), "{message}");
+}
+
+#[test]
+fn reshape_that_regroups_names_target() {
+    let message = edited_pad_fixture(|m| {
+        let g = m.graph.as_mut().unwrap();
+        let shape = g.initializer.iter_mut().find(|t| t.name.as_deref() == Some("val_9")).unwrap();
+        *shape = isonn::interop::int64_tensor("val_9", &[1, 6, 9]);
+    });
+    assert!(message.contains("node_view (Reshape)"), "{message}");
+    assert!(message.contains("Reshape to [1, 6, 9]"), "{message}");
+    assert!(message.contains("[batch, 6, 3, 3]"), "{message}");
+}

@@ -2,11 +2,14 @@
 //!
 //! PyTorch exports a photonic activation written as a formula (`A2 + (A1 -
 //! A2) / (1 + exp(...))`, `sin(pi/2 * clamp(x, 0, 1)) ** 2`) as a chain of
-//! elementwise nodes whose other operands are constants. The chain is kept
-//! as an expression of one input and compared, point by point, with each
-//! isonn activation.
+//! elementwise nodes whose other operands are constants, and `nn.GELU` as
+//! `x * 0.5 * (1 + erf(x / sqrt 2))` (TorchScript exporter) or one `Gelu`
+//! node (dynamo exporter, opset 20). The chain is kept as an expression of
+//! one input and compared, point by point, with each isonn activation.
 
-use crate::activation::Activation;
+use candle_core::cpu::erf::erf_f64;
+
+use crate::activation::{gelu, Activation};
 
 /// An elementwise expression of one signal `x`, with scalar constants.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,14 +19,16 @@ pub enum Expr {
     /// A scalar constant.
     Constant(f64),
     /// A unary operation (`Relu`, `Sigmoid`, `Tanh`, `Sin`, `Exp`, `Neg`,
-    /// `Reciprocal`).
+    /// `Reciprocal`, `Erf`, `Gelu`).
     Unary(&'static str, Box<Expr>),
     /// A binary operation (`Add`, `Sub`, `Mul`, `Div`, `Pow`, `Min`, `Max`).
     Binary(&'static str, Box<Expr>, Box<Expr>),
 }
 
 /// The unary ONNX operators an expression may contain.
-pub const UNARY_OPS: [&str; 7] = ["Relu", "Sigmoid", "Tanh", "Sin", "Exp", "Neg", "Reciprocal"];
+/// `Gelu` is the exact form (its `approximate` attribute `none`), which the
+/// importer checks before it builds the expression.
+pub const UNARY_OPS: [&str; 9] = ["Relu", "Sigmoid", "Tanh", "Sin", "Exp", "Neg", "Reciprocal", "Erf", "Gelu"];
 /// The binary ONNX operators an expression may contain.
 pub const BINARY_OPS: [&str; 7] = ["Add", "Sub", "Mul", "Div", "Pow", "Min", "Max"];
 
@@ -43,6 +48,8 @@ impl Expr {
                     "Exp" => a.exp(),
                     "Neg" => -a,
                     "Reciprocal" => 1.0 / a,
+                    "Erf" => erf_f64(a),
+                    "Gelu" => gelu(a),
                     _ => f64::NAN,
                 }
             }
@@ -100,8 +107,10 @@ fn sample_points() -> Vec<f64> {
 
 /// Returns the isonn activation that `expr` computes, or `None`.
 ///
-/// The candidates are the photonic sigmoid and sinusoidal, tanh, ReLU and
-/// ReLU-N, with `N` read off as the value at `x = 1e6`. An expression
+/// The candidates are the photonic sigmoid and sinusoidal, tanh, ReLU,
+/// GELU, ReLU-N and GELU-N, with `N` read off as the value at `x = 1e6`.
+/// The unbounded activations come before the bounded ones, whose `N` is
+/// then 1e6 and would match on the grid as well. An expression
 /// matches when it differs from the candidate by at most
 /// [`MATCH_TOLERANCE`] at every sample point.
 pub fn recognise(expr: &Expr) -> Option<Activation> {
@@ -111,12 +120,15 @@ pub fn recognise(expr: &Expr) -> Option<Activation> {
         Activation::PhotonicSinusoidal,
         Activation::Tanh,
         Activation::Relu,
+        Activation::Gelu,
     ];
     let n = expr.eval(1e6);
     if n.is_finite() && n > 0.0 {
         // The bound is rounded to float32 in the file; read it back at
         // that precision so that relu-n:6 imports as 6.
-        candidates.push(Activation::ReluN { n: n as f32 as f64 });
+        let n = n as f32 as f64;
+        candidates.push(Activation::ReluN { n });
+        candidates.push(Activation::GeluN { n });
     }
     candidates.into_iter().find(|activation| {
         points.iter().all(|&x| {
@@ -161,6 +173,34 @@ mod tests {
         let expr = b("Min", Expr::Unary("Relu", Box::new(Expr::Input)), c(6.0));
         assert_eq!(recognise(&expr), Some(Activation::ReluN { n: 6.0 }));
         assert_eq!(recognise(&Expr::Unary("Relu", Box::new(Expr::Input))), Some(Activation::Relu));
+    }
+
+    /// `x * (0.5 * (1 + erf(x / sqrt 2)))`, as the TorchScript exporter
+    /// writes `nn.GELU()`.
+    fn torch_gelu() -> Expr {
+        let erf = Expr::Unary("Erf", Box::new(b("Div", Expr::Input, c(std::f64::consts::SQRT_2))));
+        b("Mul", b("Mul", Expr::Input, Box::new(b("Add", erf, c(1.0)))), c(0.5))
+    }
+
+    #[test]
+    fn gelu_chain_and_node_are_recognised() {
+        assert_eq!(recognise(&torch_gelu()), Some(Activation::Gelu));
+        assert_eq!(recognise(&Expr::Unary("Gelu", Box::new(Expr::Input))), Some(Activation::Gelu));
+        // clamp(gelu(x), max=2.5) as Clip without a lower bound, or Min.
+        assert_eq!(recognise(&b("Min", torch_gelu(), c(2.5))), Some(Activation::GeluN { n: 2.5 }));
+        let node = Expr::Unary("Gelu", Box::new(Expr::Input));
+        assert_eq!(recognise(&b("Min", node, c(2.5))), Some(Activation::GeluN { n: 2.5 }));
+    }
+
+    #[test]
+    fn gelu_with_wrong_scale_is_rejected() {
+        // erf(x / 2) in place of erf(x / sqrt 2), and the tanh form's
+        // x * sigmoid(1.702 x), differ from GELU by more than the tolerance.
+        let erf = Expr::Unary("Erf", Box::new(b("Div", Expr::Input, c(2.0))));
+        let wrong = b("Mul", b("Mul", Expr::Input, Box::new(b("Add", erf, c(1.0)))), c(0.5));
+        assert_eq!(recognise(&wrong), None);
+        let sigmoid = Expr::Unary("Sigmoid", Box::new(b("Mul", Expr::Input, c(1.702))));
+        assert_eq!(recognise(&b("Mul", Expr::Input, Box::new(sigmoid))), None);
     }
 
     #[test]

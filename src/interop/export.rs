@@ -17,6 +17,9 @@
 //!   `{layer}/output_offset`, which subtracts the output edge's offset;
 //! - `output/offset`: adds the last edge's offset, giving the logits.
 //!
+//! A 1-D convolution is a 2-D `Conv` with a `[1, k]` kernel, and an Elman
+//! cell is unrolled over its steps (`export_elman`).
+//!
 //! Every weight and bias initializer of a non-negative export is `>= 0`.
 
 use candle_core::{DType, Tensor};
@@ -26,7 +29,7 @@ use super::proto::ModelProto;
 use super::tensor::int64_tensor;
 use crate::activation::{sigmoid_fit, Activation};
 use crate::error::{Error, Result};
-use crate::model::{Conv2d, Layer, Network, Pool};
+use crate::model::{Conv1d, Conv2d, Layer, Network, Pool};
 use crate::nonneg::{AffineOp, NonnegActivation, NonnegAffine, NonnegLayer, NonnegNetwork};
 use crate::store::Model;
 
@@ -46,9 +49,9 @@ pub fn export_model(model: &Model) -> Result<ModelProto> {
 /// Exports a regular network. Parameters are written as float32.
 ///
 /// # Errors
-/// A layer without a standard-operator equivalent (an Elman cell, a
-/// convolution padded with one value per channel, an adaptive pool whose
-/// windows differ in size) is an error naming the layer.
+/// A layer without a standard-operator equivalent (a convolution padded
+/// with one value per channel, an adaptive pool whose windows differ in
+/// size, a measured transfer curve) is an error naming the layer.
 pub fn export_network(network: &Network) -> Result<ModelProto> {
     let mut graph = GraphBuilder::default();
     let shape = network.input_shape.clone();
@@ -85,7 +88,7 @@ pub fn export_nonneg(network: &NonnegNetwork) -> Result<ModelProto> {
 }
 
 /// Returns the values of `t` as float32, row-major.
-fn values_f32(t: &Tensor) -> Result<Vec<f32>> {
+pub(super) fn values_f32(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
 }
 
@@ -105,7 +108,7 @@ fn channel_constant(graph: &mut GraphBuilder, name: &str, values: &[f64], rank: 
 /// Adds a node computing `x - subtrahend` with a non-negative constant:
 /// a `Sub` of `subtrahend` when it is `>= 0`, otherwise an `Add` of its
 /// magnitude.
-fn offset_node(graph: &mut GraphBuilder, name: &str, x: &str, subtrahend: f64) -> String {
+pub(super) fn offset_node(graph: &mut GraphBuilder, name: &str, x: &str, subtrahend: f64) -> String {
     let constant = graph.scalar(&format!("{name}.value"), subtrahend.abs());
     let op = if subtrahend >= 0.0 { "Sub" } else { "Add" };
     graph.node(op, name, &[x, &constant], vec![])
@@ -132,13 +135,7 @@ fn regular_chain(
                 graph.node("Gemm", &format!("{name}/gemm"), &[&x, &w, &b], vec![int("transB", 1)])
             }
             Layer::Conv2d(c) => regular_conv(graph, &name, &x, c)?,
-            Layer::Conv1d(_) => {
-                return Err(Error::interop(
-                    &name,
-                    "conv1d layers are not exported to ONNX yet; the layers this export writes are \
-                     listed in docs/INTEROP.md",
-                ))
-            }
+            Layer::Conv1d(c) => regular_conv1d(graph, &name, &x, c)?,
             Layer::Activation(a) => activation_nodes(graph, &name, &x, a)?,
             Layer::AvgPool2d(p) => pool_node(graph, "AveragePool", &name, &x, p),
             Layer::MaxPool2d(p) => pool_node(graph, "MaxPool", &name, &x, p),
@@ -165,28 +162,92 @@ fn regular_chain(
             Layer::GlobalAvgPool => global_pool(graph, &name, &x),
             Layer::AdaptiveAvgPool2d(size) => adaptive_pool(graph, &name, &x, &shape, *size)?,
             Layer::Dropout(p) => dropout_node(graph, &name, &x, *p),
-            Layer::Elman(_) => return Err(unsupported_elman(&name)),
+            Layer::Elman(e) => super::export_elman::regular_elman(graph, &name, &x, e, &shape)?,
         };
         shape = next;
     }
     Ok((x, shape))
 }
 
-fn unsupported_elman(name: &str) -> Error {
-    Error::interop(
-        name,
-        "an Elman cell has no export to standard ONNX operators in isonn; export a feed-forward \
-         network, or keep the model in isonn's own format",
-    )
+/// The settings of a convolution as ONNX's 2-D `Conv` reads them. A 1-D
+/// convolution over rows is a 2-D one with kernel height 1 and no
+/// padding, stride or dilation along the height.
+#[derive(Debug, Clone, Copy)]
+struct ConvSettings {
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    groups: usize,
+}
+
+impl ConvSettings {
+    fn conv2d(kh: usize, kw: usize, stride: usize, padding: usize, dilation: usize, groups: usize) -> Self {
+        ConvSettings {
+            kernel: [kh, kw],
+            stride: [stride; 2],
+            padding: [padding; 2],
+            dilation: [dilation; 2],
+            groups,
+        }
+    }
+
+    fn conv1d(k: usize, stride: usize, padding: usize, dilation: usize, groups: usize) -> Self {
+        ConvSettings {
+            kernel: [1, k],
+            stride: [1, stride],
+            padding: [0, padding],
+            dilation: [1, dilation],
+            groups,
+        }
+    }
+
+    /// Returns the `Conv` attributes, with `pads` zero unless `padded`
+    /// (the padding is then a `Pad` node before the `Conv`).
+    fn attributes(&self, padded: bool) -> Vec<super::proto::AttributeProto> {
+        let [ph, pw] = if padded { self.padding.map(|p| p as i64) } else { [0, 0] };
+        let as_i64 = |v: [usize; 2]| v.map(|x| x as i64);
+        vec![
+            ints("kernel_shape", &as_i64(self.kernel)),
+            ints("strides", &as_i64(self.stride)),
+            ints("pads", &[ph, pw, ph, pw]),
+            ints("dilations", &as_i64(self.dilation)),
+            int("group", self.groups as i64),
+        ]
+    }
 }
 
 fn regular_conv(graph: &mut GraphBuilder, name: &str, x: &str, c: &Conv2d) -> Result<String> {
+    let (_, _, kh, kw) = c.kernel_dims();
+    let settings = ConvSettings::conv2d(kh, kw, c.stride, c.padding, c.dilation, c.groups);
     let w = graph.initializer(&format!("{name}.weight"), c.weight.dims(), &values_f32(&c.weight)?);
-    let b = graph.initializer(&format!("{name}.bias"), c.bias.dims(), &values_f32(&c.bias)?);
+    regular_conv_nodes(graph, name, x, &w, &c.bias, &c.pad_value, settings)
+}
+
+/// Adds a 1-D convolution over rows as a 2-D `Conv` with a `[1, k]` kernel.
+fn regular_conv1d(graph: &mut GraphBuilder, name: &str, x: &str, c: &Conv1d) -> Result<String> {
+    let (out, group_channels, k) = c.kernel_dims();
+    let settings = ConvSettings::conv1d(k, c.stride, c.padding, c.dilation, c.groups);
+    let w = graph.initializer(&format!("{name}.weight"), &[out, group_channels, 1, k], &values_f32(&c.weight)?);
+    regular_conv_nodes(graph, name, x, &w, &c.bias, &c.pad_value, settings)
+}
+
+/// Adds the `Conv` with initializer `weight`, padding `x` with
+/// `pad_values` (one value, or empty for zeros) first.
+fn regular_conv_nodes(
+    graph: &mut GraphBuilder,
+    name: &str,
+    x: &str,
+    weight: &str,
+    bias: &Tensor,
+    pad_values: &[f64],
+    settings: ConvSettings,
+) -> Result<String> {
+    let b = graph.initializer(&format!("{name}.bias"), bias.dims(), &values_f32(bias)?);
     let mut input = x.to_string();
-    let mut padding = c.padding;
-    let pad_value = c.pad_value.first().copied().unwrap_or(0.0);
-    if c.padding > 0 && c.pad_value.iter().any(|&v| v != pad_value) {
+    let pad_value = pad_values.first().copied().unwrap_or(0.0);
+    let padded = settings.padding != [0, 0];
+    if padded && pad_values.iter().any(|&v| v != pad_value) {
         return Err(Error::interop(
             name,
             "the convolution pads each input channel with its own value (from a folded batch \
@@ -194,30 +255,18 @@ fn regular_conv(graph: &mut GraphBuilder, name: &str, x: &str, c: &Conv2d) -> Re
              folding, that is the regular model with its batch normalisation",
         ));
     }
-    if c.padding > 0 && pad_value != 0.0 {
-        input = pad_node(graph, &format!("{name}/pad"), x, c.padding, pad_value);
-        padding = 0;
+    let zero_padded = pad_value == 0.0;
+    if padded && !zero_padded {
+        input = pad_node(graph, &format!("{name}/pad"), x, settings.padding, pad_value);
     }
-    let (_, _, kh, kw) = c.kernel_dims();
-    Ok(graph.node("Conv", &format!("{name}/conv"), &[&input, &w, &b], conv_attributes(kh, kw, c.stride, padding, c.dilation, c.groups)))
+    Ok(graph.node("Conv", &format!("{name}/conv"), &[&input, weight, &b], settings.attributes(zero_padded)))
 }
 
-fn conv_attributes(kh: usize, kw: usize, stride: usize, padding: usize, dilation: usize, groups: usize) -> Vec<super::proto::AttributeProto> {
-    let p = padding as i64;
-    vec![
-        ints("kernel_shape", &[kh as i64, kw as i64]),
-        ints("strides", &[stride as i64; 2]),
-        ints("pads", &[p, p, p, p]),
-        ints("dilations", &[dilation as i64; 2]),
-        int("group", groups as i64),
-    ]
-}
-
-/// Adds a `Pad` node padding the two spatial dimensions of `x` by
-/// `padding` on every side with `value`.
-fn pad_node(graph: &mut GraphBuilder, name: &str, x: &str, padding: usize, value: f64) -> String {
-    let p = padding as i64;
-    let pads = graph.tensor(int64_tensor(&format!("{name}.pads"), &[0, 0, p, p, 0, 0, p, p]));
+/// Adds a `Pad` node padding `x` by `[height, width]` samples at both ends
+/// of each spatial dimension with `value`.
+fn pad_node(graph: &mut GraphBuilder, name: &str, x: &str, [ph, pw]: [usize; 2], value: f64) -> String {
+    let (ph, pw) = (ph as i64, pw as i64);
+    let pads = graph.tensor(int64_tensor(&format!("{name}.pads"), &[0, 0, ph, pw, 0, 0, ph, pw]));
     let constant = graph.scalar(&format!("{name}.value"), value);
     graph.node("Pad", name, &[x, &pads, &constant], vec![])
 }
@@ -273,7 +322,7 @@ fn dropout_node(graph: &mut GraphBuilder, name: &str, x: &str, p: f64) -> String
 
 /// Adds the nodes of `activation` applied to `x`, the photonic responses
 /// as their elementwise formulas.
-fn activation_nodes(graph: &mut GraphBuilder, name: &str, x: &str, activation: &Activation) -> Result<String> {
+pub(super) fn activation_nodes(graph: &mut GraphBuilder, name: &str, x: &str, activation: &Activation) -> Result<String> {
     Ok(match *activation {
         Activation::Relu => graph.node("Relu", &format!("{name}/relu"), &[x], vec![]),
         Activation::Tanh => graph.node("Tanh", &format!("{name}/tanh"), &[x], vec![]),
@@ -354,7 +403,7 @@ fn nonneg_chain(
             NonnegLayer::AvgPool2d(p) => pool_node(graph, "AveragePool", &name, &v, p),
             NonnegLayer::MaxPool2d(p) => pool_node(graph, "MaxPool", &name, &v, p),
             NonnegLayer::PaddedAvgPool2d { pool, pad } => {
-                let padded = padded_signal(graph, &format!("{name}/pad"), &v, pool.padding, pad, &shape);
+                let padded = padded_signal(graph, &format!("{name}/pad"), &v, [pool.padding; 2], pad, &shape);
                 pool_node(graph, "AveragePool", &name, &padded, &Pool::new(pool.kernel, pool.stride))
             }
             NonnegLayer::Flatten => graph.node("Flatten", &format!("{name}/flatten"), &[&v], vec![int("axis", 1)]),
@@ -366,7 +415,7 @@ fn nonneg_chain(
             NonnegLayer::GlobalAvgPool => global_pool(graph, &name, &v),
             NonnegLayer::AdaptiveAvgPool2d(size) => adaptive_pool(graph, &name, &v, &shape, *size)?,
             NonnegLayer::Dropout(p) => dropout_node(graph, &name, &v, *p),
-            NonnegLayer::Elman(_) => return Err(unsupported_elman(&name)),
+            NonnegLayer::Elman(e) => super::export_elman::nonneg_elman(graph, &name, &v, e, &shape)?,
         };
         shape = next;
     }
@@ -384,22 +433,24 @@ fn nonneg_output_shape(network: &NonnegNetwork, layer: &NonnegLayer, shape: &[us
 }
 
 /// Pads the spatial dimensions of the physical signal `v` (one sample
-/// `shape = [channels, h, w]`) with `values`, one or one per channel.
+/// `shape = [channels, h, w]`) by `[height, width]` samples at both ends
+/// with `values`, one or one per channel.
 ///
 /// ONNX's `Pad` takes one value, so distinct per-channel values are added
 /// after zero padding as a constant border image that is 0 inside.
-fn padded_signal(graph: &mut GraphBuilder, name: &str, v: &str, padding: usize, values: &[f64], shape: &[usize]) -> String {
+fn padded_signal(graph: &mut GraphBuilder, name: &str, v: &str, padding: [usize; 2], values: &[f64], shape: &[usize]) -> String {
     let first = values.first().copied().unwrap_or(0.0);
     if values.iter().all(|&x| x == first) {
         return pad_node(graph, name, v, padding, first);
     }
     let zero_padded = pad_node(graph, name, v, padding, 0.0);
-    let (c, h, w) = (shape[0], shape[1] + 2 * padding, shape[2] + 2 * padding);
+    let [ph, pw] = padding;
+    let (c, h, w) = (shape[0], shape[1] + 2 * ph, shape[2] + 2 * pw);
     let mut border = vec![0f32; c * h * w];
     for (channel, value) in values.iter().enumerate().take(c) {
         for row in 0..h {
             for col in 0..w {
-                let inside = (padding..h - padding).contains(&row) && (padding..w - padding).contains(&col);
+                let inside = (ph..h - ph).contains(&row) && (pw..w - pw).contains(&col);
                 if !inside {
                     border[(channel * h + row) * w + col] = *value as f32;
                 }
@@ -410,60 +461,92 @@ fn padded_signal(graph: &mut GraphBuilder, name: &str, v: &str, padding: usize, 
     graph.node("Add", &format!("{name}_border"), &[&zero_padded, &border], vec![])
 }
 
+/// The initializer names of a non-negative affine layer.
+pub(super) struct AffineInitializers {
+    alpha: String,
+    positive: String,
+    negative: String,
+    bias: String,
+}
+
+/// Adds the initializers `{name}.alpha`, `.positive`, `.negative` and
+/// `.bias` of `a`, whose input has one-sample rank `rank`. A conv1d
+/// kernel `[out, in / groups, k]` is written as `[out, in / groups, 1, k]`.
+pub(super) fn affine_initializers(graph: &mut GraphBuilder, name: &str, a: &NonnegAffine, rank: usize) -> Result<AffineInitializers> {
+    let alpha = channel_constant(graph, &format!("{name}.alpha"), &a.alpha, rank);
+    let mut dims = a.positive.dims().to_vec();
+    if matches!(a.op, AffineOp::Conv1d { .. }) {
+        dims.insert(2, 1);
+    }
+    let positive = graph.initializer(&format!("{name}.positive"), &dims, &values_f32(&a.positive)?);
+    let negative = graph.initializer(&format!("{name}.negative"), &dims, &values_f32(&a.negative)?);
+    let out = a.bias.dims()[0];
+    let bias_dims = if a.op == AffineOp::Linear { vec![out] } else { vec![out, 1, 1] };
+    let bias = graph.initializer(&format!("{name}.bias"), &bias_dims, &values_f32(&a.bias)?);
+    Ok(AffineInitializers { alpha, positive, negative, bias })
+}
+
 /// Adds the nodes of `z' = P u + N (alpha - u) + bias`.
 fn nonneg_affine(graph: &mut GraphBuilder, name: &str, u: &str, a: &NonnegAffine, shape: &[usize]) -> Result<String> {
-    let rank = shape.len();
-    let alpha = channel_constant(graph, &format!("{name}.alpha"), &a.alpha, rank);
-    let complement = graph.node("Sub", &format!("{name}/complement"), &[&alpha, u], vec![]);
+    let initializers = affine_initializers(graph, name, a, shape.len())?;
+    affine_nodes(graph, name, u, a, &initializers, shape)
+}
+
+/// Adds the nodes `{name}/complement` to `{name}/bias` of the affine layer
+/// `a` reading `u`, with its parameters in `initializers`.
+pub(super) fn affine_nodes(
+    graph: &mut GraphBuilder,
+    name: &str,
+    u: &str,
+    a: &NonnegAffine,
+    initializers: &AffineInitializers,
+    shape: &[usize],
+) -> Result<String> {
+    let AffineInitializers { alpha, positive, negative, bias } = initializers;
+    let complement = graph.node("Sub", &format!("{name}/complement"), &[alpha, u], vec![]);
     // The port's output is alpha - u >= 0; rounding at u = alpha can give
     // -1 ulp, which this removes, as isonn's forward pass does.
     let complement = graph.node("Relu", &format!("{name}/complement_floor"), &[&complement], vec![]);
 
-    let positive = graph.initializer(&format!("{name}.positive"), a.positive.dims(), &values_f32(&a.positive)?);
-    let negative = graph.initializer(&format!("{name}.negative"), a.negative.dims(), &values_f32(&a.negative)?);
-    let out = a.bias.dims()[0];
-    let (signal, complement, bias_dims) = match a.op {
-        AffineOp::Linear => {
-            let transposed = vec![int("transB", 1)];
-            let signal = graph.node("Gemm", &format!("{name}/signal_weights"), &[u, &positive], transposed.clone());
-            let complement = graph.node("Gemm", &format!("{name}/complement_weights"), &[&complement, &negative], transposed);
-            (signal, complement, vec![out])
-        }
-        AffineOp::Conv2d {
-            stride,
-            padding,
-            dilation,
-            groups,
-        } => {
-            let (mut u_in, mut complement_in) = (u.to_string(), complement);
-            if padding > 0 {
-                let (signal_pad, complement_pad) = a.pad_values();
-                u_in = padded_signal(graph, &format!("{name}/signal_pad"), u, padding, &signal_pad, shape);
-                complement_in = padded_signal(graph, &format!("{name}/complement_pad"), &complement_in, padding, &complement_pad, shape);
-            }
+    let settings = match a.op {
+        AffineOp::Linear => None,
+        AffineOp::Conv2d { stride, padding, dilation, groups } => {
             let (_, _, kh, kw) = a.positive.dims4()?;
-            let attributes = conv_attributes(kh, kw, stride, 0, dilation, groups);
-            let signal = graph.node("Conv", &format!("{name}/signal_weights"), &[&u_in, &positive], attributes.clone());
-            let complement = graph.node("Conv", &format!("{name}/complement_weights"), &[&complement_in, &negative], attributes);
-            (signal, complement, vec![out, 1, 1])
+            Some(ConvSettings::conv2d(kh, kw, stride, padding, dilation, groups))
         }
-        AffineOp::Conv1d { .. } => {
-            return Err(Error::interop(
-                name,
-                "conv1d layers are not exported to ONNX yet; the layers this export writes are \
-                 listed in docs/INTEROP.md",
-            ))
+        AffineOp::Conv1d { stride, padding, dilation, groups } => {
+            let (_, _, k) = a.positive.dims3()?;
+            Some(ConvSettings::conv1d(k, stride, padding, dilation, groups))
+        }
+    };
+    let (signal, complement) = match settings {
+        None => {
+            let transposed = vec![int("transB", 1)];
+            let signal = graph.node("Gemm", &format!("{name}/signal_weights"), &[u, positive], transposed.clone());
+            let complement = graph.node("Gemm", &format!("{name}/complement_weights"), &[&complement, negative], transposed);
+            (signal, complement)
+        }
+        Some(settings) => {
+            let (mut u_in, mut complement_in) = (u.to_string(), complement);
+            if settings.padding != [0, 0] {
+                let (signal_pad, complement_pad) = a.pad_values();
+                u_in = padded_signal(graph, &format!("{name}/signal_pad"), u, settings.padding, &signal_pad, shape);
+                complement_in = padded_signal(graph, &format!("{name}/complement_pad"), &complement_in, settings.padding, &complement_pad, shape);
+            }
+            let attributes = settings.attributes(false);
+            let signal = graph.node("Conv", &format!("{name}/signal_weights"), &[&u_in, positive], attributes.clone());
+            let complement = graph.node("Conv", &format!("{name}/complement_weights"), &[&complement_in, negative], attributes);
+            (signal, complement)
         }
     };
 
     let detector = graph.node("Add", &format!("{name}/detector"), &[&signal, &complement], vec![]);
-    let bias = graph.initializer(&format!("{name}.bias"), &bias_dims, &values_f32(&a.bias)?);
-    Ok(graph.node("Add", &format!("{name}/bias"), &[&detector, &bias], vec![]))
+    Ok(graph.node("Add", &format!("{name}/bias"), &[&detector, bias], vec![]))
 }
 
 /// Adds the activation device `f(v + input_offset) - output_offset`,
 /// clamped to the activation's output bounds as isonn's forward pass does.
-fn nonneg_activation(graph: &mut GraphBuilder, name: &str, v: &str, a: &NonnegActivation) -> Result<String> {
+pub(super) fn nonneg_activation(graph: &mut GraphBuilder, name: &str, v: &str, a: &NonnegActivation) -> Result<String> {
     let shifted = offset_node(graph, &format!("{name}/shift"), v, -a.input_offset);
     let mut y = activation_nodes(graph, name, &shifted, &a.activation)?;
     if let Some((lo, hi)) = a.activation.output_bounds() {

@@ -14,7 +14,9 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+use super::constant_ops::{fold, FoldAttributes, FOLDED_OPS};
 use super::elementwise::{recognise, Expr, BINARY_OPS, UNARY_OPS};
+use super::pad::symmetric_spatial_padding;
 use super::proto::{attribute_proto::AttributeType, tensor_shape_proto::dimension, type_proto, AttributeProto, ModelProto, NodeProto};
 use super::tensor::{decode_tensor, TensorData};
 use crate::error::{Error, Result};
@@ -22,10 +24,12 @@ use crate::model::{BatchNorm, Conv2d, Layer, Linear, Network, Pool, Range, Resid
 
 /// The operators isonn imports, for error messages.
 pub const SUPPORTED_OPS: &str = "Gemm, MatMul + Add, Conv, BatchNormalization, Relu, Clip, Tanh, \
-     the photonic activations as their elementwise formulas (Sub, Add, Mul, Div, Pow, Sin, Exp, \
-     Sigmoid, Reciprocal, Min, Max, Neg with constant operands), AveragePool, MaxPool, \
+     the photonic activations and GELU as their elementwise formulas (Sub, Add, Mul, Div, Pow, Sin, \
+     Exp, Erf, Sigmoid, Reciprocal, Min, Max, Neg with constant operands), Gelu (exact form), AveragePool, MaxPool, \
      GlobalAveragePool, ReduceMean over height and width, Flatten, Reshape that flattens, Add of two branches (residual), Dropout, \
-     Identity, Constant, and a final Softmax or LogSoftmax";
+     Identity, Constant, Pad (constant, the same on all spatial sides, directly before a Conv or \
+     AveragePool), ConstantOfShape, Concat, Reshape, Slice, Transpose and Cast on constants, and a \
+     final Softmax or LogSoftmax";
 
 /// An imported network and what isonn keeps of the graph beyond it.
 #[derive(Debug, Clone)]
@@ -52,6 +56,19 @@ enum Value {
     Signal(usize),
     /// An expression of a signal, with the names of its nodes.
     Expr(usize, Expr, Vec<String>),
+    /// A signal padded by a `Pad` node, waiting for the convolution or
+    /// pool that reads it to take the padding over.
+    Padded(PendingPad),
+}
+
+/// A constant `Pad` of a signal on all four spatial sides.
+#[derive(Clone)]
+struct PendingPad {
+    signal: usize,
+    padding: usize,
+    value: f64,
+    /// The name of the `Pad` node, for errors.
+    node: String,
 }
 
 struct Importer<'a> {
@@ -120,6 +137,7 @@ pub fn import_model(model: &ModelProto, path: &Path, input_ranges: &[Range]) -> 
         Some(Value::Signal(id)) => id,
         Some(Value::Expr(base, expr, nodes)) => importer.materialise(base, expr, &nodes)?,
         Some(Value::Constant(_)) => return Err(Error::interop(&location, "the graph output is a constant")),
+        Some(Value::Padded(pad)) => return Err(Error::interop(&location, unfolded_pad_message(&pad))),
         None => return Err(Error::interop(&location, format!("no node produces the graph output {output_name}"))),
     };
 
@@ -156,6 +174,14 @@ fn float_attribute(node: &NodeProto, name: &str, default: f64) -> f64 {
 
 fn ints_attribute(node: &NodeProto, name: &str) -> Option<Vec<i64>> {
     attribute(node, name).map(|a| a.ints.clone())
+}
+
+fn unfolded_pad_message(pad: &PendingPad) -> String {
+    format!(
+        "reads the output of Pad node {}; isonn imports a Pad only directly before the Conv, \
+         AveragePool or MaxPool that it pads, folded into that layer's padding",
+        pad.node
+    )
 }
 
 fn to_tensor(data: &TensorData, dims: &[usize]) -> Result<Tensor> {
@@ -335,7 +361,16 @@ impl Importer<'_> {
                 Ok(id)
             }
             Value::Constant(_) => Err(self.node_error(node, format!("input {i} ({name}) is a constant; it must be computed from the graph input"))),
+            Value::Padded(pad) => Err(self.node_error(node, unfolded_pad_message(pad))),
         }
+    }
+
+    /// Returns input 0 as a signal and the `Pad` that produced it, if any.
+    fn padded_signal(&mut self, node: &NodeProto) -> Result<(usize, Option<PendingPad>)> {
+        if let Value::Padded(pad) = self.value(node, 0)? {
+            return Ok((pad.signal, Some(pad.clone())));
+        }
+        Ok((self.signal(node, 0)?, None))
     }
 
     fn materialise(&mut self, base: usize, expr: Expr, nodes: &[String]) -> Result<usize> {
@@ -345,8 +380,8 @@ impl Importer<'_> {
                 &location,
                 format!(
                     "the elementwise formula ({}) matches none of isonn's activations: \
-                     photonic-sigmoid, photonic-sinusoidal, relu, relu-n (Clip or Relu then Min) \
-                     and tanh; a plain Sigmoid is not one of them",
+                     photonic-sigmoid, photonic-sinusoidal, relu, relu-n (Clip or Relu then Min), \
+                     tanh, gelu and gelu-n (GELU then Clip or Min); a plain Sigmoid is not one of them",
                     expr.ops().join(", ")
                 ),
             )
@@ -373,8 +408,15 @@ impl Importer<'_> {
         if !(domain.is_empty() || domain == "ai.onnx") {
             return Err(self.node_error(node, format!("operator domain {domain} is not supported; isonn imports {SUPPORTED_OPS}")));
         }
+        if FOLDED_OPS.contains(&op) {
+            if let Some(folded) = self.fold_constants(node)? {
+                self.set_output(node, Value::Constant(folded));
+                return Ok(());
+            }
+        }
         let value = match op {
             "Constant" => Value::Constant(self.constant_node(node)?),
+            "Pad" => Value::Padded(self.pad(node)?),
             "Identity" => match self.value(node, 0)? {
                 Value::Constant(t) => Value::Constant(t.clone()),
                 _ => Value::Signal(self.signal(node, 0)?),
@@ -408,6 +450,20 @@ impl Importer<'_> {
             "Add" if self.is_residual_add(node) => Value::Signal(self.residual(node)?),
             "Add" if self.is_bias_add(node)? => Value::Signal(self.bias_add(node)?),
             "Clip" => self.clip(node)?,
+            "Gelu" => {
+                let approximate = attribute(node, "approximate").and_then(|a| a.s.clone()).unwrap_or_default();
+                if !(approximate.is_empty() || approximate == b"none") {
+                    return Err(self.node_error(
+                        node,
+                        format!(
+                            "Gelu with approximate={} is not supported; isonn's gelu is the exact \
+                             erf form, so export nn.GELU() without approximate='tanh'",
+                            String::from_utf8_lossy(&approximate)
+                        ),
+                    ));
+                }
+                self.elementwise(node)?
+            }
             op if UNARY_OPS.contains(&op) || BINARY_OPS.contains(&op) => self.elementwise(node)?,
             _ => {
                 return Err(self.node_error(node, format!("unsupported operator {op}; isonn imports {SUPPORTED_OPS}")));
@@ -433,6 +489,85 @@ impl Importer<'_> {
             (Some("value_ints"), _) => Ok(TensorData { dims: vec![a.ints.len()], values: a.ints.iter().map(|&v| v as f64).collect() }),
             (name, _) => Err(self.node_error(node, format!("Constant attribute {name:?} is not supported; use value, value_float(s) or value_int(s)"))),
         }
+    }
+
+    /// Evaluates a shape operator whose inputs are all constants; returns
+    /// `None` when one of them is computed from the graph input.
+    fn fold_constants(&self, node: &NodeProto) -> Result<Option<TensorData>> {
+        let mut inputs = Vec::new();
+        for (i, name) in node.input.iter().enumerate() {
+            if name.is_empty() {
+                inputs.push(None);
+                continue;
+            }
+            match self.value(node, i)? {
+                Value::Constant(t) => inputs.push(Some(t)),
+                _ => return Ok(None),
+            }
+        }
+        let fill = match attribute(node, "value").and_then(|a| a.t.as_ref()) {
+            Some(t) => decode_tensor(t).map_err(|m| self.node_error(node, m))?.values.first().copied().unwrap_or(0.0),
+            None => 0.0,
+        };
+        // ONNX's integer and boolean types: uint8 to int64, bool, uint32, uint64.
+        let to = int_attribute(node, "to", 1);
+        let attributes = FoldAttributes {
+            axis: int_attribute(node, "axis", 0),
+            perm: ints_attribute(node, "perm").unwrap_or_default(),
+            fill,
+            cast_to_integer: matches!(to, 2..=7 | 9 | 12 | 13),
+        };
+        let op = node.op_type.as_deref().unwrap_or("");
+        fold(op, &inputs, &attributes).map(Some).map_err(|m| self.node_error(node, format!("on constants: {m}")))
+    }
+
+    /// Returns a layer's own padding plus that of the `Pad` before it.
+    fn folded_padding(&self, node: &NodeProto, own: usize, pad: &PendingPad) -> Result<usize> {
+        const LIMIT: usize = 1 << 16;
+        match own.checked_add(pad.padding) {
+            Some(total) if total <= LIMIT => Ok(total),
+            _ => Err(self.node_error(
+                node,
+                format!("its padding {own} plus {} from Pad node {} is more than {LIMIT}", pad.padding, pad.node),
+            )),
+        }
+    }
+
+    /// Reads a constant `Pad` of the spatial axes, which the convolution
+    /// or pool reading it takes over.
+    fn pad(&mut self, node: &NodeProto) -> Result<PendingPad> {
+        let mode = attribute(node, "mode").and_then(|a| a.s.clone()).unwrap_or_default();
+        if !(mode.is_empty() || mode == b"constant") {
+            return Err(self.node_error(
+                node,
+                format!("mode {} is not supported; isonn imports constant padding only", String::from_utf8_lossy(&mode)),
+            ));
+        }
+        let (pads, value) = match self.optional_constant(node, 1)? {
+            Some(t) => (t.values.iter().map(|&v| v as i64).collect(), None),
+            // Opsets before 11 give the amounts and value as attributes.
+            None => (ints_attribute(node, "pads").unwrap_or_default(), attribute(node, "value").and_then(|a| a.f)),
+        };
+        let value = match self.optional_constant(node, 2)? {
+            Some(t) if t.values.len() == 1 => t.values[0],
+            Some(t) => return Err(self.node_error(node, format!("constant_value has shape {:?}; expected a scalar", t.dims))),
+            None => value.map_or(0.0, f64::from),
+        };
+        let axes: Option<Vec<i64>> = self.optional_constant(node, 3)?.map(|t| t.values.iter().map(|&v| v as i64).collect());
+        let signal = self.signal(node, 0)?;
+        if self.signals[signal].shape.len() != 3 {
+            return Err(self.node_error(
+                node,
+                format!("pads a signal of shape {:?}; isonn pads only [channels, height, width] images", self.signals[signal].shape),
+            ));
+        }
+        let padding = symmetric_spatial_padding(&pads, axes.as_deref()).map_err(|m| self.node_error(node, m))?;
+        Ok(PendingPad {
+            signal,
+            padding,
+            value,
+            node: node.name.clone().unwrap_or_else(|| "(unnamed)".into()),
+        })
     }
 
     fn gemm(&mut self, node: &NodeProto) -> Result<usize> {
@@ -517,7 +652,7 @@ impl Importer<'_> {
     }
 
     fn conv(&mut self, node: &NodeProto) -> Result<usize> {
-        let x = self.signal(node, 0)?;
+        let (x, pad) = self.padded_signal(node)?;
         let w = self.constant(node, 1)?.clone();
         let [out, _, kh, kw] = w.dims[..] else {
             return Err(self.node_error(node, format!("weight has shape {:?}; isonn imports 2-D convolutions", w.dims)));
@@ -531,7 +666,24 @@ impl Importer<'_> {
         self.check_auto_pad(node)?;
         let stride = self.uniform(node, "strides", 1)?;
         let dilation = self.uniform(node, "dilations", 1)?;
-        let padding = self.uniform(node, "pads", 0)?;
+        let mut padding = self.uniform(node, "pads", 0)?;
+        let mut pad_value = Vec::new();
+        if let Some(pad) = pad {
+            if pad.value != 0.0 && padding > 0 {
+                return Err(self.node_error(
+                    node,
+                    format!(
+                        "reads Pad node {} (value {}) and pads by {padding} itself with zeros; \
+                         isonn pads a convolution with one value, so use one of the two paddings",
+                        pad.node, pad.value
+                    ),
+                ));
+            }
+            padding = self.folded_padding(node, padding, &pad)?;
+            if pad.value != 0.0 {
+                pad_value = vec![pad.value];
+            }
+        }
         if let Some(k) = ints_attribute(node, "kernel_shape") {
             if k != [kh as i64, kw as i64] {
                 return Err(self.node_error(node, format!("kernel_shape {k:?} does not match the weight's {kh}x{kw}")));
@@ -546,7 +698,7 @@ impl Importer<'_> {
             padding,
             dilation,
             groups,
-            pad_value: Vec::new(),
+            pad_value,
         });
         self.push(node, x, layer)
     }
@@ -600,7 +752,7 @@ impl Importer<'_> {
 
     fn pool(&mut self, node: &NodeProto) -> Result<usize> {
         let op = node.op_type.as_deref().unwrap_or("");
-        let x = self.signal(node, 0)?;
+        let (x, pad) = self.padded_signal(node)?;
         self.check_auto_pad(node)?;
         if int_attribute(node, "ceil_mode", 0) != 0 {
             return Err(self.node_error(node, "ceil_mode=1 is not supported; use ceil_mode=False"));
@@ -618,6 +770,21 @@ impl Importer<'_> {
                  padding in the average, as PyTorch's AvgPool2d does by default",
             ));
         }
+        let padding = match pad {
+            None => padding,
+            Some(pad) if op == "AveragePool" && pad.value == 0.0 => self.folded_padding(node, padding, &pad)?,
+            Some(pad) => {
+                let reason = if op == "MaxPool" {
+                    "MaxPool pads with -infinity, so a constant Pad before it computes something else"
+                } else {
+                    "isonn's average pool pads with zeros only"
+                };
+                return Err(self.node_error(
+                    node,
+                    format!("reads Pad node {} (value {}), which cannot be folded into it: {reason}", pad.node, pad.value),
+                ));
+            }
+        };
         let pool = Pool { kernel, stride, padding };
         let layer = if op == "MaxPool" { Layer::MaxPool2d(pool) } else { Layer::AvgPool2d(pool) };
         self.push(node, x, layer)
@@ -666,9 +833,14 @@ impl Importer<'_> {
             _ => false,
         };
         if !flattens {
+            let target: Vec<i64> = target.iter().map(|&v| v as i64).collect();
             return Err(self.node_error(
                 node,
-                format!("Reshape to {target:?} does not flatten the {:?} signal; isonn imports only a Reshape to [batch, -1]", self.signals[x].shape),
+                format!(
+                    "Reshape to {target:?} does not flatten the [batch, {}] signal; isonn imports \
+                     only a Reshape to [batch, -1], because no isonn layer regroups the values of a signal",
+                    self.signals[x].shape.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
+                ),
             ));
         }
         self.flatten(node)
@@ -706,6 +878,7 @@ impl Importer<'_> {
             Value::Signal(id) => (Some(*id), Expr::Input, Vec::new()),
             Value::Expr(id, e, nodes) => (Some(*id), e.clone(), nodes.clone()),
             Value::Constant(t) if t.values.len() == 1 => (None, Expr::Constant(t.values[0]), Vec::new()),
+            Value::Padded(pad) => return Err(self.node_error(node, unfolded_pad_message(pad))),
             Value::Constant(t) => {
                 return Err(self.node_error(
                     node,

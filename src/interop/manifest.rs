@@ -5,6 +5,7 @@
 //! Exported with [`DeviceSettings`], the manifest also carries the device
 //! mapping of `src/hardware` in its optional `mapping` section.
 
+mod layers;
 mod mapping;
 
 use std::collections::HashMap;
@@ -22,8 +23,11 @@ pub use mapping::{DeviceSettings, ManifestLayerMapping, ManifestMapping, ReadMap
 
 /// The `format` tag of `manifest.json`.
 pub const MANIFEST_FORMAT: &str = "isonn-hardware-manifest";
-/// The schema version this build writes and reads.
-pub const MANIFEST_VERSION: u32 = 1;
+/// The newest schema version, which this build writes for a network with
+/// a residual block, an Elman cell or a conv1d layer. A plain chain of the
+/// other layers is written as version 1, which older readers accept, and
+/// both versions are read.
+pub const MANIFEST_VERSION: u32 = 2;
 /// File name of the description.
 pub const MANIFEST_JSON: &str = "manifest.json";
 /// File name of the tensors.
@@ -40,7 +44,7 @@ pub const ROUTE_COMPLEMENT: u8 = 2;
 pub struct Manifest {
     /// Always [`MANIFEST_FORMAT`].
     pub format: String,
-    /// Always [`MANIFEST_VERSION`].
+    /// 1, or 2 when a layer needs it ([`ManifestLayer::min_version`]).
     pub schema_version: u32,
     /// The true input and its modulators.
     pub input: ManifestInput,
@@ -156,6 +160,108 @@ pub enum ManifestLayer {
         /// Drop probability in training.
         p: f64,
     },
+    /// `z' = P * u + N * (alpha - u) + bias`, a 1-D convolution over each
+    /// row (schema version 2).
+    Conv1d {
+        /// Tensor-name prefix.
+        name: String,
+        /// Kernel size along the row.
+        kernel: usize,
+        /// Step between output positions.
+        stride: usize,
+        /// Samples added at both ends of each row.
+        padding: usize,
+        /// Spacing between kernel taps.
+        dilation: usize,
+        /// Channel groups.
+        groups: usize,
+        /// True padding value, one or one per input channel; empty for 0.
+        pad: Vec<f64>,
+        /// The affine parameters.
+        #[serde(flatten)]
+        affine: AffineSpec,
+    },
+    /// A residual block: the physical outputs of two branches reading the
+    /// same signal, added (schema version 2).
+    Residual {
+        /// The main branch.
+        main: Vec<ManifestLayer>,
+        /// The shortcut; empty for the identity.
+        shortcut: Vec<ManifestLayer>,
+    },
+    /// An Elman cell (schema version 2). Each step the affine layer `name`
+    /// reads `[u_t; v]`, the step's `features` physical inputs and the
+    /// `hidden` physical state values, and the `state` device turns `z'`
+    /// into the next state. The state starts at `initial_state`.
+    Elman {
+        /// Tensor-name prefix of the affine layer, `[hidden, features + hidden]`.
+        name: String,
+        /// Inputs per step, `channels * width` of a `[channels, steps, width]` sample.
+        features: usize,
+        /// Size of the state.
+        hidden: usize,
+        /// Physical value of the initial state `h_0 = 0`.
+        initial_state: f64,
+        /// The activation device that produces the state.
+        state: ActivationSpec,
+        /// The affine parameters, `lo` and `alpha` one or one per input.
+        #[serde(flatten)]
+        affine: AffineSpec,
+    },
+}
+
+impl ManifestLayer {
+    /// Returns the oldest schema version that has this layer (and every
+    /// layer inside it).
+    pub fn min_version(&self) -> u32 {
+        match self {
+            ManifestLayer::Conv1d { .. } | ManifestLayer::Residual { .. } | ManifestLayer::Elman { .. } => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// An activation device inside an Elman cell: emits
+/// `f(v + input_offset) - output_offset`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActivationSpec {
+    /// The response and its parameters.
+    pub activation: Activation,
+    /// Added to the physical input: minus the shift of the affine layer.
+    pub input_offset: f64,
+    /// Subtracted from the response.
+    pub output_offset: f64,
+    /// Range of the physical output; `None` for an unbounded response.
+    pub output_range: Option<SignalRange>,
+}
+
+impl ActivationSpec {
+    fn new(a: &NonnegActivation) -> Self {
+        let output_range = a.activation.output_bounds().map(|(lo, hi)| SignalRange {
+            lo: lo - a.output_offset,
+            hi: hi - a.output_offset,
+        });
+        ActivationSpec {
+            activation: a.activation.clone(),
+            input_offset: a.input_offset,
+            output_offset: a.output_offset,
+            output_range,
+        }
+    }
+
+    /// Checks the activation and offsets and returns the device.
+    pub(super) fn read(&self) -> std::result::Result<NonnegActivation, String> {
+        self.activation.validate()?;
+        if !(self.input_offset.is_finite() && self.output_offset.is_finite()) {
+            return Err("input_offset and output_offset must be finite".into());
+        }
+        Ok(NonnegActivation {
+            activation: self.activation.clone(),
+            input_offset: self.input_offset,
+            output_offset: self.output_offset,
+        })
+    }
 }
 
 /// The settings of a non-negative affine layer.
@@ -176,28 +282,42 @@ pub struct AffineSpec {
 }
 
 /// Builds the manifest of `network` and its named tensors, with the
-/// mapping section when `settings` is given. Only chains of layers are
-/// written; a residual block or an Elman cell is an error.
+/// mapping section when `settings` is given. The mapping section covers
+/// chains of layers only, so `settings` with a residual block or an Elman
+/// cell is an error.
 pub fn build_manifest(
     network: &NonnegNetwork,
     settings: Option<&DeviceSettings>,
 ) -> Result<(Manifest, Vec<(String, Tensor)>)> {
     let mut tensors = Vec::new();
-    let mut layers = Vec::new();
-    for (i, layer) in network.layers.iter().enumerate() {
-        let name = format!("layers.{i}");
-        layers.push(match layer {
-            NonnegLayer::Affine(a) => affine_layer(&name, a, &mut tensors)?,
+    let layers = build_layers(&network.layers, "layers.", &mut tensors)?;
+    let schema_version = layers.iter().map(ManifestLayer::min_version).max().unwrap_or(1);
+    let ranges = if network.channel_ranges.is_empty() { vec![network.input_range] } else { network.channel_ranges.clone() };
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT.into(),
+        schema_version,
+        input: ManifestInput { shape: network.input_shape.clone(), ranges },
+        layers,
+        output_offset: network.output_offset,
+        mapping: settings.map(|s| mapping::build_mapping(network, s, &mut tensors)).transpose()?,
+    };
+    Ok((manifest, tensors))
+}
+
+/// Builds the manifest layers of `layers`, named `{prefix}{index}`.
+fn build_layers(layers: &[NonnegLayer], prefix: &str, tensors: &mut Vec<(String, Tensor)>) -> Result<Vec<ManifestLayer>> {
+    let mut out = Vec::with_capacity(layers.len());
+    for (i, layer) in layers.iter().enumerate() {
+        let name = format!("{prefix}{i}");
+        out.push(match layer {
+            NonnegLayer::Affine(a) => affine_layer(&name, a, tensors)?,
             NonnegLayer::Activation(a) => {
-                let output_range = a.activation.output_bounds().map(|(lo, hi)| SignalRange {
-                    lo: lo - a.output_offset,
-                    hi: hi - a.output_offset,
-                });
+                let spec = ActivationSpec::new(a);
                 ManifestLayer::Activation {
-                    activation: a.activation.clone(),
-                    input_offset: a.input_offset,
-                    output_offset: a.output_offset,
-                    output_range,
+                    activation: spec.activation,
+                    input_offset: spec.input_offset,
+                    output_offset: spec.output_offset,
+                    output_range: spec.output_range,
                 }
             }
             NonnegLayer::AvgPool2d(pool) => ManifestLayer::AvgPool2d { pool: *pool },
@@ -207,25 +327,26 @@ pub fn build_manifest(
             NonnegLayer::GlobalAvgPool => ManifestLayer::GlobalAvgPool,
             NonnegLayer::AdaptiveAvgPool2d(size) => ManifestLayer::AdaptiveAvgPool2d { size: *size },
             NonnegLayer::Dropout(p) => ManifestLayer::Dropout { p: *p },
-            NonnegLayer::Residual(_) | NonnegLayer::Elman(_) => {
-                return Err(Error::interop(
-                    &name,
-                    "the hardware manifest describes a chain of layers; residual blocks and Elman \
-                     cells are not in schema version 1",
-                ))
+            NonnegLayer::Residual(r) => ManifestLayer::Residual {
+                main: build_layers(&r.main, &format!("{name}.main."), tensors)?,
+                shortcut: build_layers(&r.shortcut, &format!("{name}.shortcut."), tensors)?,
+            },
+            NonnegLayer::Elman(e) => {
+                let ManifestLayer::Linear { name, affine, .. } = affine_layer(&format!("{name}.affine"), &e.affine, tensors)? else {
+                    unreachable!("an Elman cell's affine layer is linear");
+                };
+                ManifestLayer::Elman {
+                    name,
+                    features: e.features(),
+                    hidden: e.hidden(),
+                    initial_state: e.initial_state,
+                    state: ActivationSpec::new(&e.activation),
+                    affine,
+                }
             }
         });
     }
-    let ranges = if network.channel_ranges.is_empty() { vec![network.input_range] } else { network.channel_ranges.clone() };
-    let manifest = Manifest {
-        format: MANIFEST_FORMAT.into(),
-        schema_version: MANIFEST_VERSION,
-        input: ManifestInput { shape: network.input_shape.clone(), ranges },
-        layers,
-        output_offset: network.output_offset,
-        mapping: settings.map(|s| mapping::build_mapping(network, s, &mut tensors)).transpose()?,
-    };
-    Ok((manifest, tensors))
+    Ok(out)
 }
 
 fn affine_layer(name: &str, a: &NonnegAffine, tensors: &mut Vec<(String, Tensor)>) -> Result<ManifestLayer> {
@@ -259,12 +380,16 @@ fn affine_layer(name: &str, a: &NonnegAffine, tensors: &mut Vec<(String, Tensor)
             pad: a.pad.clone(),
             affine,
         },
-        AffineOp::Conv1d { .. } => {
-            return Err(Error::interop(
-                name,
-                "conv1d layers are not in manifest schema version 1; docs/MANIFEST.md lists the layers it holds",
-            ))
-        }
+        AffineOp::Conv1d { stride, padding, dilation, groups } => ManifestLayer::Conv1d {
+            name: name.into(),
+            kernel: dims[2],
+            stride,
+            padding,
+            dilation,
+            groups,
+            pad: a.pad.clone(),
+            affine,
+        },
     })
 }
 
@@ -309,9 +434,9 @@ pub fn read_manifest_with_mapping(dir: &Path) -> Result<(NonnegNetwork, Option<R
     if manifest.format != MANIFEST_FORMAT {
         return Err(invalid(format!("format is {:?}, expected {MANIFEST_FORMAT:?}", manifest.format)));
     }
-    if manifest.schema_version != MANIFEST_VERSION {
+    if !(1..=MANIFEST_VERSION).contains(&manifest.schema_version) {
         return Err(invalid(format!(
-            "schema_version {} is not supported; this isonn reads version {MANIFEST_VERSION}",
+            "schema_version {} is not supported; this isonn reads versions 1 to {MANIFEST_VERSION}",
             manifest.schema_version
         )));
     }
@@ -333,35 +458,14 @@ pub fn read_manifest_with_mapping(dir: &Path) -> Result<(NonnegNetwork, Option<R
         path: tensors_path.clone(),
         message: format!("cannot read tensors ({e}); the file is damaged or not safetensors"),
     })?;
-    let mut layers = Vec::with_capacity(manifest.layers.len());
     let mut affine_names = Vec::new();
     for (i, layer) in manifest.layers.iter().enumerate() {
-        if let ManifestLayer::Linear { name, .. } | ManifestLayer::Conv2d { name, .. } = layer {
+        if let ManifestLayer::Linear { name, .. } | ManifestLayer::Conv2d { name, .. } | ManifestLayer::Conv1d { name, .. } = layer {
             affine_names.push((i, name.clone()));
         }
-        let at = |message: String| invalid(format!("layers[{i}]: {message}"));
-        layers.push(match layer {
-            ManifestLayer::Linear { name, affine, .. } => NonnegLayer::Affine(read_affine(name, affine, AffineOp::Linear, Vec::new(), &mut tensors, &tensors_path).map_err(|e| at(e))?),
-            ManifestLayer::Conv2d { name, stride, padding, dilation, groups, pad, affine, .. } => {
-                let op = AffineOp::Conv2d { stride: *stride, padding: *padding, dilation: *dilation, groups: *groups };
-                NonnegLayer::Affine(read_affine(name, affine, op, pad.clone(), &mut tensors, &tensors_path).map_err(|e| at(e))?)
-            }
-            ManifestLayer::Activation { activation, input_offset, output_offset, .. } => {
-                activation.validate().map_err(|m| at(m))?;
-                if !(input_offset.is_finite() && output_offset.is_finite()) {
-                    return Err(at("input_offset and output_offset must be finite".into()));
-                }
-                NonnegLayer::Activation(NonnegActivation { activation: activation.clone(), input_offset: *input_offset, output_offset: *output_offset })
-            }
-            ManifestLayer::AvgPool2d { pool } => NonnegLayer::AvgPool2d(*pool),
-            ManifestLayer::MaxPool2d { pool } => NonnegLayer::MaxPool2d(*pool),
-            ManifestLayer::PaddedAvgPool2d { pool, pad } => NonnegLayer::PaddedAvgPool2d { pool: *pool, pad: pad.clone() },
-            ManifestLayer::Flatten => NonnegLayer::Flatten,
-            ManifestLayer::GlobalAvgPool => NonnegLayer::GlobalAvgPool,
-            ManifestLayer::AdaptiveAvgPool2d { size } => NonnegLayer::AdaptiveAvgPool2d(*size),
-            ManifestLayer::Dropout { p } => NonnegLayer::Dropout(*p),
-        });
     }
+    let mut reader = layers::LayerReader { version: manifest.schema_version, tensors: &mut tensors, tensors_path: &tensors_path };
+    let layers = reader.read_layers(&manifest.layers, "layers").map_err(invalid)?;
     let (input_range, channel_ranges) = match ranges.as_slice() {
         [r] => (*r, Vec::new()),
         _ => {
@@ -378,6 +482,9 @@ pub fn read_manifest_with_mapping(dir: &Path) -> Result<(NonnegNetwork, Option<R
         output_offset: manifest.output_offset,
     };
     let device = match &manifest.mapping {
+        Some(_) if !network.is_chain() => {
+            return Err(invalid("the mapping section describes chains of layers, but the layers contain a residual block or an Elman cell".into()))
+        }
         Some(section) => Some(mapping::read_mapping(section, &affine_names, &network, &mut tensors).map_err(invalid)?),
         None => None,
     };
@@ -393,79 +500,4 @@ pub fn read_manifest_with_mapping(dir: &Path) -> Result<(NonnegNetwork, Option<R
         .forward(&probe)
         .map_err(|e| invalid(format!("the layers do not fit together or the input shape: {e}")))?;
     Ok((network, device))
-}
-
-/// Takes and checks the tensors of one affine layer.
-fn read_affine(
-    name: &str,
-    spec: &AffineSpec,
-    op: AffineOp,
-    pad: Vec<f64>,
-    tensors: &mut HashMap<String, Tensor>,
-    path: &Path,
-) -> std::result::Result<NonnegAffine, String> {
-    let mut take = |part: &str| tensors.remove(&format!("{name}.{part}")).ok_or_else(|| format!("tensor {name}.{part} is missing from {}", path.display()));
-    let (positive, negative, bias, routing) = (take("positive")?, take("negative")?, take("bias")?, take("routing")?);
-
-    for (part, t) in [("positive", &positive), ("negative", &negative), ("bias", &bias)] {
-        if t.dtype() != DType::F32 {
-            return Err(format!("tensor {name}.{part} is {:?}; expected f32", t.dtype()));
-        }
-        let values = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(|e| e.to_string())?;
-        if let Some(v) = values.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
-            return Err(format!("tensor {name}.{part} contains {v}; every weight and bias must be finite and >= 0"));
-        }
-    }
-    let rank = match op {
-        AffineOp::Linear => 2,
-        AffineOp::Conv2d { .. } => 4,
-        AffineOp::Conv1d { .. } => 3,
-    };
-    if positive.rank() != rank || negative.dims() != positive.dims() || routing.dims() != positive.dims() {
-        return Err(format!(
-            "{name}: positive {:?}, negative {:?} and routing {:?} must have one shape of rank {rank}",
-            positive.dims(),
-            negative.dims(),
-            routing.dims()
-        ));
-    }
-    if bias.dims() != [positive.dims()[0]] {
-        return Err(format!("{name}.bias has shape {:?}; expected [{}]", bias.dims(), positive.dims()[0]));
-    }
-
-    let expected = positive
-        .gt(0.0)
-        .and_then(|p| p.to_dtype(DType::U8))
-        .and_then(|p| p.add(&negative.gt(0.0)?.to_dtype(DType::U8)?.affine(ROUTE_COMPLEMENT as f64, 0.0)?))
-        .map_err(|e| e.to_string())?;
-    let routing_matches = routing.dtype() == DType::U8
-        && expected.eq(&routing).and_then(|m| m.to_dtype(DType::F32)?.min_all()?.to_scalar::<f32>()).map_err(|e| e.to_string())? == 1.0;
-    if !routing_matches {
-        return Err(format!(
-            "{name}.routing must be u8 with 1 where positive > 0, 2 where negative > 0 and 3 where both are"
-        ));
-    }
-
-    let inputs = positive.dims()[1];
-    let lengths_ok = |v: &[f64]| !v.is_empty() && v.iter().all(|x| x.is_finite());
-    if !lengths_ok(&spec.lo) || !lengths_ok(&spec.alpha) || spec.alpha.iter().any(|&a| a < 0.0) {
-        return Err(format!("{name}: lo and alpha must be non-empty lists of finite values, alpha >= 0"));
-    }
-    if rank == 2 && [spec.lo.len(), spec.alpha.len()].iter().any(|&n| n != 1 && n != inputs) {
-        return Err(format!("{name}: lo and alpha need one value or {inputs}"));
-    }
-    if !(spec.shift.is_finite() && spec.shift >= 0.0) {
-        return Err(format!("{name}: shift {} must be finite and >= 0", spec.shift));
-    }
-    Ok(NonnegAffine {
-        op,
-        positive,
-        negative,
-        bias,
-        lo: spec.lo.clone(),
-        alpha: spec.alpha.clone(),
-        shift: spec.shift,
-        out_max: spec.output_range.hi,
-        pad,
-    })
 }

@@ -8,13 +8,16 @@
 //! tensor's declared dimensions match the bytes it carries before anything
 //! is allocated for it.
 
+pub mod constant_ops;
 pub mod elementwise;
 pub mod export;
+mod export_elman;
 pub mod file;
 pub mod graph;
 pub mod import;
 pub mod manifest;
 pub mod npy;
+pub mod pad;
 pub mod samples;
 pub mod state_dict;
 pub mod tensor;
