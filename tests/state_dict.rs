@@ -183,13 +183,24 @@ fn tensors(weights: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(weights), &Device::Cpu).unwrap()
 }
 
-/// Imports `tensors` with `architecture` (JSON text) from files in `dir`,
-/// returning the error message.
-fn import_error(dir: &Path, tensors: &HashMap<String, Tensor>, architecture: &str) -> String {
+/// Writes `tensors` and `architecture` (JSON text) to files in `dir`,
+/// returning the paths of the state dict and the architecture.
+fn write_state_dict(
+    dir: &Path,
+    tensors: &HashMap<String, Tensor>,
+    architecture: &str,
+) -> (PathBuf, PathBuf) {
     let weights = dir.join("weights.safetensors");
     let json = dir.join("model.json");
     candle_core::safetensors::save(tensors, &weights).unwrap();
     std::fs::write(&json, architecture).unwrap();
+    (weights, json)
+}
+
+/// Imports `tensors` with `architecture` (JSON text) from files in `dir`,
+/// returning the error message.
+fn import_error(dir: &Path, tensors: &HashMap<String, Tensor>, architecture: &str) -> String {
+    let (weights, json) = write_state_dict(dir, tensors, architecture);
     import_state_dict(&weights, &json, &[])
         .unwrap_err()
         .to_string()
@@ -293,16 +304,18 @@ fn layer_without_bias_gets_zeros() {
     let mut value: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("mlp.model.json")).unwrap()).unwrap();
     value["layers"][3]["bias"] = false.into();
-    let mut state = tensors("mlp.safetensors");
-    state.remove("3.bias");
-    let weights = tmp.path().join("weights.safetensors");
-    let json = tmp.path().join("model.json");
-    candle_core::safetensors::save(&state, &weights).unwrap();
-    std::fs::write(&json, value.to_string()).unwrap();
+    // The zero bias takes the model's dtype, so float64 stays float64.
+    for (file, dtype) in [("mlp.safetensors", DType::F32), ("mlp.f64.safetensors", DType::F64)] {
+        let mut state = tensors(file);
+        state.remove("3.bias");
+        let (weights, json) = write_state_dict(tmp.path(), &state, &value.to_string());
 
-    let network = import_state_dict(&weights, &json, &[]).unwrap();
-    let (_, bias) = network.layers[3].weight_and_bias().unwrap();
-    assert_eq!(max_abs(bias), 0.0);
+        let network = import_state_dict(&weights, &json, &[]).unwrap();
+        assert_eq!(network.dtype(), dtype, "{file}");
+        let (_, bias) = network.layers[3].weight_and_bias().unwrap();
+        assert_eq!(max_abs(bias), 0.0, "{file}");
+        assert_eq!(bias.dtype(), dtype, "{file}");
+    }
 }
 
 #[test]

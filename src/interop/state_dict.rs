@@ -413,8 +413,13 @@ fn assign(
             let target = format!("{}.{suffix}", slot.path);
             // The weight comes first and has been checked against a tensor
             // of the file, so the zero bias's size is bounded by the file.
+            // It also takes the weight's dtype, so that a float64 state dict
+            // still gives a float64 model.
             if *suffix == "bias" && !slot.has_bias {
-                let zeros = Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu)
+                let dtype = renamed
+                    .last()
+                    .map_or(DType::F32, |(_, weight): &(String, Tensor)| weight.dtype());
+                let zeros = Tensor::zeros(shape.as_slice(), dtype, &Device::Cpu)
                     .map_err(|e| e.to_string())?;
                 renamed.push((target, zeros));
                 continue;
