@@ -404,3 +404,52 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn non_finite_tensor_names_the_pytorch_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cnn_json = std::fs::read_to_string(fixture("cnn.model.json")).unwrap();
+    let mut state = tensors("cnn.safetensors");
+    let bias = state["fc.bias"].to_vec1::<f32>().unwrap();
+    let mut damaged = bias.clone();
+    damaged[1] = f32::INFINITY;
+    state.insert("fc.bias".into(), Tensor::new(damaged.as_slice(), &Device::Cpu).unwrap());
+    let message = import_error(tmp.path(), &state, &cnn_json);
+    assert!(
+        message.contains("tensor fc.bias has the non-finite value inf at flat index 1"),
+        "{message}"
+    );
+}
+
+#[test]
+fn calibration_inputs_must_be_finite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut inputs = npy::read_npy(&fixture("cnn.inputs.npy")).unwrap();
+    let per_sample = inputs.values.len() / inputs.dims[0];
+    inputs.values[per_sample + 2] = f64::NAN;
+    let values: Vec<f32> = inputs.values.iter().map(|&v| v as f32).collect();
+    let calibration = tmp.path().join("nan.npy");
+    std::fs::write(&calibration, npy::encode_npy_f32(&inputs.dims, &values)).unwrap();
+    // --calibrate bounds ReLU layers only, so the CNN gets a plain ReLU.
+    let mut architecture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("cnn.model.json")).unwrap()).unwrap();
+    architecture["layers"][2]["activation"] = serde_json::json!({ "name": "relu" });
+    let json = tmp.path().join("relu.model.json");
+    std::fs::write(&json, architecture.to_string()).unwrap();
+    let out = tmp.path().join("out");
+    isonn()
+        .arg("import")
+        .arg(fixture("cnn.safetensors"))
+        .arg("--model")
+        .arg(&json)
+        .arg("--calibrate")
+        .arg(&calibration)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "nan.npy: sample 1 has the non-finite value NaN at element 2",
+        ));
+    assert!(!out.exists(), "import wrote {}", out.display());
+}

@@ -36,6 +36,7 @@ pub fn predict(model: &Model, data: &super::tensor::TensorData, path: &Path) -> 
         ));
     }
     let per_sample: usize = shape.iter().product();
+    super::user_data::check_finite(&data.values, per_sample).map_err(|m| Error::data(path, m))?;
     let mut logits = Vec::new();
     for start in (0..*n).step_by(256) {
         let count = (n - start).min(256);

@@ -438,10 +438,41 @@ fn assign(
                     slot.kind
                 ));
             }
+            check_values(&name, suffix, &tensor)?;
             renamed.push((target, tensor));
         }
     }
     Ok(renamed)
+}
+
+/// Checks the values of the state dict tensor `name`, the parameter
+/// `suffix` of its module. Every value must be finite, because a NaN or
+/// infinite parameter makes every output it reaches NaN or infinite, and a
+/// BatchNorm's `running_var` must be >= 0.
+fn check_values(name: &str, suffix: &str, tensor: &Tensor) -> std::result::Result<(), String> {
+    let values = tensor
+        .flatten_all()
+        .and_then(|t| t.to_dtype(DType::F64))
+        .and_then(|t| t.to_vec1::<f64>())
+        .map_err(|e| e.to_string())?;
+    if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+        return Err(format!(
+            "tensor {name} has the non-finite value {} at flat index {index}; remove or replace \
+             the non-finite values in the PyTorch model (e.g. retrain, or torch.nan_to_num) and \
+             save the state dict again",
+            values[index]
+        ));
+    }
+    if suffix == "running_var" {
+        if let Some(index) = values.iter().position(|&v| v < 0.0) {
+            return Err(format!(
+                "tensor {name} has the negative variance {} at index {index}; a running variance \
+                 is >= 0, so save the state dict again from the trained model",
+                values[index]
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

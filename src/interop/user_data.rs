@@ -66,6 +66,7 @@ impl UserData {
                 "the array holds no samples; save at least one input",
             ));
         }
+        check_finite(&data.values, channels * rows * cols).map_err(|m| Error::data(path, m))?;
         let display = path.display().to_string();
         let images = Images {
             n: *n,
@@ -107,6 +108,24 @@ impl UserData {
             super::samples::predictions(network, &self.images.pixels, self.images.n)?;
         Ok(())
     }
+}
+
+/// Checks that every input value is finite, since a NaN or infinity
+/// propagates to every output it reaches and makes any comparison of
+/// outputs meaningless. `values` holds samples of `per_sample` elements in
+/// C order; the error names the first non-finite element.
+pub fn check_finite(values: &[f64], per_sample: usize) -> std::result::Result<(), String> {
+    let Some(index) = values.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let per_sample = per_sample.max(1);
+    Err(format!(
+        "sample {} has the non-finite value {} at element {} (flat index within the sample); \
+         remove or replace the non-finite values, e.g. with numpy.nan_to_num",
+        index / per_sample,
+        values[index],
+        index % per_sample
+    ))
 }
 
 /// Checks labels read from a file against the number of inputs `n` and the
@@ -165,6 +184,21 @@ mod tests {
         assert_eq!(
             check_labels(&labels(&[0, 9, 3]), 3, 10).unwrap(),
             vec![0, 9, 3]
+        );
+    }
+
+    #[test]
+    fn non_finite_inputs_name_the_sample() {
+        assert!(check_finite(&[0.0, 1.0, -2.5], 3).is_ok());
+        let message = check_finite(&[0.0, 1.0, 2.0, 3.0, f64::NAN, 5.0], 3).unwrap_err();
+        assert!(
+            message.contains("sample 1 has the non-finite value NaN at element 1"),
+            "{message}"
+        );
+        let message = check_finite(&[f64::NEG_INFINITY], 1).unwrap_err();
+        assert!(
+            message.contains("sample 0 has the non-finite value -inf at element 0"),
+            "{message}"
         );
     }
 
