@@ -453,3 +453,59 @@ fn calibration_inputs_must_be_finite() {
         ));
     assert!(!out.exists(), "import wrote {}", out.display());
 }
+
+/// Runs `isonn import` of the MLP fixture into `out` with `extra`
+/// arguments.
+fn import_mlp(out: &Path, extra: &[&str]) -> assert_cmd::assert::Assert {
+    isonn()
+        .arg("import")
+        .arg(fixture("mlp.safetensors"))
+        .arg("--model")
+        .arg(fixture("mlp.model.json"))
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .assert()
+}
+
+#[test]
+fn import_checks_out_as_transform_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "kept").unwrap();
+    import_mlp(&out, &[])
+        .code(2)
+        .stderr(predicate::str::contains("already exists and is not empty"))
+        .stderr(predicate::str::contains("pass --force"));
+    assert!(!out.join("model.json").exists(), "import wrote into {}", out.display());
+
+    import_mlp(&out, &["--force"]).success();
+    assert!(out.join("model.json").exists());
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "kept");
+
+    let file = tmp.path().join("file");
+    std::fs::write(&file, "not a directory").unwrap();
+    import_mlp(&file, &[])
+        .code(2)
+        .stderr(predicate::str::contains("exists and is not a directory"));
+}
+
+#[test]
+fn transform_hint_offers_no_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let regular = tmp.path().join("regular");
+    import_mlp(&regular, &[]).success();
+    let out = tmp.path().join("nonneg");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(isonn::checkpoint::path_in(&out), "").unwrap();
+    isonn()
+        .arg("transform")
+        .arg(&regular)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("pass --force"))
+        .stderr(predicate::str::contains("--resume").not());
+}

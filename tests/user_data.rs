@@ -457,3 +457,58 @@ fn non_finite_inputs_are_rejected() {
     assert!(!nonneg.exists(), "transform wrote {}", nonneg.display());
     assert!(!logits.exists(), "predict wrote {}", logits.display());
 }
+
+#[test]
+fn output_paths_are_checked_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let regular = dir.join("regular");
+    train_small(&regular, "photonic-sigmoid");
+    let inputs = dir.join("inputs.npy");
+    write_inputs(&inputs, &subset().test.take(5));
+    let original = std::fs::read(&inputs).unwrap();
+
+    // The same file by another spelling of its path.
+    let same = dir.join(".").join("inputs.npy");
+    let missing_parent = dir.join("absent").join("logits.npy");
+    let cases: [(&str, &Path, &str); 3] = [
+        ("--out is --inputs", &same, "is the --inputs file"),
+        ("--out in a missing directory", &missing_parent, "does not exist; create it first"),
+        ("--out is a directory", dir, "is a directory; give the path of the file to write"),
+    ];
+    for (name, out, message) in cases {
+        isonn()
+            .arg("predict")
+            .arg(&regular)
+            .arg("--inputs")
+            .arg(&inputs)
+            .arg("--out")
+            .arg(out)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(message).name(name))
+            .stderr(predicate::str::contains("os error").not().name(name));
+    }
+    assert_eq!(std::fs::read(&inputs).unwrap(), original, "predict changed its inputs");
+
+    let nonneg = dir.join("nonneg");
+    isonn()
+        .arg("transform")
+        .arg(&regular)
+        .arg("--out")
+        .arg(&nonneg)
+        .assert()
+        .success();
+    isonn()
+        .arg("verify")
+        .arg(&regular)
+        .arg(&nonneg)
+        .arg("--inputs")
+        .arg(&inputs)
+        .arg("--report")
+        .arg(&missing_parent)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--report"))
+        .stderr(predicate::str::contains("does not exist; create it first"));
+}
