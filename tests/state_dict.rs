@@ -509,3 +509,40 @@ fn transform_hint_offers_no_resume() {
         .stderr(predicate::str::contains("pass --force"))
         .stderr(predicate::str::contains("--resume").not());
 }
+
+#[test]
+fn more_than_256_classes_name_the_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("mlp.model.json")).unwrap()).unwrap();
+    value["layers"][5]["out_features"] = 300.into();
+    let mut state = tensors("mlp.safetensors");
+    state.insert("5.weight".into(), Tensor::zeros((300, 8), DType::F32, &Device::Cpu).unwrap());
+    state.insert("5.bias".into(), Tensor::zeros(300, DType::F32, &Device::Cpu).unwrap());
+    let (weights, json) = write_state_dict(tmp.path(), &state, &value.to_string());
+    let regular = tmp.path().join("regular");
+    isonn()
+        .arg("import")
+        .arg(&weights)
+        .arg("--model")
+        .arg(&json)
+        .arg("--out")
+        .arg(&regular)
+        .assert()
+        .success();
+
+    let out = tmp.path().join("nonneg");
+    isonn()
+        .arg("transform")
+        .arg(&regular)
+        .arg("--out")
+        .arg(&out)
+        .arg("--inputs")
+        .arg(fixture("mlp.inputs.npy"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("mlp.inputs.npy"))
+        .stderr(predicate::str::contains("the model has 300 classes"))
+        .stderr(predicate::str::contains("at most 256 classes"))
+        .stderr(predicate::str::contains("isonn predict"));
+}

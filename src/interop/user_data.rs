@@ -104,6 +104,8 @@ impl UserData {
 
     /// Labels every input with the class `network` predicts for it.
     pub fn label_with(&mut self, network: &Network) -> Result<()> {
+        super::samples::check_label_classes(network)
+            .map_err(|m| Error::data(self.record.dataset.clone(), m))?;
         self.images.labels =
             super::samples::predictions(network, &self.images.pixels, self.images.n)?;
         Ok(())
