@@ -1592,6 +1592,12 @@ fn import_any(
     architecture: Option<&Path>,
     input_ranges: &[isonn::model::Range],
 ) -> Result<isonn::interop::Imported> {
+    if path.is_dir() {
+        bail!(
+            "{} is a directory; pass the ONNX file or the PyTorch state dict (.safetensors) itself",
+            path.display()
+        );
+    }
     let mut head = Vec::with_capacity(9);
     let file_len = std::fs::File::open(path)
         .and_then(|file| {

@@ -546,3 +546,52 @@ fn more_than_256_classes_name_the_limit() {
         .stderr(predicate::str::contains("at most 256 classes"))
         .stderr(predicate::str::contains("isonn predict"));
 }
+
+#[test]
+fn architecture_errors_name_the_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cnn_json = std::fs::read_to_string(fixture("cnn.model.json")).unwrap();
+
+    let mut negative = tensors("cnn.safetensors");
+    let variance = negative["bn.running_var"].to_vec1::<f32>().unwrap();
+    let mut damaged = variance.clone();
+    damaged[2] = -0.5;
+    negative.insert("bn.running_var".into(), Tensor::new(damaged.as_slice(), &Device::Cpu).unwrap());
+    let message = import_error(tmp.path(), &negative, &cnn_json);
+    assert!(message.contains("weights.safetensors"), "{message}");
+    assert!(
+        message.contains("tensor bn.running_var has the negative variance -0.5 at index 2"),
+        "{message}"
+    );
+
+    let mut value: serde_json::Value = serde_json::from_str(&cnn_json).unwrap();
+    value["layers"][1].as_object_mut().unwrap().remove("eps");
+    let message = import_error(tmp.path(), &tensors("cnn.safetensors"), &value.to_string());
+    assert!(
+        message.contains("layer layers.1 (batch-norm): missing or invalid number field \"eps\""),
+        "{message}"
+    );
+
+    let duplicate = cnn_json.replace("\"torch_name\": \"bn\"", "\"torch_name\": \"conv\"");
+    let message = import_error(tmp.path(), &tensors("cnn.safetensors"), &duplicate);
+    assert!(
+        message.contains("layers layers.0 and layers.1 both name the module \"conv\""),
+        "{message}"
+    );
+}
+
+#[test]
+fn directory_as_weights_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    isonn()
+        .arg("import")
+        .arg(tmp.path())
+        .arg("--model")
+        .arg(fixture("mlp.model.json"))
+        .arg("--out")
+        .arg(tmp.path().join("out"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("is a directory; pass the ONNX file or the PyTorch state dict"))
+        .stderr(predicate::str::contains("os error").not());
+}

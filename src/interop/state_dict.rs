@@ -242,6 +242,14 @@ fn collect_slots(
             }
             "batch-norm" => {
                 let channels = size(object, "channels", &path)?;
+                for (field, default) in [("eps", "1e-5"), ("momentum", "0.1")] {
+                    if !object.get(field).is_some_and(Value::is_number) {
+                        return Err(format!(
+                            "layer {path} (batch-norm): missing or invalid number field \"{field}\"; \
+                             set it to the module's {field} (PyTorch's default is {default})"
+                        ));
+                    }
+                }
                 ["weight", "bias", "running_mean", "running_var"]
                     .map(|n| (n, vec![channels]))
                     .to_vec()
@@ -365,10 +373,20 @@ fn assign(
 
     let named = slots.iter().filter(|s| s.torch_name.is_some()).count();
     let modules: Vec<String> = if named == slots.len() {
-        slots
+        let modules: Vec<String> = slots
             .iter()
             .map(|s| s.torch_name.clone().expect("all named"))
-            .collect()
+            .collect();
+        for (i, module) in modules.iter().enumerate() {
+            if let Some(j) = modules[..i].iter().position(|m| m == module) {
+                return Err(format!(
+                    "layers {} and {} both name the module {module:?} with {TORCH_NAME}; give \
+                     each layer with parameters its own module",
+                    slots[j].path, slots[i].path
+                ));
+            }
+        }
+        modules
     } else if named == 0 {
         if prefixes.len() != slots.len() {
             return Err(format!(

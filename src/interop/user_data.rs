@@ -33,12 +33,7 @@ impl UserData {
     /// shape `input_shape` (`[channels, height, width]`).
     pub fn read_inputs(path: &Path, input_shape: &[usize]) -> Result<UserData> {
         let bytes = crate::fsio::read_capped(path, MAX_NPY_BYTES, ".npy inputs")?;
-        let data = npy::parse_npy(&bytes).map_err(|m| {
-            Error::data(
-                path,
-                format!("{m}; save the inputs with numpy.save as float32 or float64"),
-            )
-        })?;
+        let data = npy::parse_npy(&bytes).map_err(|m| Error::data(path, m))?;
         let [n, sample @ ..] = data.dims.as_slice() else {
             return Err(Error::data(
                 path,
@@ -89,12 +84,7 @@ impl UserData {
     /// label in `0..classes` per input.
     pub fn read_labels(&mut self, path: &Path, classes: usize) -> Result<()> {
         let bytes = crate::fsio::read_capped(path, MAX_NPY_BYTES, ".npy labels")?;
-        let data = npy::parse_npy_integers(&bytes).map_err(|m| {
-            Error::data(
-                path,
-                format!("{m}; save the labels with numpy.save as an integer array such as int64"),
-            )
-        })?;
+        let data = npy::parse_npy_integers(&bytes).map_err(|m| Error::data(path, m))?;
         self.images.labels =
             check_labels(&data, self.images.n, classes).map_err(|m| Error::data(path, m))?;
         let display = path.display().to_string();
