@@ -104,7 +104,7 @@ impl UserData {
 
 /// Checks that every input value is finite, since a NaN or infinity
 /// propagates to every output it reaches and makes any comparison of
-/// outputs meaningless. `values` holds samples of `per_sample` elements in
+/// outputs meaningless. `values` contains samples of `per_sample` elements in
 /// C order; the error names the first non-finite element.
 pub fn check_finite(values: &[f64], per_sample: usize) -> std::result::Result<(), String> {
     let Some(index) = values.iter().position(|v| !v.is_finite()) else {
