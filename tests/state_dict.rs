@@ -595,3 +595,23 @@ fn directory_as_weights_is_a_usage_error() {
         .stderr(predicate::str::contains("is a directory; pass the ONNX file or the PyTorch state dict"))
         .stderr(predicate::str::contains("os error").not());
 }
+
+#[test]
+fn unknown_layer_fields_are_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cnn_json = std::fs::read_to_string(fixture("cnn.model.json")).unwrap();
+    for (layer, field) in [(5, "torchname"), (0, "use_bias")] {
+        let mut value: serde_json::Value = serde_json::from_str(&cnn_json).unwrap();
+        value["layers"][layer][field] = "fc".into();
+        let message = import_error(tmp.path(), &tensors("cnn.safetensors"), &value.to_string());
+        assert!(message.contains("model.json"), "{message}");
+        assert!(
+            message.contains(&format!("layer layers.{layer}")),
+            "{message}"
+        );
+        assert!(
+            message.contains(&format!("unknown field \"{field}\"")),
+            "{message}"
+        );
+    }
+}

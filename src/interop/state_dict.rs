@@ -80,6 +80,17 @@ pub fn import_state_dict(
             )
         })?;
     collect_slots(layers, "layers", &mut slots).map_err(|m| model_error(architecture, m))?;
+    // torch_name and bias are removed by now, so only misspelt or foreign
+    // fields remain unknown.
+    if let Some(message) = store::unknown_layer_fields(layers, "layers").first() {
+        return Err(model_error(
+            architecture,
+            format!(
+                "{message}, plus torch_name and bias in an architecture file; remove or rename \
+                 the field"
+            ),
+        ));
+    }
 
     let bytes = crate::fsio::read_capped(weights, store::MAX_TENSOR_BYTES, "state dict")?;
     let mut tensors = read_state_dict(&bytes, weights)?;
