@@ -84,7 +84,7 @@ pub fn read_capped(path: &Path, max_bytes: u64, what: &str) -> Result<Vec<u8>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let metadata = file.metadata().map_err(|e| Error::io(path, e))?;
     if !metadata.is_file() {
-        return Err(Error::data(path, format!("not a regular file; pass the path of a {what}")));
+        return Err(Error::data(path, format!("not a regular file (a directory or a device); pass a file path for the {what}")));
     }
     let len = metadata.len();
     if len > max_bytes {

@@ -317,6 +317,10 @@ enum Command {
         /// inputs [n, channels, height, width] (used for both).
         #[arg(long, value_name = "NAME|FILE.npy")]
         calibrate: Option<String>,
+        /// Write into a non-empty output directory, replacing the files
+        /// isonn writes there; other files are kept.
+        #[arg(long)]
+        force: bool,
     },
     /// Import an ONNX model, transform it, verify the non-negative model
     /// against it and export that as ONNX, in one step; prints the
@@ -771,12 +775,30 @@ impl Write for SuspendingWriter {
     }
 }
 
-/// Rejects a non-empty output directory unless `force` or `resume` is set,
-/// and with `resume` requires the checkpoint to continue from. Nothing is
-/// deleted: `force` only lets isonn replace the files it writes.
-fn check_output(dir: &Path, force: bool, resume: bool) -> Result<()> {
+/// Rejects an `--out` that is a file, or a non-empty directory unless
+/// `force` is set, for commands without --resume. Nothing is deleted:
+/// `force` only lets isonn replace the files it writes.
+fn check_output(dir: &Path, force: bool) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("--out {} exists and is not a directory; choose another --out", dir.display());
+    }
+    let non_empty = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
+    if non_empty && !force {
+        bail!(
+            "{} already exists and is not empty; choose another --out, or pass --force to write \
+             into it (isonn replaces only the files it writes)",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Checks `--out` as [`check_output`] does, for commands with --resume:
+/// with `resume` it requires the checkpoint to continue from, and without
+/// it the error for a directory with a checkpoint offers --resume.
+fn check_resumable_output(dir: &Path, force: bool, resume: bool) -> Result<()> {
+    let checkpoint = isonn::checkpoint::path_in(dir);
     if resume {
-        let checkpoint = isonn::checkpoint::path_in(dir);
         if !checkpoint.is_file() {
             bail!(
                 "--resume: {} does not exist, so there is no run to continue in {}; \
@@ -787,18 +809,36 @@ fn check_output(dir: &Path, force: bool, resume: bool) -> Result<()> {
         }
         return Ok(());
     }
-    if dir.exists() && !dir.is_dir() {
-        bail!("--out {} exists and is not a directory; choose another --out", dir.display());
+    if !force && checkpoint.is_file() {
+        bail!(
+            "{} already exists and is not empty; pass --resume to continue the run whose \
+             checkpoint it contains, --force to start afresh (isonn replaces only the files it \
+             writes), or choose another --out",
+            dir.display()
+        );
     }
-    let non_empty = std::fs::read_dir(dir).is_ok_and(|mut entries| entries.next().is_some());
-    if non_empty && !force {
-        let hint = if isonn::checkpoint::path_in(dir).is_file() {
-            "pass --resume to continue the run whose checkpoint it contains, --force to start afresh \
-             (isonn replaces only the files it writes), or choose another --out"
-        } else {
-            "choose another --out, or pass --force to write into it (isonn replaces only the files it writes)"
-        };
-        bail!("{} already exists and is not empty; {hint}", dir.display());
+    check_output(dir, force)
+}
+
+/// Rejects an output file path that is a directory or whose parent
+/// directory does not exist, so that a command fails before its work
+/// rather than after it. `option` is the flag that set `path`, and
+/// `example` a file name to suggest.
+fn check_output_file(path: &Path, option: &str, example: &str) -> Result<()> {
+    if path.is_dir() {
+        bail!(
+            "{option} {} is a directory; give the path of the file to write, e.g. {}",
+            path.display(),
+            path.join(example).display()
+        );
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        bail!(
+            "{option} {}: the directory {} does not exist; create it first or choose another {option}",
+            path.display(),
+            parent.display()
+        );
     }
     Ok(())
 }
@@ -878,7 +918,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             }
             let mut sgd = Sgd::new(lr, momentum, 0.0)?;
             warn_if_frozen("--lr", lr);
-            check_output(&out, force, resume)?;
+            check_resumable_output(&out, force, resume)?;
             let dataset = data.load()?;
             let data_record = DataRecord::of(&dataset);
             let shape = dataset.train.sample_shape();
@@ -938,7 +978,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             // The regular network's f32 parameters are exact in f64, so the
             // f64 network computes the same function in higher precision.
             let network = if f64 { network.to_dtype(candle_core::DType::F64)? } else { network };
-            check_output(&out, force, false)?;
+            check_output(&out, force)?;
             let options = TransformOptions {
                 shift,
                 activation_range,
@@ -1006,6 +1046,9 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                     store::load(&nonneg).map(|m| m.0.kind()).unwrap_or("?")
                 );
             };
+            if let Some(path) = &report {
+                check_output_file(path, "--report", "equivalence.json")?;
+            }
             let (images, record) = regular_test_data(&data, &npy, &a)?;
             warn_data_mismatch(&regular, &provenance_a, &record);
             warn_data_mismatch(&nonneg, &provenance_b, &record);
@@ -1033,7 +1076,9 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             architecture,
             input_range,
             calibrate,
+            force,
         } => {
+            check_output(&out, force)?;
             let mut imported = import_any(&model, architecture.as_deref(), &input_range)?;
             let mut bound_record = None;
             if let Some(source) = &calibrate {
@@ -1107,6 +1152,16 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             return Ok(verdict(&report, nonneg.dtype()));
         }
         Command::Predict { model, inputs, out } => {
+            check_output_file(&out, "--out", "logits.npy")?;
+            if let (Ok(input_file), Ok(output_file)) = (inputs.canonicalize(), out.canonicalize()) {
+                if input_file == output_file {
+                    bail!(
+                        "--out {} is the --inputs file, which predict would overwrite; write the \
+                         logits to another file",
+                        out.display()
+                    );
+                }
+            }
             let (loaded, _) = load_model(&model)?;
             let data = isonn::interop::npy::read_npy(&inputs)?;
             let (n, logits) = isonn::interop::samples::predict(&loaded, &data, &inputs)?;
@@ -1227,7 +1282,7 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
                     model.display()
                 );
             };
-            check_output(&out, force, resume)?;
+            check_resumable_output(&out, force, resume)?;
             let dataset = data.load()?;
             let hardware = (!effects.is_ideal()).then_some(hardware::HardwareTraining {
                 effects,
@@ -1537,6 +1592,12 @@ fn import_any(
     architecture: Option<&Path>,
     input_ranges: &[isonn::model::Range],
 ) -> Result<isonn::interop::Imported> {
+    if path.is_dir() {
+        bail!(
+            "{} is a directory; pass the ONNX file or the PyTorch state dict (.safetensors) itself",
+            path.display()
+        );
+    }
     let mut head = Vec::with_capacity(9);
     let file_len = std::fs::File::open(path)
         .and_then(|file| {
@@ -1655,7 +1716,7 @@ fn run_bound(args: BoundArgs, progress: &Progress) -> Result<()> {
     if matches!(mode, BoundMode::Calibrate { granularity: Granularity::Channel, .. }) {
         bound::check_per_channel(&network)?;
     }
-    check_output(&args.out, args.force, false)?;
+    check_output(&args.out, args.force)?;
     let classes = network.output_shape()?.iter().product();
     let (train, test, data_record) = match args.npy.load(&network.input_shape, classes, Some(&network))? {
         Some(inputs) => (inputs.images.clone(), inputs.images, inputs.record),

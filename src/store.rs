@@ -203,6 +203,49 @@ enum LayerSpec {
     },
 }
 
+/// Fields that a layer description may give but that are not written back
+/// when empty, so a round trip through [`LayerSpec`] drops them.
+const OMITTED_WHEN_EMPTY: [&str; 2] = ["pad_value", "pad"];
+
+/// Finds the fields of the layer descriptions in `layers` (named
+/// `{prefix}.{i}`) that no layer type reads, one message each. serde ignores
+/// such fields, and `deny_unknown_fields` cannot be used on `LayerSpec`
+/// because its variants flatten shared settings, so the check compares
+/// each description with its own round trip. Descriptions that do not
+/// parse are skipped: loading them reports the error.
+pub(crate) fn unknown_layer_fields(layers: &[serde_json::Value], prefix: &str) -> Vec<String> {
+    let mut messages = Vec::new();
+    for (i, layer) in layers.iter().enumerate() {
+        let path = format!("{prefix}.{i}");
+        let Some(object) = layer.as_object() else {
+            continue;
+        };
+        let Ok(spec) = serde_json::from_value::<LayerSpec>(layer.clone()) else {
+            continue;
+        };
+        let known = serde_json::to_value(&spec).expect("a LayerSpec serialises");
+        let kind = object.get("type").and_then(serde_json::Value::as_str).unwrap_or_default();
+        for key in object.keys() {
+            if known.get(key).is_none() && !OMITTED_WHEN_EMPTY.contains(&key.as_str()) {
+                let fields: Vec<&str> = known
+                    .as_object()
+                    .map(|o| o.keys().map(String::as_str).collect())
+                    .unwrap_or_default();
+                messages.push(format!(
+                    "layer {path} ({kind}): unknown field \"{key}\"; a {kind} layer takes {}",
+                    fields.join(", ")
+                ));
+            }
+        }
+        for branch in ["main", "shortcut"] {
+            if let Some(serde_json::Value::Array(inner)) = object.get(branch) {
+                messages.extend(unknown_layer_fields(inner, &format!("{path}.{branch}")));
+            }
+        }
+    }
+    messages
+}
+
 fn conv_spec(weight: &Tensor, stride: usize, padding: usize, dilation: usize, groups: usize) -> ConvSpec {
     let d = weight.dims();
     ConvSpec {

@@ -183,13 +183,24 @@ fn tensors(weights: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(weights), &Device::Cpu).unwrap()
 }
 
-/// Imports `tensors` with `architecture` (JSON text) from files in `dir`,
-/// returning the error message.
-fn import_error(dir: &Path, tensors: &HashMap<String, Tensor>, architecture: &str) -> String {
+/// Writes `tensors` and `architecture` (JSON text) to files in `dir`,
+/// returning the paths of the state dict and the architecture.
+fn write_state_dict(
+    dir: &Path,
+    tensors: &HashMap<String, Tensor>,
+    architecture: &str,
+) -> (PathBuf, PathBuf) {
     let weights = dir.join("weights.safetensors");
     let json = dir.join("model.json");
     candle_core::safetensors::save(tensors, &weights).unwrap();
     std::fs::write(&json, architecture).unwrap();
+    (weights, json)
+}
+
+/// Imports `tensors` with `architecture` (JSON text) from files in `dir`,
+/// returning the error message.
+fn import_error(dir: &Path, tensors: &HashMap<String, Tensor>, architecture: &str) -> String {
+    let (weights, json) = write_state_dict(dir, tensors, architecture);
     import_state_dict(&weights, &json, &[])
         .unwrap_err()
         .to_string()
@@ -293,16 +304,18 @@ fn layer_without_bias_gets_zeros() {
     let mut value: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("mlp.model.json")).unwrap()).unwrap();
     value["layers"][3]["bias"] = false.into();
-    let mut state = tensors("mlp.safetensors");
-    state.remove("3.bias");
-    let weights = tmp.path().join("weights.safetensors");
-    let json = tmp.path().join("model.json");
-    candle_core::safetensors::save(&state, &weights).unwrap();
-    std::fs::write(&json, value.to_string()).unwrap();
+    // The zero bias takes the model's dtype, so float64 stays float64.
+    for (file, dtype) in [("mlp.safetensors", DType::F32), ("mlp.f64.safetensors", DType::F64)] {
+        let mut state = tensors(file);
+        state.remove("3.bias");
+        let (weights, json) = write_state_dict(tmp.path(), &state, &value.to_string());
 
-    let network = import_state_dict(&weights, &json, &[]).unwrap();
-    let (_, bias) = network.layers[3].weight_and_bias().unwrap();
-    assert_eq!(max_abs(bias), 0.0);
+        let network = import_state_dict(&weights, &json, &[]).unwrap();
+        assert_eq!(network.dtype(), dtype, "{file}");
+        let (_, bias) = network.layers[3].weight_and_bias().unwrap();
+        assert_eq!(max_abs(bias), 0.0, "{file}");
+        assert_eq!(bias.dtype(), dtype, "{file}");
+    }
 }
 
 #[test]
@@ -389,5 +402,216 @@ proptest::proptest! {
         if let Err(e) = import_state_dict(&weights, &fixture("mlp.model.json"), &[]) {
             proptest::prop_assert!(e.to_string().contains("damaged.safetensors"), "{}", e);
         }
+    }
+}
+
+#[test]
+fn non_finite_tensor_names_the_pytorch_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cnn_json = std::fs::read_to_string(fixture("cnn.model.json")).unwrap();
+    let mut state = tensors("cnn.safetensors");
+    let bias = state["fc.bias"].to_vec1::<f32>().unwrap();
+    let mut damaged = bias.clone();
+    damaged[1] = f32::INFINITY;
+    state.insert("fc.bias".into(), Tensor::new(damaged.as_slice(), &Device::Cpu).unwrap());
+    let message = import_error(tmp.path(), &state, &cnn_json);
+    assert!(
+        message.contains("tensor fc.bias has the non-finite value inf at flat index 1"),
+        "{message}"
+    );
+}
+
+#[test]
+fn calibration_inputs_must_be_finite() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut inputs = npy::read_npy(&fixture("cnn.inputs.npy")).unwrap();
+    let per_sample = inputs.values.len() / inputs.dims[0];
+    inputs.values[per_sample + 2] = f64::NAN;
+    let values: Vec<f32> = inputs.values.iter().map(|&v| v as f32).collect();
+    let calibration = tmp.path().join("nan.npy");
+    std::fs::write(&calibration, npy::encode_npy_f32(&inputs.dims, &values)).unwrap();
+    // --calibrate bounds ReLU layers only, so the CNN gets a plain ReLU.
+    let mut architecture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("cnn.model.json")).unwrap()).unwrap();
+    architecture["layers"][2]["activation"] = serde_json::json!({ "name": "relu" });
+    let json = tmp.path().join("relu.model.json");
+    std::fs::write(&json, architecture.to_string()).unwrap();
+    let out = tmp.path().join("out");
+    isonn()
+        .arg("import")
+        .arg(fixture("cnn.safetensors"))
+        .arg("--model")
+        .arg(&json)
+        .arg("--calibrate")
+        .arg(&calibration)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "nan.npy: sample 1 has the non-finite value NaN at element 2",
+        ));
+    assert!(!out.exists(), "import wrote {}", out.display());
+}
+
+/// Runs `isonn import` of the MLP fixture into `out` with `extra`
+/// arguments.
+fn import_mlp(out: &Path, extra: &[&str]) -> assert_cmd::assert::Assert {
+    isonn()
+        .arg("import")
+        .arg(fixture("mlp.safetensors"))
+        .arg("--model")
+        .arg(fixture("mlp.model.json"))
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .assert()
+}
+
+#[test]
+fn import_checks_out_as_transform_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "kept").unwrap();
+    import_mlp(&out, &[])
+        .code(2)
+        .stderr(predicate::str::contains("already exists and is not empty"))
+        .stderr(predicate::str::contains("pass --force"));
+    assert!(!out.join("model.json").exists(), "import wrote into {}", out.display());
+
+    import_mlp(&out, &["--force"]).success();
+    assert!(out.join("model.json").exists());
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "kept");
+
+    let file = tmp.path().join("file");
+    std::fs::write(&file, "not a directory").unwrap();
+    import_mlp(&file, &[])
+        .code(2)
+        .stderr(predicate::str::contains("exists and is not a directory"));
+}
+
+#[test]
+fn transform_hint_offers_no_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let regular = tmp.path().join("regular");
+    import_mlp(&regular, &[]).success();
+    let out = tmp.path().join("nonneg");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(isonn::checkpoint::path_in(&out), "").unwrap();
+    isonn()
+        .arg("transform")
+        .arg(&regular)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("pass --force"))
+        .stderr(predicate::str::contains("--resume").not());
+}
+
+#[test]
+fn more_than_256_classes_name_the_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("mlp.model.json")).unwrap()).unwrap();
+    value["layers"][5]["out_features"] = 300.into();
+    let mut state = tensors("mlp.safetensors");
+    state.insert("5.weight".into(), Tensor::zeros((300, 8), DType::F32, &Device::Cpu).unwrap());
+    state.insert("5.bias".into(), Tensor::zeros(300, DType::F32, &Device::Cpu).unwrap());
+    let (weights, json) = write_state_dict(tmp.path(), &state, &value.to_string());
+    let regular = tmp.path().join("regular");
+    isonn()
+        .arg("import")
+        .arg(&weights)
+        .arg("--model")
+        .arg(&json)
+        .arg("--out")
+        .arg(&regular)
+        .assert()
+        .success();
+
+    let out = tmp.path().join("nonneg");
+    isonn()
+        .arg("transform")
+        .arg(&regular)
+        .arg("--out")
+        .arg(&out)
+        .arg("--inputs")
+        .arg(fixture("mlp.inputs.npy"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("mlp.inputs.npy"))
+        .stderr(predicate::str::contains("the model has 300 classes"))
+        .stderr(predicate::str::contains("at most 256 classes"))
+        .stderr(predicate::str::contains("isonn predict"));
+}
+
+#[test]
+fn architecture_errors_name_the_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cnn_json = std::fs::read_to_string(fixture("cnn.model.json")).unwrap();
+
+    let mut negative = tensors("cnn.safetensors");
+    let variance = negative["bn.running_var"].to_vec1::<f32>().unwrap();
+    let mut damaged = variance.clone();
+    damaged[2] = -0.5;
+    negative.insert("bn.running_var".into(), Tensor::new(damaged.as_slice(), &Device::Cpu).unwrap());
+    let message = import_error(tmp.path(), &negative, &cnn_json);
+    assert!(message.contains("weights.safetensors"), "{message}");
+    assert!(
+        message.contains("tensor bn.running_var has the negative variance -0.5 at index 2"),
+        "{message}"
+    );
+
+    let mut value: serde_json::Value = serde_json::from_str(&cnn_json).unwrap();
+    value["layers"][1].as_object_mut().unwrap().remove("eps");
+    let message = import_error(tmp.path(), &tensors("cnn.safetensors"), &value.to_string());
+    assert!(
+        message.contains("layer layers.1 (batch-norm): missing or invalid number field \"eps\""),
+        "{message}"
+    );
+
+    let duplicate = cnn_json.replace("\"torch_name\": \"bn\"", "\"torch_name\": \"conv\"");
+    let message = import_error(tmp.path(), &tensors("cnn.safetensors"), &duplicate);
+    assert!(
+        message.contains("layers layers.0 and layers.1 both name the module \"conv\""),
+        "{message}"
+    );
+}
+
+#[test]
+fn directory_as_weights_is_a_usage_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    isonn()
+        .arg("import")
+        .arg(tmp.path())
+        .arg("--model")
+        .arg(fixture("mlp.model.json"))
+        .arg("--out")
+        .arg(tmp.path().join("out"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("is a directory; pass the ONNX file or the PyTorch state dict"))
+        .stderr(predicate::str::contains("os error").not());
+}
+
+#[test]
+fn unknown_layer_fields_are_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cnn_json = std::fs::read_to_string(fixture("cnn.model.json")).unwrap();
+    for (layer, field) in [(5, "torchname"), (0, "use_bias")] {
+        let mut value: serde_json::Value = serde_json::from_str(&cnn_json).unwrap();
+        value["layers"][layer][field] = "fc".into();
+        let message = import_error(tmp.path(), &tensors("cnn.safetensors"), &value.to_string());
+        assert!(message.contains("model.json"), "{message}");
+        assert!(
+            message.contains(&format!("layer layers.{layer}")),
+            "{message}"
+        );
+        assert!(
+            message.contains(&format!("unknown field \"{field}\"")),
+            "{message}"
+        );
     }
 }

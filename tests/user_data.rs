@@ -420,3 +420,95 @@ fn bad_npy_files_are_usage_errors() {
             "without --labels: accuracy needs the class of each input",
         ));
 }
+
+#[test]
+fn non_finite_inputs_are_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let regular = dir.join("regular");
+    train_small(&regular, "photonic-sigmoid");
+    let mut test = subset().test.take(5);
+    test.pixels[3 * 784 + 100] = f32::NAN;
+    let inputs = dir.join("nan.npy");
+    write_inputs(&inputs, &test);
+    let labels = dir.join("labels.npy");
+    write_labels(&labels, "<i8", &labels_of(&test));
+    let logits = dir.join("logits.npy");
+    let nonneg = dir.join("nonneg");
+
+    let message = "nan.npy: sample 3 has the non-finite value NaN at element 100";
+    let runs: [(&str, Vec<&std::ffi::OsStr>); 3] = [
+        ("eval", vec!["--labels".as_ref(), labels.as_os_str()]),
+        ("transform", vec!["--out".as_ref(), nonneg.as_os_str()]),
+        ("predict", vec!["--out".as_ref(), logits.as_os_str()]),
+    ];
+    for (command, extra) in runs {
+        isonn()
+            .arg(command)
+            .arg(&regular)
+            .arg("--inputs")
+            .arg(&inputs)
+            .args(extra)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(message).name(command))
+            .stderr(predicate::str::contains("remove or replace the non-finite values").name(command));
+    }
+    assert!(!nonneg.exists(), "transform wrote {}", nonneg.display());
+    assert!(!logits.exists(), "predict wrote {}", logits.display());
+}
+
+#[test]
+fn output_paths_are_checked_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let regular = dir.join("regular");
+    train_small(&regular, "photonic-sigmoid");
+    let inputs = dir.join("inputs.npy");
+    write_inputs(&inputs, &subset().test.take(5));
+    let original = std::fs::read(&inputs).unwrap();
+
+    // The same file by another spelling of its path.
+    let same = dir.join(".").join("inputs.npy");
+    let missing_parent = dir.join("absent").join("logits.npy");
+    let cases: [(&str, &Path, &str); 3] = [
+        ("--out is --inputs", &same, "is the --inputs file"),
+        ("--out in a missing directory", &missing_parent, "does not exist; create it first"),
+        ("--out is a directory", dir, "is a directory; give the path of the file to write"),
+    ];
+    for (name, out, message) in cases {
+        isonn()
+            .arg("predict")
+            .arg(&regular)
+            .arg("--inputs")
+            .arg(&inputs)
+            .arg("--out")
+            .arg(out)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(message).name(name))
+            .stderr(predicate::str::contains("os error").not().name(name));
+    }
+    assert_eq!(std::fs::read(&inputs).unwrap(), original, "predict changed its inputs");
+
+    let nonneg = dir.join("nonneg");
+    isonn()
+        .arg("transform")
+        .arg(&regular)
+        .arg("--out")
+        .arg(&nonneg)
+        .assert()
+        .success();
+    isonn()
+        .arg("verify")
+        .arg(&regular)
+        .arg(&nonneg)
+        .arg("--inputs")
+        .arg(&inputs)
+        .arg("--report")
+        .arg(&missing_parent)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--report"))
+        .stderr(predicate::str::contains("does not exist; create it first"));
+}

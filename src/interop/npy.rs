@@ -45,14 +45,20 @@ pub struct IntegerData {
 /// Reads a float array from `path`.
 pub fn read_npy(path: &Path) -> Result<TensorData> {
     let bytes = crate::fsio::read_capped(path, MAX_NPY_BYTES, ".npy array")?;
-    parse_npy(&bytes).map_err(|m| Error::data(path, format!("{m}; save it with numpy.save as float32 or float64")))
+    parse_npy(&bytes).map_err(|m| Error::data(path, m))
 }
+
+/// The fix named in the error for a float array of another type.
+const FLOAT_FIX: &str = "save the array with numpy.save as float32 or float64, e.g. x.astype(numpy.float32)";
+
+/// The fix named in the error for an integer array of another type.
+const INTEGER_FIX: &str = "save the array with numpy.save as an integer type such as int64";
 
 /// Parses the bytes of a `.npy` file of float32 or float64 values.
 pub fn parse_npy(bytes: &[u8]) -> std::result::Result<TensorData, String> {
-    let array = parse_array(bytes)?;
+    let array = parse_array(bytes, FLOAT_FIX)?;
     let Dtype { kind: 'f', size: size @ (4 | 8), .. } = array.dtype else {
-        return Err(format!("the dtype {:?} is not float32 or float64", array.dtype.describe()));
+        return Err(format!("the dtype {:?} is not float32 or float64; {FLOAT_FIX}", array.dtype.describe()));
     };
     let values = little_endian_elements(&array)
         .map(|raw| {
@@ -69,9 +75,9 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<TensorData, String> {
 /// Parses the bytes of a `.npy` file of signed or unsigned integers of 1,
 /// 2, 4 or 8 bytes.
 pub fn parse_npy_integers(bytes: &[u8]) -> std::result::Result<IntegerData, String> {
-    let array = parse_array(bytes)?;
+    let array = parse_array(bytes, INTEGER_FIX)?;
     let Dtype { kind: kind @ ('i' | 'u'), size, .. } = array.dtype else {
-        return Err(format!("the dtype {:?} is not an integer type", array.dtype.describe()));
+        return Err(format!("the dtype {:?} is not an integer type; {INTEGER_FIX}", array.dtype.describe()));
     };
     let values = little_endian_elements(&array)
         .map(|mut raw| {
@@ -134,8 +140,9 @@ fn little_endian_elements<'a>(array: &'a Array<'a>) -> impl Iterator<Item = [u8;
 }
 
 /// Parses the magic, header and shape, and checks that the data after the
-/// header has exactly the size the shape and dtype imply.
-fn parse_array(bytes: &[u8]) -> std::result::Result<Array<'_>, String> {
+/// header has exactly the size the shape and dtype imply. `dtype_fix` is
+/// the fix an unsupported dtype's error names.
+fn parse_array<'a>(bytes: &'a [u8], dtype_fix: &str) -> std::result::Result<Array<'a>, String> {
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err("not a .npy file (no \\x93NUMPY magic)".into());
     }
@@ -146,18 +153,24 @@ fn parse_array(bytes: &[u8]) -> std::result::Result<Array<'_>, String> {
     };
     let header = bytes
         .get(start..start.saturating_add(header_len))
-        .ok_or("the .npy header is cut short")?;
+        .ok_or("the .npy header is cut short; the file is truncated, so save it again with numpy.save")?;
     let header = std::str::from_utf8(header).map_err(|_| "the .npy header is not text")?;
 
     let descr = header
         .split("'descr':")
         .nth(1)
-        .and_then(|s| s.trim_start().strip_prefix('\''))
+        .ok_or_else(|| format!("header {header:?} has no dtype ('descr'); the file is damaged, so save it again"))?
+        .trim_start();
+    if descr.starts_with('[') {
+        return Err(format!("the array has a structured dtype (named fields); save a plain array: {dtype_fix}"));
+    }
+    let descr = descr
+        .strip_prefix('\'')
         .and_then(|s| s.split('\'').next())
-        .ok_or_else(|| format!("header {header:?} has no dtype ('descr')"))?;
-    let dtype = Dtype::parse(descr)?;
+        .ok_or_else(|| format!("header {header:?} has an invalid dtype ('descr'); {dtype_fix}"))?;
+    let dtype = Dtype::parse(descr).map_err(|m| format!("{m}; {dtype_fix}"))?;
     if header.contains("'fortran_order': True") {
-        return Err("the array is in Fortran order; save a C-ordered copy".into());
+        return Err("the array is in Fortran order; save a C-ordered copy, e.g. numpy.ascontiguousarray(x)".into());
     }
     let shape = header
         .split("'shape':")
@@ -175,7 +188,8 @@ fn parse_array(bytes: &[u8]) -> std::result::Result<Array<'_>, String> {
     let count = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
     if count.and_then(|n| n.checked_mul(element_bytes)) != Some(data.len()) {
         return Err(format!(
-            "the shape {dims:?} needs {} bytes of {element_bytes}-byte values but {} follow the header",
+            "the shape {dims:?} needs {} bytes of {element_bytes}-byte values but {} follow the header; \
+             the file is truncated or damaged, so save it again with numpy.save",
             count.map_or("too many".to_string(), |n| (n as u128 * element_bytes as u128).to_string()),
             data.len()
         ));
@@ -290,6 +304,28 @@ mod tests {
         let data: Vec<u8> = [1.5f64, -2.0].iter().flat_map(|v| v.to_be_bytes()).collect();
         let parsed = parse_npy(&encode_npy(">f8", &[2], &data)).unwrap();
         assert_eq!(parsed.values, vec![1.5, -2.0]);
+    }
+
+    #[test]
+    fn structured_dtype_is_named() {
+        // numpy.save writes a structured dtype as a list, not a quoted string.
+        let header = "{'descr': [('x', '<f4'), ('y', '<f4')], 'fortran_order': False, 'shape': (1,), }\n";
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&[1, 0]);
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(&[0; 8]);
+        let message = parse_npy(&bytes).unwrap_err();
+        assert!(message.contains("structured dtype"), "{message}");
+    }
+
+    #[test]
+    fn truncated_file_error_names_its_fix() {
+        let mut bytes = encode_npy_f32(&[2], &[1.0, 2.0]);
+        bytes.pop();
+        let message = parse_npy(&bytes).unwrap_err();
+        assert!(message.contains("truncated or damaged"), "{message}");
+        assert!(!message.contains("float32 or float64"), "{message}");
     }
 
     #[test]

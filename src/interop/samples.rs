@@ -36,6 +36,7 @@ pub fn predict(model: &Model, data: &super::tensor::TensorData, path: &Path) -> 
         ));
     }
     let per_sample: usize = shape.iter().product();
+    super::user_data::check_finite(&data.values, per_sample).map_err(|m| Error::data(path, m))?;
     let mut logits = Vec::new();
     for start in (0..*n).step_by(256) {
         let count = (n - start).min(256);
@@ -98,6 +99,7 @@ pub fn predictions(network: &Network, pixels: &[f32], n: usize) -> Result<Vec<u8
     let [channels, rows, cols] = network.input_shape[..] else {
         return Err(Error::Shape(format!("expected a [c, h, w] input shape, got {:?}", network.input_shape)));
     };
+    check_label_classes(network).map_err(Error::Shape)?;
     let mut labels = Vec::with_capacity(n);
     let per_sample = channels * rows * cols;
     for start in (0..n).step_by(256) {
@@ -110,4 +112,21 @@ pub fn predictions(network: &Network, pixels: &[f32], n: usize) -> Result<Vec<u8
         }
     }
     Ok(labels)
+}
+
+/// Most classes whose indices fit isonn's 8-bit labels.
+pub const MAX_LABEL_CLASSES: usize = 256;
+
+/// Checks that the predictions of `network` fit isonn's 8-bit labels,
+/// which a verification on unlabelled inputs uses as its labels.
+pub fn check_label_classes(network: &Network) -> std::result::Result<(), String> {
+    let classes: usize = network.output_shape().map_err(|e| e.to_string())?.iter().product();
+    if classes > MAX_LABEL_CLASSES {
+        return Err(format!(
+            "the model has {classes} classes, but isonn labels unlabelled inputs with the model's \
+             predictions as 8-bit class indices, which allow at most {MAX_LABEL_CLASSES} classes; \
+             compare the models' outputs with `isonn predict` on each model instead"
+        ));
+    }
+    Ok(())
 }

@@ -80,6 +80,17 @@ pub fn import_state_dict(
             )
         })?;
     collect_slots(layers, "layers", &mut slots).map_err(|m| model_error(architecture, m))?;
+    // torch_name and bias are removed by now, so only misspelt or foreign
+    // fields remain unknown.
+    if let Some(message) = store::unknown_layer_fields(layers, "layers").first() {
+        return Err(model_error(
+            architecture,
+            format!(
+                "{message}, plus torch_name and bias in an architecture file; remove or rename \
+                 the field"
+            ),
+        ));
+    }
 
     let bytes = crate::fsio::read_capped(weights, store::MAX_TENSOR_BYTES, "state dict")?;
     let mut tensors = read_state_dict(&bytes, weights)?;
@@ -242,6 +253,14 @@ fn collect_slots(
             }
             "batch-norm" => {
                 let channels = size(object, "channels", &path)?;
+                for (field, default) in [("eps", "1e-5"), ("momentum", "0.1")] {
+                    if !object.get(field).is_some_and(Value::is_number) {
+                        return Err(format!(
+                            "layer {path} (batch-norm): missing or invalid number field \"{field}\"; \
+                             set it to the module's {field} (PyTorch's default is {default})"
+                        ));
+                    }
+                }
                 ["weight", "bias", "running_mean", "running_var"]
                     .map(|n| (n, vec![channels]))
                     .to_vec()
@@ -365,10 +384,20 @@ fn assign(
 
     let named = slots.iter().filter(|s| s.torch_name.is_some()).count();
     let modules: Vec<String> = if named == slots.len() {
-        slots
+        let modules: Vec<String> = slots
             .iter()
             .map(|s| s.torch_name.clone().expect("all named"))
-            .collect()
+            .collect();
+        for (i, module) in modules.iter().enumerate() {
+            if let Some(j) = modules[..i].iter().position(|m| m == module) {
+                return Err(format!(
+                    "layers {} and {} both name the module {module:?} with {TORCH_NAME}; give \
+                     each layer with parameters its own module",
+                    slots[j].path, slots[i].path
+                ));
+            }
+        }
+        modules
     } else if named == 0 {
         if prefixes.len() != slots.len() {
             return Err(format!(
@@ -413,8 +442,13 @@ fn assign(
             let target = format!("{}.{suffix}", slot.path);
             // The weight comes first and has been checked against a tensor
             // of the file, so the zero bias's size is bounded by the file.
+            // It also takes the weight's dtype, so that a float64 state dict
+            // still gives a float64 model.
             if *suffix == "bias" && !slot.has_bias {
-                let zeros = Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu)
+                let dtype = renamed
+                    .last()
+                    .map_or(DType::F32, |(_, weight): &(String, Tensor)| weight.dtype());
+                let zeros = Tensor::zeros(shape.as_slice(), dtype, &Device::Cpu)
                     .map_err(|e| e.to_string())?;
                 renamed.push((target, zeros));
                 continue;
@@ -433,10 +467,41 @@ fn assign(
                     slot.kind
                 ));
             }
+            check_values(&name, suffix, &tensor)?;
             renamed.push((target, tensor));
         }
     }
     Ok(renamed)
+}
+
+/// Checks the values of the state dict tensor `name`, the parameter
+/// `suffix` of its module. Every value must be finite, because a NaN or
+/// infinite parameter makes every output it reaches NaN or infinite, and a
+/// BatchNorm's `running_var` must be >= 0.
+fn check_values(name: &str, suffix: &str, tensor: &Tensor) -> std::result::Result<(), String> {
+    let values = tensor
+        .flatten_all()
+        .and_then(|t| t.to_dtype(DType::F64))
+        .and_then(|t| t.to_vec1::<f64>())
+        .map_err(|e| e.to_string())?;
+    if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+        return Err(format!(
+            "tensor {name} has the non-finite value {} at flat index {index}; remove or replace \
+             the non-finite values in the PyTorch model (e.g. retrain, or torch.nan_to_num) and \
+             save the state dict again",
+            values[index]
+        ));
+    }
+    if suffix == "running_var" {
+        if let Some(index) = values.iter().position(|&v| v < 0.0) {
+            return Err(format!(
+                "tensor {name} has the negative variance {} at index {index}; a running variance \
+                 is >= 0, so save the state dict again from the trained model",
+                values[index]
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

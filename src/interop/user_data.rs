@@ -33,12 +33,7 @@ impl UserData {
     /// shape `input_shape` (`[channels, height, width]`).
     pub fn read_inputs(path: &Path, input_shape: &[usize]) -> Result<UserData> {
         let bytes = crate::fsio::read_capped(path, MAX_NPY_BYTES, ".npy inputs")?;
-        let data = npy::parse_npy(&bytes).map_err(|m| {
-            Error::data(
-                path,
-                format!("{m}; save the inputs with numpy.save as float32 or float64"),
-            )
-        })?;
+        let data = npy::parse_npy(&bytes).map_err(|m| Error::data(path, m))?;
         let [n, sample @ ..] = data.dims.as_slice() else {
             return Err(Error::data(
                 path,
@@ -66,6 +61,7 @@ impl UserData {
                 "the array holds no samples; save at least one input",
             ));
         }
+        check_finite(&data.values, channels * rows * cols).map_err(|m| Error::data(path, m))?;
         let display = path.display().to_string();
         let images = Images {
             n: *n,
@@ -88,12 +84,7 @@ impl UserData {
     /// label in `0..classes` per input.
     pub fn read_labels(&mut self, path: &Path, classes: usize) -> Result<()> {
         let bytes = crate::fsio::read_capped(path, MAX_NPY_BYTES, ".npy labels")?;
-        let data = npy::parse_npy_integers(&bytes).map_err(|m| {
-            Error::data(
-                path,
-                format!("{m}; save the labels with numpy.save as an integer array such as int64"),
-            )
-        })?;
+        let data = npy::parse_npy_integers(&bytes).map_err(|m| Error::data(path, m))?;
         self.images.labels =
             check_labels(&data, self.images.n, classes).map_err(|m| Error::data(path, m))?;
         let display = path.display().to_string();
@@ -103,10 +94,30 @@ impl UserData {
 
     /// Labels every input with the class `network` predicts for it.
     pub fn label_with(&mut self, network: &Network) -> Result<()> {
+        super::samples::check_label_classes(network)
+            .map_err(|m| Error::data(self.record.dataset.clone(), m))?;
         self.images.labels =
             super::samples::predictions(network, &self.images.pixels, self.images.n)?;
         Ok(())
     }
+}
+
+/// Checks that every input value is finite, since a NaN or infinity
+/// propagates to every output it reaches and makes any comparison of
+/// outputs meaningless. `values` contains samples of `per_sample` elements in
+/// C order; the error names the first non-finite element.
+pub fn check_finite(values: &[f64], per_sample: usize) -> std::result::Result<(), String> {
+    let Some(index) = values.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let per_sample = per_sample.max(1);
+    Err(format!(
+        "sample {} has the non-finite value {} at element {} (flat index within the sample); \
+         remove or replace the non-finite values, e.g. with numpy.nan_to_num",
+        index / per_sample,
+        values[index],
+        index % per_sample
+    ))
 }
 
 /// Checks labels read from a file against the number of inputs `n` and the
@@ -165,6 +176,21 @@ mod tests {
         assert_eq!(
             check_labels(&labels(&[0, 9, 3]), 3, 10).unwrap(),
             vec![0, 9, 3]
+        );
+    }
+
+    #[test]
+    fn non_finite_inputs_name_the_sample() {
+        assert!(check_finite(&[0.0, 1.0, -2.5], 3).is_ok());
+        let message = check_finite(&[0.0, 1.0, 2.0, 3.0, f64::NAN, 5.0], 3).unwrap_err();
+        assert!(
+            message.contains("sample 1 has the non-finite value NaN at element 1"),
+            "{message}"
+        );
+        let message = check_finite(&[f64::NEG_INFINITY], 1).unwrap_err();
+        assert!(
+            message.contains("sample 0 has the non-finite value -inf at element 0"),
+            "{message}"
         );
     }
 
