@@ -74,15 +74,20 @@ impl Activation {
     /// Applies the activation elementwise, as one fused node for the
     /// photonic responses on the CPU (see [`crate::ops::shifted_activation`]).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let op = crate::ops::ShiftedActivation {
+        match crate::ops::shifted_activation(x, self.fused_op())? {
+            Some(y) => Ok(y),
+            None => self.forward_generic(x),
+        }
+    }
+
+    /// Returns the fused op that computes [`forward`](Self::forward): no
+    /// offsets and no clamp.
+    pub(crate) fn fused_op(&self) -> crate::ops::ShiftedActivation {
+        crate::ops::ShiftedActivation {
             activation: self.clone(),
             input_offset: 0.0,
             output_offset: 0.0,
             clamp: false,
-        };
-        match crate::ops::shifted_activation(x, op)? {
-            Some(y) => Ok(y),
-            None => self.forward_generic(x),
         }
     }
 

@@ -115,7 +115,7 @@ fn median(values: &[f64]) -> f64 {
 }
 
 /// Returns the CPU seconds (user and system) that this process has used,
-/// or 0 where the operating system does not say.
+/// or 0 where the operating system does not report it.
 fn process_cpu_seconds() -> f64 {
     #[cfg(unix)]
     {

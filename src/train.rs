@@ -532,10 +532,10 @@ mod tests {
             }
         }
         let config = config(10, false);
-        let taken = with_batches(&images, &order, &config, 1, 0, candle_core::DType::F32, |prepared| {
+        let delivered_count = with_batches(&images, &order, &config, 1, 0, candle_core::DType::F32, |prepared| {
             Ok(prepared.take(2).count())
         })
         .unwrap();
-        assert_eq!(taken, 2, "training stopped after two of 70 batches");
+        assert_eq!(delivered_count, 2, "training stopped after two of 70 batches");
     }
 }

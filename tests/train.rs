@@ -91,8 +91,9 @@ fn sign_preserving_training_stays_isomorphic() {
 
 /// Projected SGD keeps parameters >= 0 but may let P and N overlap; the
 /// inverse map is exact all the same.
-/// Three epochs, because after two the accuracy (0.49 to 0.59) depends on
-/// the last bits of the activation's rounding; after three it is 0.60 to 0.63.
+/// Trains three epochs, because after two the accuracy (0.49 to 0.59)
+/// depends on the last bits of the activation's rounding. After three it is
+/// 0.60 to 0.63.
 #[test]
 fn projected_training_keeps_non_negative() {
     let data = small_data();

@@ -30,7 +30,7 @@ pub struct FoldAttributes {
 }
 
 /// Evaluates `op` on constant `inputs` (`None` for an absent optional
-/// input). Errors say which input or attribute is invalid.
+/// input). Errors name the invalid input or attribute.
 pub fn fold(op: &str, inputs: &[Option<&TensorData>], attributes: &FoldAttributes) -> Result<TensorData, String> {
     let input = |i: usize| inputs.get(i).copied().flatten().ok_or_else(|| format!("input {i} is missing"));
     let out = match op {

@@ -440,13 +440,7 @@ pub fn forward_chain(layers: &[Layer], x: &Tensor, mode: Mode) -> Result<Tensor>
         // one node (see crate::ops::bias_activation), with the same values.
         if let (Layer::Conv2d(c), Some(Layer::Activation(a))) = (&layers[i], layers.get(i + 1)) {
             if crate::ops::bias_activation_fuses(&h, a) {
-                let op = crate::ops::ShiftedActivation {
-                    activation: a.clone(),
-                    input_offset: 0.0,
-                    output_offset: 0.0,
-                    clamp: false,
-                };
-                h = crate::ops::bias_activation(&c.convolve(&h, &c.weight, c.padding)?, &c.bias, op)?;
+                h = crate::ops::bias_activation(&c.convolve(&h, &c.weight, c.padding)?, &c.bias, a.fused_op())?;
                 i += 2;
                 continue;
             }

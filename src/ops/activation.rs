@@ -322,22 +322,7 @@ pub fn bias_activation_fuses(z: &Tensor, activation: &Activation) -> bool {
 /// Returns [`crate::Error::Shape`] when `z` is not 4-D or `bias` is not
 /// `[C]` of the same dtype, and an error when the op does not fuse.
 pub fn bias_activation(z: &Tensor, bias: &Tensor, op: ShiftedActivation) -> Result<Tensor> {
-    let (&[_, channels, _, _], &[bias_len]) = (z.dims(), bias.dims()) else {
-        return Err(crate::Error::Shape(format!(
-            "bias and activation expect input [batch, channels, height, width] and bias [channels], got {:?} and {:?}",
-            z.dims(),
-            bias.dims()
-        )));
-    };
-    if channels != bias_len || z.dtype() != bias.dtype() {
-        return Err(crate::Error::Shape(format!(
-            "bias {:?} ({:?}) does not fit input {:?} ({:?}): it needs one value per channel and the same dtype",
-            bias.dims(),
-            bias.dtype(),
-            z.dims(),
-            z.dtype()
-        )));
-    }
+    super::bias::check_channel_bias(z, bias, "bias and activation expect")?;
     if !bias_activation_fuses(z, &op.activation) {
         return Err(not_fused(&op.activation).into());
     }

@@ -24,9 +24,22 @@ use crate::{Error, Result};
 /// Returns [`Error::Shape`] when `x` is not 4-D, `bias` is not `[C]`, or the
 /// dtypes differ.
 pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let channels = check_channel_bias(x, bias, "channel bias expects")?;
+    let is_fused_dtype = matches!(x.dtype(), DType::F32 | DType::F64);
+    if !x.device().is_cpu() || !is_fused_dtype {
+        return Ok(x.broadcast_add(&bias.reshape((1, channels, 1, 1))?)?);
+    }
+    Ok(x.contiguous()?
+        .apply_op2(&bias.contiguous()?, ChannelBias)?)
+}
+
+/// Checks that `x` is `[B, C, H, W]` and `bias` is `[C]` of the same dtype
+/// and returns `C`. `subject` starts the shape error, e.g. "channel bias
+/// expects".
+pub(crate) fn check_channel_bias(x: &Tensor, bias: &Tensor, subject: &str) -> Result<usize> {
     let (&[_, channels, _, _], &[bias_len]) = (x.dims(), bias.dims()) else {
         return Err(Error::Shape(format!(
-            "channel bias expects input [batch, channels, height, width] and bias [channels], got {:?} and {:?}",
+            "{subject} input [batch, channels, height, width] and bias [channels], got {:?} and {:?}",
             x.dims(),
             bias.dims()
         )));
@@ -40,12 +53,7 @@ pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
             x.dtype()
         )));
     }
-    let is_fused_dtype = matches!(x.dtype(), DType::F32 | DType::F64);
-    if !x.device().is_cpu() || !is_fused_dtype {
-        return Ok(x.broadcast_add(&bias.reshape((1, channels, 1, 1))?)?);
-    }
-    Ok(x.contiguous()?
-        .apply_op2(&bias.contiguous()?, ChannelBias)?)
+    Ok(channels)
 }
 
 struct ChannelBias;

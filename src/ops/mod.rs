@@ -40,8 +40,9 @@ pub use update::sign_preserving_update;
 /// mapped fresh, zeroed by the kernel page by page and unmapped again. In
 /// a profile of CNN training, page faults and their zeroing took about 12%
 /// of the time. With every allocation below 1 GiB on the heap and the heap
-/// not trimmed below 2 GiB, the same steps take 30% less CPU time (CNN) and
-/// 15% less (non-negative MLP); docs/BENCHMARKS.md has the figures.
+/// not trimmed below 2 GiB, the median CPU seconds of `isonn bench` fell by
+/// 30% (CNN) and 15% (non-negative MLP). That is one run on a loaded 2-core
+/// machine, so take it as an estimate.
 ///
 /// The cost is memory: the process keeps its peak heap until it exits.
 /// Call it once, at the start of a program that trains; it does nothing on
