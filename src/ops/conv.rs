@@ -3,9 +3,9 @@
 //! On the CPU, candle 0.11 computes the gradients of `Tensor::conv2d` with
 //! `conv_transpose2d` and a convolution over transposed tensors, both plain
 //! loops. [`conv2d`] unfolds the input into a column matrix (im2col) and
-//! multiplies the kernel with it through candle's CPU matmul, which calls the
-//! `gemm` crate. Its backward pass is two such matmuls plus the scatter-add of
-//! the column gradient back into the image (col2im).
+//! multiplies the kernel with it through the `gemm` crate, which candle's
+//! CPU matmul also calls. Its backward pass is two such products plus the
+//! scatter-add of the column gradient back into the image (col2im).
 //!
 //! The column matrix is `[C * KH * KW, B * OH * OW]`. Its rows are
 //! channel-major, so the rows of one channel group are a contiguous range, and
@@ -16,8 +16,9 @@
 //! im2col, matmul, reshape and permute nodes, and it processes the batch in
 //! chunks of images. Both keep the column matrix, which is up to `KH * KW` times
 //! larger than the input, out of candle's backward pass, which allocates a zero
-//! tensor and adds into it for every node. Chunks also keep each column matrix
-//! small enough to be reused by the allocator instead of mapped fresh each time.
+//! tensor and adds into it for every node. Each call allocates one column
+//! buffer and one product buffer for its largest chunk and reuses them for
+//! every chunk, without zeroing them.
 //! [`im2col`] and [`col2im`] are the same kernels as differentiable tensor ops.
 
 use std::ops::{AddAssign, Range};
