@@ -127,27 +127,108 @@ pub(crate) fn gemm_into<T: Float>(
     // NOTE: the threshold (about 2^17 multiply-adds per thread) is an estimate,
     // not tuned; below it the GEMM runs on the calling thread.
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 && m * n * k >= threads << 17 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
+    if threads < 2 || m * n * k < threads << 17 {
+        // SAFETY: the asserts above bound every index that the strides reach:
+        // lhs reads m x k, rhs k x n and dst m x n elements of their slices,
+        // and `dst` is borrowed mutably, so it aliases neither operand.
+        unsafe {
+            gemm_block(
+                (m, n, k),
+                (dst.as_mut_ptr(), n as isize),
+                lhs.values.as_ptr(),
+                (lhs_rs, lhs_cs),
+                rhs.values.as_ptr(),
+                (rhs_rs, rhs_cs),
+                accumulate,
+            );
+        }
+        return;
+    }
+    // One block of the result per thread, each a single-threaded GEMM: on
+    // the MLP's shapes this ran 1.1 to 1.5 times faster at two threads than
+    // the gemm crate's own split (docs/BENCHMARKS.md, third round). The
+    // longer side of the result is cut, in multiples of 16 rows or columns
+    // so that every block but the last fills whole micro-kernel tiles.
+    let split_rows = m >= n;
+    let side = if split_rows { m } else { n };
+    let block = side.div_ceil(threads).div_ceil(16) * 16;
+    let (dst_addr, lhs_addr, rhs_addr) = (
+        dst.as_mut_ptr() as usize,
+        lhs.values.as_ptr() as usize,
+        rhs.values.as_ptr() as usize,
+    );
+    let run_block = move |start: usize| {
+        let len = block.min(side - start);
+        let (dst, lhs, rhs) = (dst_addr as *mut T, lhs_addr as *const T, rhs_addr as *const T);
+        // SAFETY: as in the single-threaded call above. In addition, each
+        // block writes only rows (or columns) `start..start + len` of `dst`,
+        // which no other block touches. Every offset stays inside the bounds
+        // that the asserts checked.
+        unsafe {
+            if split_rows {
+                gemm_block(
+                    (len, n, k),
+                    (dst.add(start * n), n as isize),
+                    lhs.offset(start as isize * lhs_rs),
+                    (lhs_rs, lhs_cs),
+                    rhs,
+                    (rhs_rs, rhs_cs),
+                    accumulate,
+                );
+            } else {
+                gemm_block(
+                    (m, len, k),
+                    (dst.add(start), n as isize),
+                    lhs,
+                    (lhs_rs, lhs_cs),
+                    rhs.offset(start as isize * rhs_cs),
+                    (rhs_rs, rhs_cs),
+                    accumulate,
+                );
+            }
+        }
     };
-    // SAFETY: the asserts above bound every index that the strides reach:
-    // lhs reads m x k, rhs k x n and dst m x n elements of their slices, and
-    // `dst` is borrowed mutably, so it aliases neither operand.
+    // A caller outside rayon's pool sleeps here while the pool works, so
+    // training runs inside the pool (`crate::ops::on_compute_threads`).
+    rayon::scope(|scope| {
+        for start in (0..side).step_by(block) {
+            scope.spawn(move |_| run_block(start));
+        }
+    });
+}
+
+/// Computes the `[m, n]` block at `dst`, whose rows lie `dst_rs` elements
+/// apart, on the calling thread.
+///
+/// # Safety
+///
+/// Every element that the sizes and strides reach must lie inside live
+/// allocations, and the `dst` elements must not alias the operands or be
+/// written by another thread during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_block<T: Float>(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut T, isize),
+    lhs: *const T,
+    (lhs_rs, lhs_cs): (isize, isize),
+    rhs: *const T,
+    (rhs_rs, rhs_cs): (isize, isize),
+    accumulate: bool,
+) {
+    // SAFETY: the caller's contract.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
-            n as isize,
+            dst_rs,
             accumulate,
-            lhs.values.as_ptr(),
+            lhs,
             lhs_cs,
             lhs_rs,
-            rhs.values.as_ptr(),
+            rhs,
             rhs_cs,
             rhs_rs,
             T::one(),
@@ -155,7 +236,7 @@ pub(crate) fn gemm_into<T: Float>(
             false,
             false,
             false,
-            parallelism,
+            gemm::Parallelism::None,
         );
     }
 }
@@ -401,6 +482,93 @@ mod tests {
         let grads = weighted_sum(seed + 3, &y).backward().unwrap();
         let grad = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
         [y.clone(), grad(&x), grad(&w), grad(&b)]
+    }
+
+    /// Computes `lhs rhs` (plus `start` when accumulating) through
+    /// `gemm_into` on a pool of `threads` rayon threads, with each operand
+    /// stored transposed or not.
+    fn gemm_on_pool<T: Float>(
+        threads: usize,
+        (m, k, n): (usize, usize, usize),
+        (lhs, rhs, start): (&[T], &[T], &[T]),
+        (lhs_transposed, rhs_transposed, accumulate): (bool, bool, bool),
+    ) -> Vec<T> {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut dst = start.to_vec();
+        let (lhs_rows, lhs_cols) = if lhs_transposed { (k, m) } else { (m, k) };
+        let (rhs_rows, rhs_cols) = if rhs_transposed { (n, k) } else { (k, n) };
+        pool.install(|| {
+            gemm_into(
+                &mut dst,
+                Operand { values: lhs, rows: lhs_rows, cols: lhs_cols, transposed: lhs_transposed },
+                Operand { values: rhs, rows: rhs_rows, cols: rhs_cols, transposed: rhs_transposed },
+                accumulate,
+            )
+        });
+        dst
+    }
+
+    /// The GEMM split over two or three threads, by rows (m >= n) or by
+    /// columns, with sizes that leave a partial last block, gives each
+    /// element of `lhs rhs` within the dot product's rounding bound
+    /// `2 k eps sum |a b|` of an f64 reference, and the same values as on
+    /// one thread within that bound.
+    fn check_split_gemm<T: Float>(seed: u64) {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        // (m, k, n): above the split threshold at 3 threads, 2^17 x 3.
+        for (m, k, n) in [(257, 131, 19), (23, 97, 301), (256, 784, 100), (100, 256, 784), (33, 1000, 17)] {
+            let mut values = |len: usize| -> Vec<T> {
+                (0..len).map(|_| T::from(rng.gen_range(-1.0..1.0)).unwrap()).collect()
+            };
+            let (lhs, rhs, start) = (values(m * k), values(k * n), values(m * n));
+            for (lhs_transposed, rhs_transposed, accumulate) in
+                [(false, false, false), (true, false, true), (false, true, false), (true, true, true)]
+            {
+                let flags = (lhs_transposed, rhs_transposed, accumulate);
+                let at = |values: &[T], transposed: bool, row: usize, col: usize, cols: usize, rows: usize| {
+                    let index = if transposed { col * rows + row } else { row * cols + col };
+                    values[index].to_f64().unwrap()
+                };
+                let single_thread = gemm_on_pool(1, (m, k, n), (&lhs, &rhs, &start), flags);
+                for threads in [2, 3] {
+                    let split = gemm_on_pool(threads, (m, k, n), (&lhs, &rhs, &start), flags);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (mut exact, mut magnitude) = (0.0f64, 0.0f64);
+                            for p in 0..k {
+                                let product = at(&lhs, lhs_transposed, i, p, k, m) * at(&rhs, rhs_transposed, p, j, n, k);
+                                exact += product;
+                                magnitude += product.abs();
+                            }
+                            let first = start[i * n + j].to_f64().unwrap();
+                            if accumulate {
+                                exact += first;
+                                magnitude += first.abs();
+                            }
+                            let bound = 2.0 * k as f64 * T::epsilon().to_f64().unwrap() * magnitude;
+                            let got = split[i * n + j].to_f64().unwrap();
+                            let single = single_thread[i * n + j].to_f64().unwrap();
+                            assert!(
+                                (got - exact).abs() <= bound && (got - single).abs() <= bound,
+                                "[{m}, {k}] x [{k}, {n}], flags {flags:?}, {threads} threads, element ({i}, {j}): \
+                                 split {got}, one thread {single}, f64 reference {exact}, bound {bound}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_gemm_matches_reference_f32() {
+        check_split_gemm::<f32>(11);
+    }
+
+    #[test]
+    fn split_gemm_matches_reference_f64() {
+        check_split_gemm::<f64>(12);
     }
 
     fn check_against_generic(shape: (usize, usize, usize), seed: u64, dtype: DType) {
