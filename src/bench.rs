@@ -164,7 +164,7 @@ pub fn measure(
     let y = Tensor::from_vec(labels, batch_size, &Device::Cpu)?;
     let mut nonneg = transform(&network, &TransformOptions::default())?;
 
-    let mut run_once: Box<dyn FnMut() -> Result<()>> = match workload {
+    let mut run_once: Box<dyn FnMut() -> Result<()> + Send> = match workload {
         Workload::RegularTrain => {
             let vars = network.make_trainable()?;
             let mut sgd = Sgd::new(0.01, 0.0, 0.0)?;
@@ -211,9 +211,12 @@ pub fn measure(
     let mut cpu_seconds = Vec::with_capacity(repetitions);
     for _ in 0..repetitions.max(1) {
         let (start, cpu_start) = (Instant::now(), process_cpu_seconds());
-        for _ in 0..batches {
-            run_once()?;
-        }
+        crate::ops::on_compute_threads(|| {
+            for _ in 0..batches {
+                run_once()?;
+            }
+            Ok::<_, crate::Error>(())
+        })?;
         seconds.push(start.elapsed().as_secs_f64());
         cpu_seconds.push(process_cpu_seconds() - cpu_start);
     }

@@ -689,12 +689,16 @@ enum MomentumOn {
 
 fn main() -> std::process::ExitCode {
     isonn::ops::keep_freed_memory();
+    isonn::ops::keep_elementwise_ops_inline();
     let cli = Cli::parse();
     let multi = MultiProgress::new();
     init_logging(cli.verbose, multi.clone());
     let progress = Progress::terminal(multi);
     install_stop_handler();
-    match run(cli.command, &progress) {
+    // Every command runs on a rayon worker, so that the fast ops' GEMMs and
+    // loops share rayon's threads with the caller instead of waking them
+    // from outside (see `on_compute_threads`).
+    match isonn::ops::on_compute_threads(|| run(cli.command, &progress)) {
         Ok(code) => code,
         Err(e) => {
             if let Some(isonn::Error::Interrupted { checkpoint, .. }) = e.downcast_ref::<isonn::Error>() {

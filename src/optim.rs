@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// A rule that updates parameters from their gradients.
-pub trait Optimizer {
+pub trait Optimizer: Send {
     /// Applies one update to `vars` from `grads`.
     fn step(&mut self, vars: &[Var], grads: &GradStore) -> Result<()>;
 

@@ -100,7 +100,7 @@ pub struct NonnegTrainReport {
 /// after every step that no parameter went negative.
 #[allow(clippy::too_many_arguments)]
 fn fit_nonneg(
-    forward: &dyn Fn(&Tensor) -> Result<Tensor>,
+    forward: &(dyn Fn(&Tensor) -> Result<Tensor> + Sync),
     input_shape: &[usize],
     vars: &[Var],
     optimizer: &NonnegOptimizer,

@@ -104,14 +104,14 @@ pub struct Checkpointing<'a> {
 /// every update (for audits).
 #[allow(clippy::too_many_arguments)]
 pub fn fit(
-    forward: &dyn Fn(&Tensor, Mode) -> Result<Tensor>,
+    forward: &(dyn Fn(&Tensor, Mode) -> Result<Tensor> + Sync),
     input_shape: &[usize],
     vars: &[Var],
     optimizer: &mut dyn Optimizer,
     data: &Dataset,
     config: &TrainConfig,
     progress: &Progress,
-    after_step: &mut dyn FnMut() -> Result<()>,
+    after_step: &mut (dyn FnMut() -> Result<()> + Send),
 ) -> Result<TrainMetrics> {
     let checkpointing = Checkpointing::default();
     fit_checkpointed(forward, input_shape, vars, optimizer, data, config, progress, after_step, &checkpointing)
@@ -202,14 +202,14 @@ fn shuffle_epoch(order: &mut [usize], rng: &mut rand::rngs::StdRng, shuffle: boo
 /// rebuilt by replaying the seeded shuffles.
 #[allow(clippy::too_many_arguments)]
 pub fn fit_checkpointed(
-    forward: &dyn Fn(&Tensor, Mode) -> Result<Tensor>,
+    forward: &(dyn Fn(&Tensor, Mode) -> Result<Tensor> + Sync),
     input_shape: &[usize],
     vars: &[Var],
     optimizer: &mut dyn Optimizer,
     data: &Dataset,
     config: &TrainConfig,
     progress: &Progress,
-    after_step: &mut dyn FnMut() -> Result<()>,
+    after_step: &mut (dyn FnMut() -> Result<()> + Send),
     checkpointing: &Checkpointing,
 ) -> Result<TrainMetrics> {
     config.validate()?;
@@ -271,7 +271,7 @@ pub fn fit_checkpointed(
         let batch_bar = progress.bar(order.len() as u64, "batches");
         batch_bar.inc((skip_batches * config.batch_size).min(order.len()) as u64);
         let skip = std::mem::take(&mut skip_batches);
-        with_batches(&data.train, &order, config, epoch, skip, dtype, |prepared| -> Result<()> {
+        crate::ops::on_compute_threads(|| with_batches(&data.train, &order, config, epoch, skip, dtype, |prepared| -> Result<()> {
             for batch in prepared {
                 let Batch { index: b, len: batch_len, x, y } = batch?;
                 let t0 = Instant::now();
@@ -315,7 +315,7 @@ pub fn fit_checkpointed(
                 }
             }
             Ok(())
-        })?;
+        }))?;
         batch_bar.finish_and_clear();
         let seconds = partial.seconds + start.elapsed().as_secs_f64();
         let last = batches;
@@ -537,5 +537,50 @@ mod tests {
         })
         .unwrap();
         assert_eq!(delivered_count, 2, "training stopped after two of 70 batches");
+    }
+
+    /// Trains the MLP for an epoch on rayon pools of one and of three
+    /// threads. On one thread the pool's only worker trains while the
+    /// loader thread gathers, so a loader that waited for the pool would
+    /// hang this test (a watchdog fails it after 300 s). A GEMM split into
+    /// blocks rounds differently from one over the whole result, and
+    /// training amplifies that: at this small rate the
+    /// two epoch losses differed by 7e-7 relative (with lr 0.05 and
+    /// momentum 0.9, by 1e-3). The test allows 1e-5.
+    #[test]
+    fn fit_trains_on_one_and_three_threads() {
+        use crate::activation::Activation;
+        use crate::model::{Arch, Init, Network};
+        use crate::optim::Sgd;
+        let train_on = |threads: usize| -> f64 {
+            let full = crate::data::load_embedded().unwrap();
+            let data = Dataset { train: full.train.take(640), test: full.test.take(100), ..full };
+            let mut network =
+                Network::build(Arch::Mlp, &[1, 28, 28], &[100, 200], 10, Activation::PhotonicSigmoid, Init::Xavier, 0)
+                    .unwrap();
+            let vars = network.make_trainable().unwrap();
+            let mut sgd = Sgd::new(0.01, 0.0, 0.0).unwrap();
+            let forward = |x: &Tensor, mode| network.forward_mode(x, mode);
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let config = TrainConfig { epochs: 1, ..config(64, false) };
+            let metrics = pool
+                .install(|| {
+                    crate::ops::on_compute_threads(|| {
+                        fit(&forward, &[1, 28, 28], &vars, &mut sgd, &data, &config, &Progress::hidden(), &mut || Ok(()))
+                    })
+                })
+                .unwrap();
+            metrics.epochs[0].loss
+        };
+        // A detached thread, so that the watchdog can fail the test while
+        // a hung run still waits.
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = sender.send((train_on(1), train_on(3)));
+        });
+        let (one, three) = receiver
+            .recv_timeout(std::time::Duration::from_secs(300))
+            .expect("training on rayon pools of one and three threads did not finish within 300 s");
+        assert!((one - three).abs() <= 1e-5 * one.abs(), "loss after an epoch: {one} on one thread, {three} on three");
     }
 }

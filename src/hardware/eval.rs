@@ -2,7 +2,7 @@
 //! with its weights realised on devices and its signals passing through
 //! DACs, detectors and ADCs.
 
-use std::cell::RefCell;
+use std::sync::{Mutex, MutexGuard};
 
 use candle_core::Tensor;
 use rand::rngs::StdRng;
@@ -40,19 +40,26 @@ pub struct RealisedNetwork<'a> {
 }
 
 /// The seeded generator of the per-reading noise, shared by the forward
-/// calls of one evaluation.
+/// calls of one evaluation. A mutex, not a cell, so that training can run
+/// the forward pass on one of rayon's threads.
 #[derive(Debug)]
-pub struct NoiseSource(RefCell<StdRng>);
+pub struct NoiseSource(Mutex<StdRng>);
 
 impl NoiseSource {
     /// Wraps a generator.
     pub fn new(rng: StdRng) -> Self {
-        NoiseSource(RefCell::new(rng))
+        NoiseSource(Mutex::new(rng))
     }
 
     /// Runs `f` with the generator, for draws outside a forward pass.
     pub fn with_rng<T>(&self, f: impl FnOnce(&mut StdRng) -> T) -> T {
-        f(&mut self.0.borrow_mut())
+        f(&mut self.lock())
+    }
+
+    /// Locks the generator. A panic while it was held leaves the generator
+    /// in a valid (if unknown) state, so a poisoned lock is taken as is.
+    fn lock(&self) -> MutexGuard<'_, StdRng> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -111,7 +118,7 @@ impl RealisedNetwork<'_> {
     /// # Shapes
     /// `x`: `[batch, channels, height, width]` -> `[batch, classes]`.
     pub fn forward(&self, x: &Tensor, noise: &NoiseSource) -> Result<Tensor> {
-        let mut rng = noise.0.borrow_mut();
+        let mut rng = noise.lock();
         let mut v = x.affine(1.0, -self.network.input_range.lo)?;
         for (layer, realised) in self.network.layers.iter().zip(&self.layers) {
             v = match (layer, realised) {

@@ -59,3 +59,38 @@ pub fn keep_freed_memory() {
         }
     }
 }
+
+/// Makes candle run its element-wise operations on the calling thread,
+/// unless the user set `CANDLE_NUM_THREADS`.
+///
+/// Candle 0.11 splits element-wise operations of 64 Ki elements or more
+/// over a pool of its own next to rayon's, and its idle workers spin for
+/// 25,000 rounds before sleeping. On a 2-core machine that spinning took
+/// 31% of the samples in a profile of MLP training at two threads, and it
+/// slowed the rayon threads of the GEMMs. With the pool off, the step took
+/// 1.05 ms instead of 1.57 ms (docs/BENCHMARKS.md, third round).
+///
+/// Call it once, at the start of `main`, before any thread is started:
+/// candle reads the variable when it first builds the pool.
+pub fn keep_elementwise_ops_inline() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
+/// Runs `f` on one of rayon's worker threads and returns its result.
+///
+/// The fast ops split their GEMMs over rayon's threads. Called from a thread
+/// outside the pool, every split hands its blocks to the pool and sleeps
+/// until they finish. A training step then runs on three threads where the
+/// pool has two, and the idle workers spin against the caller between
+/// GEMMs. Inside the pool the calling worker computes one of the blocks
+/// itself. `isonn::train::fit` trains this way, and the binary runs every
+/// command this way.
+///
+/// `f` must not wait for another thread that waits for rayon's pool: on a
+/// pool of one thread the two would wait for each other. The training
+/// loader thread uses no rayon for that reason.
+pub fn on_compute_threads<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
