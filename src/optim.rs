@@ -132,7 +132,9 @@ impl Optimizer for Sgd {
                 g = (g + var.as_tensor().affine(self.weight_decay, 0.0)?)?;
             }
             let v = with_momentum(velocity, self.momentum, g)?;
-            var.set(&(var.as_tensor() - v.affine(self.lr, 0.0)?)?)?;
+            if !crate::ops::update::subtract_scaled_in_place(var.as_tensor(), &v, self.lr)? {
+                var.set(&(var.as_tensor() - v.affine(self.lr, 0.0)?)?)?;
+            }
         }
         Ok(())
     }
@@ -270,9 +272,9 @@ impl Optimizer for SignPreserving {
             let g = &g.detach();
             let p = var.as_tensor();
             if self.momentum == Momentum::None {
-                if let Some((updated, zeroed)) = crate::ops::sign_preserving_update(p, g, self.lr_in, self.lr_out)? {
+                let in_place = crate::ops::update::sign_preserving_update_in_place(p, g, self.lr_in, self.lr_out)?;
+                if let Some(zeroed) = in_place {
                     self.zeroed += zeroed;
-                    var.set(&updated)?;
                     continue;
                 }
             }

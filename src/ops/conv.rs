@@ -410,6 +410,8 @@ pub(crate) trait Float:
 
     fn values(storage: &CpuStorage) -> candle_core::Result<&[Self]>;
 
+    fn values_mut(storage: &mut CpuStorage) -> candle_core::Result<&mut [Self]>;
+
     fn into_storage(values: Vec<Self>) -> CpuStorage;
 }
 
@@ -417,6 +419,13 @@ impl Float for f32 {
     const DTYPE: DType = DType::F32;
 
     fn values(storage: &CpuStorage) -> candle_core::Result<&[Self]> {
+        match storage {
+            CpuStorage::F32(values) => Ok(values),
+            other => Err(dtype_mismatch(Self::DTYPE, other.dtype())),
+        }
+    }
+
+    fn values_mut(storage: &mut CpuStorage) -> candle_core::Result<&mut [Self]> {
         match storage {
             CpuStorage::F32(values) => Ok(values),
             other => Err(dtype_mismatch(Self::DTYPE, other.dtype())),
@@ -432,6 +441,13 @@ impl Float for f64 {
     const DTYPE: DType = DType::F64;
 
     fn values(storage: &CpuStorage) -> candle_core::Result<&[Self]> {
+        match storage {
+            CpuStorage::F64(values) => Ok(values),
+            other => Err(dtype_mismatch(Self::DTYPE, other.dtype())),
+        }
+    }
+
+    fn values_mut(storage: &mut CpuStorage) -> candle_core::Result<&mut [Self]> {
         match storage {
             CpuStorage::F64(values) => Ok(values),
             other => Err(dtype_mismatch(Self::DTYPE, other.dtype())),
