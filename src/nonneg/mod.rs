@@ -276,17 +276,7 @@ impl NonnegAffine {
     /// without changing the gradient.
     pub fn forward_training(&self, u: &Tensor) -> Result<Tensor> {
         match self.op {
-            AffineOp::Linear => {
-                let weight = self.positive.sub(&self.negative)?;
-                let inputs = self.negative.dims()[1];
-                let alpha = Tensor::new(self.alpha.as_slice(), u.device())?.to_dtype(u.dtype())?;
-                let alpha = match self.alpha.len() {
-                    1 => alpha.broadcast_as((inputs, 1))?,
-                    _ => alpha.reshape((inputs, 1))?,
-                };
-                let bias = self.negative.matmul(&alpha)?.squeeze(1)?.add(&self.bias)?;
-                crate::ops::linear(u, &weight, &bias)
-            }
+            AffineOp::Linear => crate::ops::nonneg_linear(u, &self.positive, &self.negative, &self.bias, &self.alpha),
             AffineOp::Conv2d { .. } | AffineOp::Conv1d { .. } => {
                 let (z, bias) = self.convolution_training_parts(u)?;
                 crate::ops::add_channel_bias(&z, &bias)
@@ -455,6 +445,15 @@ impl NonnegNetwork {
 
     /// Returns the modulators' output, the physical input `x - lo`.
     pub fn modulate(&self, x: &Tensor) -> Result<Tensor> {
+        // Inputs whose range starts at 0 are their own modulator outputs;
+        // the subtraction would be a pass over the batch that changes no value.
+        let starts_at_zero = match self.channel_ranges.as_slice() {
+            [] => self.input_range.lo == 0.0,
+            ranges => ranges.iter().all(|r| r.lo == 0.0),
+        };
+        if starts_at_zero {
+            return Ok(x.clone());
+        }
         if self.channel_ranges.is_empty() {
             return Ok(x.affine(1.0, -self.input_range.lo)?);
         }

@@ -18,6 +18,7 @@ pub mod conv;
 pub mod conv1d;
 mod fastmath;
 pub mod linear;
+pub mod nonneg_linear;
 pub mod pad;
 pub mod update;
 
@@ -29,6 +30,7 @@ pub use bias::add_channel_bias;
 pub use conv::conv2d;
 pub use conv1d::conv1d_rows;
 pub use linear::linear;
+pub use nonneg_linear::nonneg_linear;
 pub use pad::{pad_constant, pad_width_constant};
 pub use update::sign_preserving_update;
 
