@@ -2,7 +2,7 @@
 # Runs `isonn bench` and bench/pytorch_bench.py on the same training
 # workloads, one after the other, and prints their throughput ratios.
 #
-# Usage: bench/side-by-side.sh [OUT_DIR]
+# Usage: bench/side-by-side.sh [OUT_DIR]   (default bench-results)
 # Environment variables:
 #   PYTHON       a python with torch and numpy (default python3)
 #   THREADS      threads for both (default 1)
@@ -15,16 +15,31 @@
 # CI does not run it.
 set -euo pipefail
 
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+    sed -n '2,/^# CI does not run it/s/^# \{0,1\}//p' "$0"
+    exit 0
+fi
+# OUT_DIR and an ISONN path are relative to the caller's directory, so
+# they are resolved before the script moves to the repository root. An
+# ISONN without a slash is a command looked up in PATH.
+out=$(realpath -m "${1:-bench-results}")
+isonn=${ISONN:-}
+if [[ $isonn == */* ]]; then
+    isonn=$(realpath -m "$isonn")
+fi
 cd "$(dirname "$0")/.."
-out=${1:-bench-results}
 python=${PYTHON:-python3}
+if ! "$python" -c 'import torch, numpy' 2>/dev/null; then
+    echo "error: $python cannot import torch and numpy; set PYTHON to a python that has them, e.g." >&2
+    echo "  python3 -m venv /tmp/venv && /tmp/venv/bin/pip install torch numpy && PYTHON=/tmp/venv/bin/python $0" >&2
+    exit 2
+fi
 threads=${THREADS:-1}
 batches=${BATCHES:-100}
 repetitions=${REPETITIONS:-5}
 models=${MODELS:-mlp,cnn}
 mkdir -p "$out"
 
-isonn=${ISONN:-}
 if [[ -z $isonn ]]; then
     cargo build --release --quiet
     target_dir=$(cargo metadata --format-version 1 --no-deps | "$python" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')

@@ -438,7 +438,8 @@ enum Command {
         /// Architectures, comma-separated.
         #[arg(long, value_enum, value_delimiter = ',', default_value = "mlp,cnn")]
         models: Vec<Arch>,
-        /// Batches per repetition for the MLP (the CNN runs a tenth, at least 2).
+        /// Batches per repetition for the MLP and Elman networks (the convolutional
+        /// networks, cnn, resnet and cifar-cnn, run a tenth, at least 2).
         #[arg(long, default_value_t = 100)]
         batches: usize,
         /// Samples per batch.
@@ -691,6 +692,10 @@ fn main() -> std::process::ExitCode {
     isonn::ops::keep_freed_memory();
     isonn::ops::keep_elementwise_ops_inline();
     let cli = Cli::parse();
+    if let Err(e) = check_thread_variables() {
+        let _ = writeln!(std::io::stderr(), "error: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
     let multi = MultiProgress::new();
     init_logging(cli.verbose, multi.clone());
     let progress = Progress::terminal(multi);
@@ -712,6 +717,31 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(2)
         }
     }
+}
+
+/// Maximum thread count that `RAYON_NUM_THREADS` and `CANDLE_NUM_THREADS`
+/// may set. Rayon starts every thread it is given, so a mistyped 100000 would
+/// otherwise spend minutes starting threads until memory runs out.
+const MAX_THREADS: usize = 1024;
+
+/// Checks that the thread-count variables, where set, are whole numbers
+/// from 1 to [`MAX_THREADS`]. Rayon and candle fall back to their defaults
+/// on a value they cannot read, which would time another thread count
+/// than the one the user set.
+fn check_thread_variables() -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    for name in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        let Some(value) = std::env::var_os(name) else { continue };
+        let text = value.to_string_lossy();
+        let count = text.parse::<usize>().ok().filter(|n| (1..=MAX_THREADS).contains(n));
+        if count.is_none() {
+            bail!(
+                "invalid {name} {text:?}: expected a whole number of threads from 1 to {MAX_THREADS} \
+                 (this machine has {cores} cores); unset it for the default"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Makes the first Ctrl-C or SIGTERM set [`STOP`], so training finishes its
@@ -1349,8 +1379,13 @@ fn run(command: Command, progress: &Progress) -> Result<std::process::ExitCode> 
             if batch_size > MAX_WIDTH {
                 bail!("invalid --batch-size {batch_size}: must be at most {MAX_WIDTH}");
             }
-            if batches == 0 || batch_size == 0 || repetitions == 0 {
-                bail!("invalid --batches, --batch-size or --repetitions 0: each must be at least 1");
+            for (option, value) in [("--batches", batches), ("--batch-size", batch_size), ("--repetitions", repetitions)] {
+                if value == 0 {
+                    bail!("invalid {option} 0: must be at least 1");
+                }
+            }
+            if let Some(path) = &json {
+                check_output_file(path, "--json", "bench.json")?;
             }
             run_bench(&models, &workloads, batches, batch_size, repetitions, json.as_deref())?;
         }
@@ -1537,15 +1572,23 @@ fn run_bench(
     json: Option<&Path>,
 ) -> Result<()> {
     use isonn::bench::{self, MeasurementSummary};
+    // A closed stdout (`| head`) must not stop the run before the JSON
+    // report is written, so the tables are printed without `println!`,
+    // which panics on a write error.
+    macro_rules! say {
+        ($($arg:tt)*) => {{
+            let _ = writeln!(std::io::stdout(), $($arg)*);
+        }};
+    }
     let environment = bench::Environment::current();
-    println!(
+    say!(
         "isonn {}, {} thread(s), CPU {}, load average {}",
         environment.isonn,
         environment.threads,
         environment.cpu.as_deref().unwrap_or("unknown"),
         environment.load_average.map(|l| format!("{l:.2}")).unwrap_or_else(|| "unknown".into())
     );
-    println!(
+    say!(
         "| model | workload | batches x size | min s | median s | max s | images/s | s per 60k epoch | median CPU s |\n\
          | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
@@ -1557,7 +1600,7 @@ fn run_bench(
         };
         for &workload in workloads {
             let m = MeasurementSummary::from(bench::measure(arch, workload, count, batch_size, repetitions)?);
-            println!(
+            say!(
                 "| {arch} | {} | {count} x {batch_size} | {:.3} | {:.3} | {:.3} | {:.0} | {:.2} | {} |",
                 workload.name(),
                 m.min_seconds,
@@ -1570,11 +1613,11 @@ fn run_bench(
             measurements.push(m);
         }
     }
-    println!("\n| GEMM (f32) | m x k x n | median GFLOP/s |\n| --- | --- | --- |");
+    say!("\n| GEMM (f32) | m x k x n | median GFLOP/s |\n| --- | --- | --- |");
     let mut gemm = Vec::new();
     for (label, m, k, n) in bench::gemm_shapes(batch_size) {
         let g = bench::measure_gemm(label, m, k, n, repetitions);
-        println!("| {label} | {m} x {k} x {n} | {:.1} |", g.gflops);
+        say!("| {label} | {m} x {k} x {n} | {:.1} |", g.gflops);
         gemm.push(g);
     }
     if let Some(path) = json {
@@ -1584,7 +1627,7 @@ fn run_bench(
             gemm,
         };
         isonn::fsio::write_json_atomic(path, &report)?;
-        println!("report written to {}", path.display());
+        say!("report written to {}", path.display());
     }
     Ok(())
 }

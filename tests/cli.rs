@@ -462,6 +462,78 @@ fn bench_rejects_unknown_workload() {
         .stderr(predicate::str::contains("regular-training"));
 }
 
+#[test]
+fn bench_names_zero_setting() {
+    for option in ["--batches", "--batch-size", "--repetitions"] {
+        isonn()
+            .args(["bench", "--models", "mlp", option, "0"])
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(format!("invalid {option} 0: must be at least 1")));
+    }
+}
+
+/// A `--json` path that cannot be written is rejected before the runs, so
+/// no measurement is lost at the end.
+#[test]
+fn bench_checks_json_path_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    isonn()
+        .args(["bench", "--models", "mlp", "--json"])
+        .arg(tmp.path())
+        .assert()
+        .code(2)
+        .stdout(predicate::str::is_empty())
+        .stderr(predicate::str::contains("is a directory; give the path of the file to write"));
+    isonn()
+        .args(["bench", "--models", "mlp", "--json"])
+        .arg(tmp.path().join("missing").join("bench.json"))
+        .assert()
+        .code(2)
+        .stdout(predicate::str::is_empty())
+        .stderr(predicate::str::contains("does not exist; create it first"));
+}
+
+#[test]
+fn thread_variables_are_checked() {
+    for (name, value) in [
+        ("RAYON_NUM_THREADS", "abc"),
+        ("RAYON_NUM_THREADS", "0"),
+        ("RAYON_NUM_THREADS", "100000"),
+        ("CANDLE_NUM_THREADS", "-1"),
+    ] {
+        isonn()
+            .args(["bench", "--models", "mlp", "--batches", "1", "--repetitions", "1"])
+            .env(name, value)
+            .assert()
+            .code(2)
+            .stdout(predicate::str::is_empty())
+            .stderr(predicate::str::contains(format!("invalid {name} \"{value}\": expected a whole number")));
+    }
+}
+
+/// A reader that closes the pipe early (`| head`) does not stop the run:
+/// the JSON report is still written.
+#[test]
+fn bench_survives_closed_stdout() {
+    use std::process::Stdio;
+    let tmp = tempfile::tempdir().unwrap();
+    let report = tmp.path().join("bench.json");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_isonn"))
+        .args(["bench", "--models", "mlp", "--workloads", "regular-train"])
+        .args(["--batches", "1", "--batch-size", "8", "--repetitions", "1", "--json"])
+        .arg(&report)
+        .env("RAYON_NUM_THREADS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "bench exited with {status}");
+    assert!(report.is_file(), "the JSON report was not written");
+}
+
 /// An Elman network's recurrence amplifies the f32 rounding of the shifted
 /// biases; `transform --f64` stores the non-negative model in f64, and the
 /// comparison with the regular f32 model then meets the f64 tolerance.
