@@ -69,8 +69,9 @@ pub fn keep_freed_memory() {
 /// over a pool of its own next to rayon's, and its idle workers spin for
 /// 25,000 rounds before sleeping. On a 2-core machine that spinning took
 /// 31% of the samples in a profile of MLP training at two threads, and it
-/// slowed the rayon threads of the GEMMs. With the pool off, the step took
-/// 1.05 ms instead of 1.57 ms (docs/BENCHMARKS.md, third round).
+/// slowed the rayon threads of the GEMMs. With the pool off, the regular
+/// MLP step at two threads took 1.45 ms instead of 1.64 ms
+/// (docs/BENCHMARKS.md, third round).
 ///
 /// Call it once, at the start of `main`, before any thread is started:
 /// candle reads the variable when it first builds the pool.
