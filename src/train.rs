@@ -564,11 +564,7 @@ mod tests {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let config = TrainConfig { epochs: 1, ..config(64, false) };
             let metrics = pool
-                .install(|| {
-                    crate::ops::on_compute_threads(|| {
-                        fit(&forward, &[1, 28, 28], &vars, &mut sgd, &data, &config, &Progress::hidden(), &mut || Ok(()))
-                    })
-                })
+                .install(|| fit(&forward, &[1, 28, 28], &vars, &mut sgd, &data, &config, &Progress::hidden(), &mut || Ok(())))
                 .unwrap();
             metrics.epochs[0].loss
         };
